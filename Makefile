@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+# torch is named in the same pip call so pip takes the CPU wheel instead of pulling CUDA builds.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test lint bench base clean
+
+$(BIN)/lightning-mtp: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH) -e ".[dev]"
+	touch $@
+
+install: $(BIN)/lightning-mtp
+
+# The main job: fit FastMTP on the shipped tiny-math base, then bench it against HF greedy and plain NTP.
+demo: install
+	$(BIN)/lightning-mtp fit --config recipes/tiny-math/fast_mtp.yaml --config recipes/tiny-math/demo.yaml
+	$(BIN)/lightning-mtp bench --model runs/demo/tiny-math-fastmtp --prompts tiny-math --n 50 --json runs/demo/bench.json
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check lightning_mtp tests
+
+# Re-create the shipped tiny-math base from scratch (about an hour on 2 CPU cores).
+base: install
+	$(BIN)/python -m lightning_mtp.data.tokenizer recipes/tiny-math/base-init
+	$(BIN)/lightning-mtp fit --config recipes/tiny-math/base.yaml
+
+bench: install
+	$(BIN)/lightning-mtp bench --model zoo/tiny-math-fastmtp --prompts tiny-math --n 50 --repeats 3 --json benchmarks/tiny-math-fastmtp.json
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

@@ -1,0 +1,168 @@
+"""Load and take apart any Hugging Face causal LM without forking its modeling code.
+
+The helpers here find a backbone's embeddings, output head, final hidden state, decoder-layer class
+and rotary embedding, so that draft heads can be built from the backbone's *own* decoder-layer class
+and config: every architecture transformers supports works the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+__all__ = [
+    "BackboneParts",
+    "backbone_parts",
+    "build_decoder_layer",
+    "call_decoder_layer",
+    "causal_mask",
+    "load_backbone",
+    "resolve_model_path",
+    "ZOO_DIR",
+]
+
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory, a shipped zoo entry (``tiny-math-base`` -> ``zoo/tiny-math-base``), or a Hub id."""
+    if os.path.isdir(name):
+        return name
+    zoo_dir = ZOO_DIR / name
+    if zoo_dir.is_dir():
+        return str(zoo_dir)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    if looks_local or not name:
+        raise ValueError(
+            f"backbone {name!r} not found: no such directory, and it is not a zoo name "
+            f"(shipped: {sorted(p.name for p in ZOO_DIR.glob('*') if p.is_dir())}) or a Hub id"
+        )
+    return name  # a Hub id: from_pretrained resolves it (cache, or download when online)
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    from_scratch: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, object | None]:
+    """Load ``(model, tokenizer)``. ``from_scratch`` builds random weights from the directory's config."""
+    path = resolve_model_path(name_or_path)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    try:
+        if from_scratch:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            if isinstance(torch_dtype, torch.dtype):
+                model = model.to(torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    except OSError as err:
+        raise ValueError(f"backbone {name_or_path!r} could not be loaded: {err}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # a backbone without a tokenizer still trains on token ids
+    return model, tokenizer
+
+
+@dataclass
+class BackboneParts:
+    """Handles into a causal LM: what draft heads share with it."""
+
+    base: nn.Module  # the decoder stack (LlamaModel, GPT2Model, ...): input_ids -> last hidden state
+    embed_tokens: nn.Embedding
+    lm_head: nn.Linear
+    layers: nn.ModuleList
+    rotary_emb: nn.Module | None
+    config: object  # the text config the decoder layers are built from
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+
+def backbone_parts(model: PreTrainedModel) -> BackboneParts:
+    base = getattr(model, model.base_model_prefix, None) or model.get_decoder()
+    layers = next((getattr(base, n) for n in ("layers", "h", "blocks") if isinstance(getattr(base, n, None), nn.ModuleList)), None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected base.layers or base.h")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return BackboneParts(
+        base=base,
+        embed_tokens=model.get_input_embeddings(),
+        lm_head=model.get_output_embeddings(),
+        layers=layers,
+        rotary_emb=getattr(base, "rotary_emb", None),
+        config=config,
+    )
+
+
+def build_decoder_layer(parts: BackboneParts, layer_idx: int = 0) -> nn.Module:
+    """A fresh decoder layer of the backbone's own class, built from its config (random init)."""
+    cls = type(parts.layers[0])
+    params = inspect.signature(cls.__init__).parameters
+    layer = cls(parts.config, layer_idx=layer_idx) if "layer_idx" in params else cls(parts.config)
+    return layer
+
+
+def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive float mask (1, 1, q, kv): query i (the last q of kv positions) sees keys <= its own position."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # (q, 1)
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, kv)
+    mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
+    mask.masked_fill_(k_pos > q_pos, torch.finfo(dtype).min)
+    return mask[None, None]  # (1, 1, q, kv)
+
+
+_LAYER_KWARGS: dict[type, frozenset[str]] = {}
+
+
+def call_decoder_layer(
+    layer: nn.Module,
+    parts: BackboneParts,
+    hidden: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache=None,
+) -> torch.Tensor:
+    """Run one decoder layer of any architecture on ``hidden`` (B, q, H) at ``position_ids`` (B, q).
+
+    With ``cache`` (a transformers ``Cache``), keys/values are appended to it and attention spans the
+    cached positions too. An explicit additive causal mask is always passed: it is correct for eager and
+    sdpa attention alike (the implementations disagree on what ``None`` means).
+    """
+    cls = type(layer)
+    if cls not in _LAYER_KWARGS:
+        sig = inspect.signature(cls.forward).parameters
+        _LAYER_KWARGS[cls] = frozenset(sig)
+    accepted = _LAYER_KWARGS[cls]
+    q_len = hidden.shape[1]
+    past = cache.get_seq_length() if cache is not None else 0
+    kwargs = {"attention_mask": causal_mask(q_len, past + q_len, hidden.dtype, hidden.device)}
+    if "position_ids" in accepted:
+        kwargs["position_ids"] = position_ids
+    if "position_embeddings" in accepted and parts.rotary_emb is not None:
+        kwargs["position_embeddings"] = parts.rotary_emb(hidden, position_ids)
+    if cache is not None:
+        key = "past_key_values" if "past_key_values" in accepted else "past_key_value"
+        kwargs[key] = cache
+        kwargs["use_cache"] = True
+        if "cache_position" in accepted:
+            kwargs["cache_position"] = torch.arange(past, past + q_len, device=hidden.device)
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

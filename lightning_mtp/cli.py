@@ -1,0 +1,90 @@
+"""The ``lightning-mtp`` command: fit / validate (LightningCLI), generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _lightning_cli(args: list[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_mtp.module import MTPModule
+
+    argv, sys.argv = sys.argv, [sys.argv[0], *args]  # LightningCLI reads sys.argv; keep the two in agreement
+    try:
+        LightningCLI(MTPModule, save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = argv
+
+
+def _generate(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-mtp generate", description="Stream a lossless speculative decode.")
+    parser.add_argument("--model", required=True, help="an artefact directory, zoo name or model directory")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--num-draft-tokens", type=int, default=None, help="draft length (0 = plain NTP)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+    from transformers import TextStreamer
+
+    from lightning_mtp.module import MTPModule
+
+    module = MTPModule.from_pretrained(args.model)
+    if module.tokenizer is None:
+        raise ValueError(f"{args.model!r} has no tokenizer to encode the prompt with")
+    ids = module.tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    streamer = TextStreamer(module.tokenizer, skip_prompt=False, skip_special_tokens=True)
+    out = module.generate(
+        ids,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        num_draft_tokens=args.num_draft_tokens,
+        streamer=streamer,
+    )
+    print(file=sys.stderr)
+    print(out.stats.summary(), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"fit", "validate", "generate", "bench"}
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in commands:
+        if argv and argv[0] not in {"-h", "--help"}:
+            print(f"lightning-mtp: unknown command {argv[0]!r}; choose one of {sorted(commands)}", file=sys.stderr)
+            sys.exit(2)
+        print("usage: lightning-mtp {fit,validate,generate,bench} ...\n"
+              "  fit / validate   train or evaluate with a recipe: lightning-mtp fit --config recipes/tiny-math/fast_mtp.yaml\n"
+              "  generate         stream a decode: lightning-mtp generate --model zoo/tiny-math-fastmtp --prompt TEXT\n"
+              "  bench            compare decoders: lightning-mtp bench --model zoo/tiny-math-fastmtp --n 50")
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    debug = "--debug" in rest
+    rest = [a for a in rest if a != "--debug"]
+    try:
+        if command in {"fit", "validate"}:
+            _lightning_cli([command, *rest])
+        elif command == "generate":
+            _generate(rest)
+        else:
+            from lightning_mtp.bench import main as bench_main
+
+            bench_main(rest)
+    except ValueError as err:
+        if debug:
+            raise
+        print(f"lightning-mtp {command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

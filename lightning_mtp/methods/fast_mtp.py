@@ -1,0 +1,177 @@
+"""FastMTP: one shared MTP head applied recursively (Cai et al., arXiv 2509.18362).
+
+Training: the same :class:`MTPBlock` runs K times; step k takes its previous hidden state (the
+backbone's final hidden state for k = 1) and the embedding of the token k positions ahead (teacher
+forcing) and predicts the token k + 1 ahead through the backbone's frozen output head. Loss
+``sum_k a_k * CE_k`` with ``a_k = beta^(k-1) / sum_j beta^(j-1)`` (beta = 0.6, K = 3: 0.51 / 0.31 / 0.18).
+
+Vocabulary compression (optional): the head's output layer keeps only the ``draft_vocab_size`` most
+frequent token ids of the training data; drafting computes logits over that subset alone. Targets
+outside it carry no loss. Verification always uses the full vocabulary, so decoding stays lossless.
+
+Decoding: the head keeps its own KV cache over committed positions; after each verify it ingests the
+committed rows in one call and then drafts K tokens recursively, one call each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from lightning_mtp.backbone import BackboneParts
+from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_tokens, register_method
+from lightning_mtp.methods.mtp_block import MTPBlock
+
+__all__ = ["FastMTP", "FastMTPHead", "FastMTPDrafter"]
+
+
+@register_method("fast_mtp")
+@dataclass
+class FastMTP(MethodConfig):
+    """FastMTP: one shared head applied recursively."""
+
+    num_steps: int = 3
+    """K: recursive applications of the head in training, and draft tokens per decoding step."""
+    beta: float = 0.6
+    """Decay of the per-step loss weights a_k = beta^(k-1) / sum_j beta^(j-1)."""
+    draft_vocab_size: int | None = None
+    """Vocabulary compression: keep the N most frequent training tokens in the draft head (None = all)."""
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self.num_steps
+
+    def validate(self) -> None:
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"fast_mtp num_steps (K) must be an integer >= 1, got {self.num_steps!r}")
+        if not self.beta > 0:
+            raise ValueError(f"fast_mtp beta must be > 0, got {self.beta!r}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"fast_mtp draft_vocab_size must be >= 1 or None, got {self.draft_vocab_size!r}")
+
+    def loss_weights(self) -> list[float]:
+        raw = [self.beta**k for k in range(self.num_steps)]
+        return [w / sum(raw) for w in raw]
+
+    def build(self, parts: BackboneParts) -> FastMTPHead:
+        return FastMTPHead(self, parts)
+
+
+class FastMTPHead(MTPMethod):
+    needs_token_counts = False
+
+    def __init__(self, config: FastMTP, parts: BackboneParts) -> None:
+        super().__init__(config)
+        V = parts.vocab_size
+        if config.draft_vocab_size is not None and config.draft_vocab_size > V:
+            raise ValueError(f"fast_mtp draft_vocab_size {config.draft_vocab_size} exceeds the backbone's vocabulary ({V})")
+        self.block = MTPBlock(parts)
+        self.needs_token_counts = config.draft_vocab_size is not None
+        if config.draft_vocab_size is not None:
+            # until prepare() sees the data, the subset is the first N ids
+            self.register_buffer("draft_ids", torch.arange(config.draft_vocab_size), persistent=True)
+        else:
+            self.draft_ids = None
+
+    def prepare(self, token_counts: torch.Tensor | None) -> None:
+        if self.draft_ids is None or token_counts is None:
+            return
+        top = torch.topk(token_counts.float(), self.config.draft_vocab_size).indices.sort().values
+        self.draft_ids.copy_(top.to(self.draft_ids.device))
+
+    def logits(self, parts: BackboneParts, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V'), over the draft vocabulary (the full one without compression)."""
+        hn = self.block.final_norm(h)
+        weight, bias = parts.lm_head.weight, parts.lm_head.bias
+        if self.draft_ids is not None:
+            weight = weight[self.draft_ids]  # (V', H)
+            bias = None if bias is None else bias[self.draft_ids]
+        return F.linear(hn, weight, bias)
+
+    def _to_draft_vocab(self, ids: torch.Tensor, V: int) -> torch.Tensor:
+        """Map full-vocabulary target ids to draft-vocabulary indices; ids outside the subset become -100."""
+        if self.draft_ids is None:
+            return ids
+        table = torch.full((V,), -100, dtype=torch.long, device=ids.device)
+        table[self.draft_ids] = torch.arange(len(self.draft_ids), device=ids.device)
+        return torch.where(ids >= 0, table[ids.clamp(min=0)], ids)
+
+    def loss(self, parts, input_ids, labels, hidden, backbone_pred):
+        B, T = input_ids.shape
+        K, V = self.config.num_steps, parts.vocab_size
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+        pad = 0
+        total = hidden.new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        correct = []
+        chain_valid = future_tokens(labels, K + 1, -100) != -100  # (B, T) positions where every step has a target
+        h = hidden
+        for k, a_k in enumerate(self.config.loss_weights(), start=1):
+            h = self.block(parts, h, future_tokens(input_ids, k, pad), positions)  # (B, T, H)
+            logits = self.logits(parts, h).float()  # (B, T, V')
+            target = self._to_draft_vocab(future_tokens(labels, k + 1, -100), V)  # (B, T)
+            ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+            ce = torch.nan_to_num(ce)  # a batch with no valid target at this depth
+            total = total + a_k * ce
+            logs[f"ce_{k}"] = ce.detach()
+            draft = logits.argmax(-1)
+            if self.draft_ids is not None:
+                draft = self.draft_ids[draft]
+            correct.append((draft == future_tokens(backbone_pred, k, -1))[chain_valid])  # (N,)
+        logs["draft_correct"] = torch.stack(correct)  # (K, N)
+        return total, logs
+
+    def drafter(self, parts: BackboneParts) -> FastMTPDrafter:
+        return FastMTPDrafter(self, parts)
+
+
+class FastMTPDrafter(Drafter):
+    """Chain drafting with the shared head and its own KV cache over committed positions."""
+
+    def __init__(self, head: FastMTPHead, parts: BackboneParts) -> None:
+        self.head, self.parts = head, parts
+        self.cache = DynamicCache()
+        self.committed = 0  # head-cache entries for committed positions
+        self.speculative = 0  # entries written while drafting, dropped at the next call
+
+    def draft(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        k: int,
+        probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head, parts = self.head, self.parts
+        if self.speculative:
+            self.cache.crop(-self.speculative)  # a negative count removes that many tokens
+            self.speculative = 0
+        B, m = next_ids.shape
+        pos = torch.arange(self.committed, self.committed + m, device=next_ids.device).expand(B, m)
+        h = head.block(parts, hidden, next_ids, pos, self.cache)[:, -1:]  # (B, 1, H)
+        self.committed += m
+        tokens, probs = [], []
+        for j in range(k):
+            logits = head.logits(parts, h)[:, -1]  # (B, V')
+            if probs_fn is None:
+                tok = logits.argmax(-1)  # (B,)
+            else:
+                p = probs_fn(logits)  # (B, V')
+                tok = torch.multinomial(p, 1)[:, 0]
+                if head.draft_ids is not None:  # spread back over the full vocabulary for rejection sampling
+                    full = p.new_zeros(B, parts.vocab_size)
+                    full[:, head.draft_ids] = p
+                    p = full
+                probs.append(p)
+            if head.draft_ids is not None:
+                tok = head.draft_ids[tok]
+            tokens.append(tok)
+            if j < k - 1:
+                pos = torch.full((B, 1), self.committed + j, device=next_ids.device)
+                h = head.block(parts, h, tok[:, None], pos, self.cache)  # (B, 1, H)
+                self.speculative += 1
+        draft = torch.stack(tokens, dim=1)  # (B, k)
+        return draft, (torch.stack(probs, dim=1) if probs else None)  # (B, k), (B, k, V)

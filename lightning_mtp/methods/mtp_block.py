@@ -1,0 +1,41 @@
+"""The DeepSeek-V3-style MTP module that FastMTP (and MTP-D) heads are made of.
+
+``h_out = layer(proj([enorm(embed(t)); hnorm(h)]))``, with logits ``lm_head(final_norm(h_out))``. The
+decoder layer is an instance of the backbone's own decoder-layer class, built from its config, and the
+embedding and output head are the backbone's (shared, frozen). The concatenation puts the embedding
+first, as DeepSeek-V3's and MiMo's released MTP weights do, so their ``eh_proj`` maps onto ``proj``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_mtp.backbone import BackboneParts, build_decoder_layer, call_decoder_layer
+
+__all__ = ["MTPBlock"]
+
+
+class MTPBlock(nn.Module):
+    def __init__(self, parts: BackboneParts) -> None:
+        super().__init__()
+        H = parts.hidden_size
+        eps = float(getattr(parts.config, "rms_norm_eps", None) or getattr(parts.config, "layer_norm_epsilon", 1e-6))
+        dtype = parts.lm_head.weight.dtype
+        self.enorm = nn.RMSNorm(H, eps=eps, dtype=dtype)
+        self.hnorm = nn.RMSNorm(H, eps=eps, dtype=dtype)
+        self.proj = nn.Linear(2 * H, H, bias=False, dtype=dtype)
+        self.layer = build_decoder_layer(parts, layer_idx=0).to(dtype)
+        self.final_norm = nn.RMSNorm(H, eps=eps, dtype=dtype)
+
+    def forward(
+        self,
+        parts: BackboneParts,
+        hidden: torch.Tensor,  # (B, T, H) previous depth's hidden state at each position
+        token_ids: torch.Tensor,  # (B, T) the token whose embedding joins it (one position ahead of hidden)
+        position_ids: torch.Tensor,  # (B, T)
+        cache=None,
+    ) -> torch.Tensor:  # (B, T, H), before the final norm
+        emb = parts.embed_tokens(token_ids)  # (B, T, H)
+        x = self.proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))  # (B, T, 2H) -> (B, T, H)
+        return call_decoder_layer(self.layer, parts, x, position_ids, cache)

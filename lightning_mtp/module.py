@@ -1,0 +1,328 @@
+"""MTPModule: a LightningModule that wraps any causal LM with a pluggable multi-token-prediction method."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+import lightning_mtp.methods  # noqa: F401  (registers the built-in methods)
+from lightning_mtp.artifacts import atomic_dir, read_mtp_config, resolve_base_reference
+from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone
+
+from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
+from lightning_mtp.metrics import AcceptanceRate
+
+__all__ = ["MTPModule"]
+
+MTP_CONFIG = "mtp_config.json"
+METHOD_WEIGHTS = "mtp_method.safetensors"
+
+
+class MTPModule(L.LightningModule):
+    """A backbone plus an MTP method, trainable with plain Lightning and decodable losslessly.
+
+    Args:
+        backbone: a local model directory, a shipped zoo name (``tiny-math-base``), a Hub id, or a loaded
+            ``PreTrainedModel``.
+        method: a registered method name (``"fast_mtp"``), a mapping ``{"name": ..., **options}``, a method
+            config instance (``FastMTP(num_steps=3)``), or None for plain next-token training of the backbone.
+        lora: PEFT ``LoraConfig`` keyword arguments (e.g. ``{"r": 8, "target_modules": "all-linear"}``) to
+            train a LoRA adapter on the backbone; None trains no adapter.
+        freeze_backbone: train the backbone's own weights too? Default: frozen when a method is given (only
+            the method's parameters train), trained when ``method`` is None.
+        from_scratch: build the backbone with random weights from the directory's ``config.json``
+            (used to train the tiny-math base model).
+        dtype: dtype the backbone is loaded in (``"auto"`` keeps the checkpoint's).
+        trust_remote_code: passed to transformers; off unless you ask for it.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_ratio: fraction of the total steps spent warming the learning rate up linearly.
+        min_lr_ratio: the cosine schedule decays to ``learning_rate * min_lr_ratio``.
+    """
+
+    def __init__(
+        self,
+        backbone: str | PreTrainedModel = "tiny-math-base",
+        method: str | dict | MethodConfig | None = "fast_mtp",
+        lora: dict | None = None,
+        freeze_backbone: bool | None = None,
+        from_scratch: bool = False,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_ratio: float = 0.05,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.method_config = resolve_method(method)  # validates before any loading
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if isinstance(backbone, PreTrainedModel):
+            model, self.tokenizer = backbone, None
+            self.backbone_ref = getattr(backbone, "name_or_path", "") or ""
+        else:
+            model, self.tokenizer = load_backbone(
+                backbone, dtype=dtype, from_scratch=from_scratch, trust_remote_code=trust_remote_code
+            )
+            self.backbone_ref = backbone
+        self.save_hyperparameters(
+            {
+                "backbone": self.backbone_ref,
+                "method": None if self.method_config is None else self.method_config.to_dict(),
+                "lora": lora,
+                "freeze_backbone": freeze_backbone,
+                "learning_rate": learning_rate,
+                "weight_decay": weight_decay,
+                "betas": list(betas),
+                "warmup_ratio": warmup_ratio,
+                "min_lr_ratio": min_lr_ratio,
+            }
+        )
+        self.freeze_backbone = (self.method_config is not None) if freeze_backbone is None else freeze_backbone
+        self.lora = lora
+        if lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(**lora))
+        self.backbone = model
+        if self.freeze_backbone:
+            for name, p in self.backbone.named_parameters():
+                p.requires_grad_(lora is not None and "lora_" in name)
+        self.parts: BackboneParts = backbone_parts(self._base_model)
+        self.method: MTPMethod | None = None if self.method_config is None else self.method_config.build(self.parts)
+        k = 0 if self.method_config is None else self.method_config.num_draft_tokens
+        self.val_acceptance = AcceptanceRate(max(k, 1))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def _base_model(self) -> PreTrainedModel:
+        return self.backbone.get_base_model() if self.lora is not None else self.backbone
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return 0 if self.method_config is None else self.method_config.num_draft_tokens
+
+    # ------------------------------------------------------------------ training
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        attention_mask = batch.get("attention_mask")
+        if self.method is None:
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            loss = out.loss
+            if stage == "val":
+                pred, tgt = out.logits[:, :-1].argmax(-1), labels[:, 1:]
+                valid = tgt != -100
+                self.log("val/token_accuracy", (pred[valid] == tgt[valid]).float().mean(), prog_bar=True)
+        else:
+            trains_backbone = self.training and any(p.requires_grad for p in self.backbone.parameters())
+            with torch.set_grad_enabled(trains_backbone):
+                out = self.backbone(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    labels=labels if trains_backbone else None,
+                    output_hidden_states=True,
+                )
+            hidden = out.hidden_states[-1]  # (B, T, H) post final norm
+            loss, logs = self.method.loss(self.parts, input_ids, labels, hidden, out.logits.argmax(-1))
+            if trains_backbone and out.loss is not None:
+                loss = loss + out.loss
+            if stage == "val":
+                self.val_acceptance.update(logs.pop("draft_correct"))
+            else:
+                logs.pop("draft_correct", None)
+            for key, value in logs.items():
+                self.log(f"{stage}/{key}", value)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=input_ids.shape[0])
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.method is None:
+            return
+        result = self.val_acceptance.compute()
+        for j, (ar, car) in enumerate(zip(result["acceptance"], result["cumulative_acceptance"]), start=1):
+            self.log(f"val/AR_{j}", ar)
+            self.log(f"val/CAR_{j}", car)
+        self.log("val/tau_estimate", result["tau"], prog_bar=True)
+        self.val_acceptance.reset()
+
+    def on_fit_start(self) -> None:
+        if self.method is not None and self.method.needs_token_counts:
+            dm = self.trainer.datamodule
+            counts = dm.token_counts(self.parts.vocab_size) if dm is not None and hasattr(dm, "token_counts") else None
+            self.method.prepare(counts)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: the backbone is frozen and the method has no parameters")
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(total * hp.warmup_ratio)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        num_draft_tokens: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+    ):
+        """Lossless speculative decoding: greedy output equals ``backbone.generate(do_sample=False)``.
+
+        ``num_draft_tokens=0`` decodes plain NTP through the same machinery (the fair baseline).
+        """
+        k = self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
+        if k < 0:
+            raise ValueError(f"num_draft_tokens must be >= 0, got {k}")
+        drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None
+        from lightning_mtp.decoding.speculative import speculative_generate
+
+        modes = {mod: mod.training for mod in self.modules()}  # restore each one: a blanket .train() would
+        self.eval()  # switch on dropout in a backbone that was in eval mode
+        try:
+            return speculative_generate(
+                self.backbone,
+                input_ids.to(self.device),
+                drafter=drafter,
+                num_draft_tokens=k if drafter is not None else 0,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                generator=generator,
+                streamer=streamer,
+            )
+        finally:
+            for mod, mode in modes.items():
+                mod.training = mode
+
+    # ------------------------------------------------------------------ artefacts
+    def method_state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.method is None else {k: v.detach().contiguous() for k, v in self.method.state_dict().items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, metrics: dict | None = None) -> Path:
+        """Save only what was trained: the full backbone for plain NTP training, else the method's weights
+        (and LoRA adapter) plus ``mtp_config.json`` naming the base model. Written atomically."""
+        target = Path(save_directory)
+        with atomic_dir(target) as tmp:
+            if self.method is None and self.lora is None:
+                if dtype is None:
+                    self.backbone.save_pretrained(tmp)
+                else:
+                    # store the weights small, but keep config.json's dtype: loading computes in the training dtype
+                    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.backbone.state_dict().items()}
+                    self.backbone.save_pretrained(tmp, state_dict=state)
+                    config_file = tmp / "config.json"
+                    config = json.loads(config_file.read_text())
+                    config["dtype"] = str(self.backbone.dtype).removeprefix("torch.")
+                    config_file.write_text(json.dumps(config, indent=2) + "\n")
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+                return target
+            tensors = self.method_state_dict()
+            if dtype is not None:
+                tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+            if tensors:
+                save_file(tensors, str(tmp / METHOD_WEIGHTS), metadata={"format": "pt"})
+            if self.lora is not None:
+                self.backbone.save_pretrained(tmp / "adapter")
+            config = {
+                "library": "lightning-mtp",
+                "library_version": _version(),
+                "method": None if self.method_config is None else self.method_config.to_dict(),
+                "lora": self.lora,
+                "base_model": {
+                    "name_or_path": resolve_base_reference(self.backbone_ref, target),
+                    "vocab_size": self.parts.vocab_size,
+                    "hidden_size": self.parts.hidden_size,
+                    "model_type": self._base_model.config.model_type,
+                },
+                "decoding": {"num_draft_tokens": self.num_draft_tokens},
+                "metrics": metrics or {},
+            }
+            (tmp / MTP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, backbone: str | PreTrainedModel | None = None, **kwargs) -> MTPModule:
+        """Load a saved artefact (``mtp_config.json`` + weights) or a plain Hugging Face model directory.
+
+        ``backbone`` overrides the base model the artefact names (e.g. a local copy of it).
+        """
+        from lightning_mtp.backbone import resolve_model_path
+
+        path = Path(resolve_model_path(str(directory)))
+        if not (path / MTP_CONFIG).is_file():
+            return cls(backbone=backbone or str(path), method=None, **kwargs)
+        config = read_mtp_config(path / MTP_CONFIG)
+        base_ref = config["base_model"]["name_or_path"]
+        if backbone is None:
+            backbone = str((path / base_ref).resolve()) if (path / base_ref).is_dir() else base_ref
+        module = cls(backbone=backbone, method=config["method"], lora=config.get("lora"), **kwargs)
+        module.backbone_ref = config["base_model"]["name_or_path"] if isinstance(backbone, str) else module.backbone_ref
+        want_v, want_h = config["base_model"]["vocab_size"], config["base_model"]["hidden_size"]
+        if (module.parts.vocab_size, module.parts.hidden_size) != (want_v, want_h):
+            raise ValueError(
+                f"{path} was trained on a base with vocab {want_v} and hidden size {want_h}, but the backbone "
+                f"{base_ref!r} has vocab {module.parts.vocab_size} and hidden size {module.parts.hidden_size}"
+            )
+        weights = path / METHOD_WEIGHTS
+        if module.method is not None and weights.is_file():
+            try:
+                state = load_file(str(weights))
+            except Exception as err:  # safetensors raises its own error types for corrupt files
+                raise ValueError(f"cannot read {weights}: {err}") from None
+            own = module.method.state_dict()
+            state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
+            missing, unexpected = module.method.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{weights} does not fit method {config['method']['name']!r}: "
+                                 f"missing keys {missing}, unexpected keys {unexpected}")
+        if module.lora is not None and (path / "adapter").is_dir():
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file as load_adapter
+
+            set_peft_model_state_dict(module.backbone, load_adapter(str(path / "adapter" / "adapter_model.safetensors")))
+        return module
+
+
+def _version() -> str:
+    from lightning_mtp import __version__
+
+    return __version__
