@@ -17,7 +17,8 @@ install: $(BIN)/lightning-mtp
 
 # The main job: fit FastMTP on the shipped tiny-math base, then bench it against HF greedy and plain NTP.
 demo: install
-	$(BIN)/lightning-mtp fit --config recipes/tiny-math/fast_mtp.yaml --config recipes/tiny-math/demo.yaml
+	$(BIN)/lightning-mtp fit --config recipes/tiny-math/fast_mtp.yaml --trainer.default_root_dir runs/demo \
+		--trainer.logger.init_args.save_dir runs/demo --trainer.callbacks.init_args.dirpath runs/demo/tiny-math-fastmtp
 	$(BIN)/lightning-mtp bench --model runs/demo/tiny-math-fastmtp --prompts tiny-math --n 50 --json runs/demo/bench.json
 
 test: install

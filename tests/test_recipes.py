@@ -1,0 +1,44 @@
+"""Every recipe in recipes/ parses and instantiates through LightningCLI, with the backbone swapped for a tiny one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, save_tiny_math_shaped_model
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_mtp.module import MTPModule
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_math_shaped_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_there_are_recipes():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES}
+    assert {"tiny-math/base.yaml", "tiny-math/fast_mtp.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_recipe_parses_and_instantiates(recipe, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # loggers and exports resolve relative paths here, never in the repo
+    monkeypatch.setattr(sys, "argv", ["lightning-mtp"])
+    cli = LightningCLI(MTPModule, run=False, args=["--config", str(recipe), "--model.backbone", str(tiny_dir)])
+    assert isinstance(cli.model, MTPModule)
+    assert cli.datamodule is not None
+    assert cli.trainer.max_steps > 0
+
+
+def test_unknown_recipe_key_is_an_error(tiny_dir, tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "recipes/tiny-math/fast_mtp.yaml").read_text().replace("  learning_rate:", "  learning_rat:"))
+    monkeypatch.setattr(sys, "argv", ["lightning-mtp"])
+    with pytest.raises(SystemExit) as exc:
+        LightningCLI(MTPModule, run=False, args=["--config", str(bad), "--model.backbone", str(tiny_dir)])
+    assert exc.value.code != 0
+    assert "learning_rat" in capsys.readouterr().err
