@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 __all__ = [
     "BackboneParts",
+    "LastHiddenState",
     "backbone_parts",
     "build_decoder_layer",
     "call_decoder_layer",
@@ -87,6 +88,7 @@ class BackboneParts:
     layers: nn.ModuleList
     rotary_emb: nn.Module | None
     config: object  # the text config the decoder layers are built from
+    final_norm: nn.Module | None = None  # its output is the final hidden state (what hidden_states[-1] holds)
 
     @property
     def hidden_size(self) -> int:
@@ -110,6 +112,7 @@ def backbone_parts(model: PreTrainedModel) -> BackboneParts:
         layers=layers,
         rotary_emb=getattr(base, "rotary_emb", None),
         config=config,
+        final_norm=next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "norm_f") if isinstance(getattr(base, n, None), nn.Module)), None),
     )
 
 
@@ -153,7 +156,8 @@ def call_decoder_layer(
     accepted = _LAYER_KWARGS[cls]
     q_len = hidden.shape[1]
     past = cache.get_seq_length() if cache is not None else 0
-    kwargs = {"attention_mask": causal_mask(q_len, past + q_len, hidden.dtype, hidden.device)}
+    # one query row sees every cached key: no mask needed (and None means "no mask" to every implementation)
+    kwargs = {"attention_mask": causal_mask(q_len, past + q_len, hidden.dtype, hidden.device) if q_len > 1 else None}
     if "position_ids" in accepted:
         kwargs["position_ids"] = position_ids
     if "position_embeddings" in accepted and parts.rotary_emb is not None:
@@ -166,3 +170,43 @@ def call_decoder_layer(
             kwargs["cache_position"] = torch.arange(past, past + q_len, device=hidden.device)
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+class LastHiddenState:
+    """Capture the backbone's final hidden state with a forward hook on its final norm.
+
+    Cheaper than ``output_hidden_states=True`` (which records every layer) and equal to its last entry.
+    Falls back to that flag when the architecture has no recognisable final norm.
+
+        with LastHiddenState(parts) as grab:
+            logits = model(ids, **grab.kwargs).logits
+            hidden = grab.get(outputs)
+    """
+
+    def __init__(self, parts: BackboneParts) -> None:
+        self.module = parts.final_norm
+        self.value: torch.Tensor | None = None
+        self.handle = None
+
+    @property
+    def kwargs(self) -> dict:
+        return {} if self.module is not None else {"output_hidden_states": True}
+
+    def _hook(self, module, inputs, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output
+
+    def __enter__(self) -> LastHiddenState:
+        if self.module is not None:
+            self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def get(self, outputs) -> torch.Tensor:
+        if self.module is None:
+            return outputs.hidden_states[-1]
+        value, self.value = self.value, None
+        return value

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 import lightning_mtp.methods  # noqa: F401  (registers the built-in methods)
 from lightning_mtp.artifacts import atomic_dir, read_mtp_config, resolve_base_reference
-from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone
+from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts, load_backbone
 
 from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
@@ -128,14 +128,14 @@ class MTPModule(L.LightningModule):
                 self.log("val/token_accuracy", (pred[valid] == tgt[valid]).float().mean(), prog_bar=True)
         else:
             trains_backbone = self.training and any(p.requires_grad for p in self.backbone.parameters())
-            with torch.set_grad_enabled(trains_backbone):
+            with torch.set_grad_enabled(trains_backbone), LastHiddenState(self.parts) as grab:
                 out = self.backbone(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     labels=labels if trains_backbone else None,
-                    output_hidden_states=True,
+                    **grab.kwargs,
                 )
-            hidden = out.hidden_states[-1]  # (B, T, H) post final norm
+                hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm)
             loss, logs = self.method.loss(self.parts, input_ids, labels, hidden, out.logits.argmax(-1))
             if trains_backbone and out.loss is not None:
                 loss = loss + out.loss
@@ -219,6 +219,7 @@ class MTPModule(L.LightningModule):
                 self.backbone,
                 input_ids.to(self.device),
                 drafter=drafter,
+                parts=self.parts,
                 num_draft_tokens=k if drafter is not None else 0,
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,

@@ -14,7 +14,11 @@ ARCHS = ("llama", "qwen3", "mistral", "gpt2")
 
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=EOS, pad_token_id=0, initializer_range=0.2)
 _DECODER = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     max_position_embeddings=128,
 )
 _CONFIGS = {

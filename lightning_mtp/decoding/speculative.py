@@ -10,6 +10,7 @@ plain next-token decoding through the same loop: the fair baseline for speed-ups
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.methods.base import Drafter
 
@@ -114,18 +116,16 @@ def _context_length(model: PreTrainedModel) -> int | None:
 _ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
-def _forward(model, ids, cache, want_hidden: bool, keep_last_only: bool):
-    kwargs = {"past_key_values": cache, "use_cache": True}
-    if want_hidden:
-        kwargs["output_hidden_states"] = True
+def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last_only: bool):
+    """One backbone forward with the cache: logits, and the final hidden states when ``grab`` is given."""
+    kwargs = {"past_key_values": cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
     cls = type(model)
     if cls not in _ACCEPTS_LOGITS_TO_KEEP:
         _ACCEPTS_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
     if keep_last_only and _ACCEPTS_LOGITS_TO_KEEP[cls]:
         kwargs["logits_to_keep"] = 1
     out = model(input_ids=ids, **kwargs)
-    hidden = out.hidden_states[-1] if want_hidden else None
-    return out.logits, hidden
+    return out.logits, (grab.get(out) if grab is not None else None)
 
 
 @torch.no_grad()
@@ -141,6 +141,7 @@ def speculative_generate(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     streamer=None,
+    parts: BackboneParts | None = None,
 ) -> GenerateOutput:
     """Decode ``input_ids`` (1, n) with drafts from ``drafter`` verified by ``model``; see the module docstring."""
     if input_ids.dim() != 2:
@@ -166,6 +167,14 @@ def speculative_generate(
     eos = _eos_ids(model)
     stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
     t_start = time.perf_counter()
+    if K > 0 and parts is None:
+        parts = backbone_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
+        return _decode(model, input_ids, drafter, K, max_new_tokens, probs_fn, generator, streamer, eos, stats,
+                       t_start, grab)
+
+
+def _decode(model, input_ids, drafter, K, max_new_tokens, probs_fn, generator, streamer, eos, stats, t_start, grab):
 
     def pick(logits: torch.Tensor) -> torch.Tensor:  # (1, V) -> (1,)
         return sample(probs_fn(logits), generator) if probs_fn is not None else logits.argmax(-1)
@@ -178,7 +187,7 @@ def speculative_generate(
 
     # ---- prefill
     t0 = time.perf_counter()
-    logits, hidden = _forward(model, input_ids, cache, want_hidden=K > 0, keep_last_only=True)
+    logits, hidden = _forward(model, input_ids, cache, grab=grab, keep_last_only=True)
     stats.backbone_forwards += 1
     token = pick(logits[:, -1])  # (1,)
     stats.verify_seconds += time.perf_counter() - t0
@@ -201,7 +210,7 @@ def speculative_generate(
         k = min(K, remaining - 1) if drafts is not None else 0  # drafts past the budget would be wasted
         t0 = time.perf_counter()
         step_ids = token[:, None] if k == 0 else torch.cat([token[:, None], drafts[:, :k]], dim=1)  # (1, 1 + k)
-        logits, hidden = _forward(model, step_ids, cache, want_hidden=K > 0, keep_last_only=k == 0)
+        logits, hidden = _forward(model, step_ids, cache, grab=grab, keep_last_only=k == 0)
         stats.backbone_forwards += 1
         if k == 0:
             m, token = 0, pick(logits[:, -1])
