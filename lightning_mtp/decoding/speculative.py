@@ -201,7 +201,7 @@ def _decode(model, input_ids, drafter, K, max_new_tokens, probs_fn, generator, s
     if K > 0 and not finished:
         t0 = time.perf_counter()
         next_ids = torch.cat([input_ids[:, 1:], token[:, None]], dim=1)  # (1, n): the token after each position
-        drafts, draft_probs = drafter.draft(hidden, next_ids, K, probs_fn)
+        drafts, draft_probs = drafter.draft(hidden, next_ids, K, probs_fn, generator)
         stats.draft_seconds += time.perf_counter() - t0
 
     # ---- decode
@@ -248,7 +248,7 @@ def _decode(model, input_ids, drafter, K, max_new_tokens, probs_fn, generator, s
         if not finished and K > 0:
             t0 = time.perf_counter()
             next_ids = torch.tensor([new], device=input_ids.device)  # (1, m + 1)
-            drafts, draft_probs = drafter.draft(hidden[:, : m + 1], next_ids, K, probs_fn)
+            drafts, draft_probs = drafter.draft(hidden[:, : m + 1], next_ids, K, probs_fn, generator)
             stats.draft_seconds += time.perf_counter() - t0
 
     if streamer is not None:

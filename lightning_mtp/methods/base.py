@@ -102,7 +102,8 @@ class Drafter:
     their final hidden states and the token that follows each (``next_ids[:, j]`` is the token after the
     position of ``hidden[:, j]``). The drafter returns ``k`` proposed tokens that continue the sequence
     after the last of ``next_ids``, and, when ``probs_fn`` is given (sampling), each draft's full
-    probability row so the decoder can run rejection sampling.
+    probability row so the decoder can run rejection sampling. Drafts are sampled with ``generator``
+    (the one passed to ``generate``) so a seeded generator makes sampling reproducible.
     """
 
     def draft(
@@ -111,6 +112,7 @@ class Drafter:
         next_ids: torch.Tensor,  # (B, m) the token after each of those positions
         k: int,
         probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, k), (B, k, V) or None
         raise NotImplementedError
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from lightning_mtp.backbone import BackboneParts
+from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_tokens, register_method
 from lightning_mtp.methods.mtp_block import MTPBlock
 
@@ -144,6 +145,7 @@ class FastMTPDrafter(Drafter):
         next_ids: torch.Tensor,
         k: int,
         probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         head, parts = self.head, self.parts
         if self.speculative:
@@ -160,7 +162,7 @@ class FastMTPDrafter(Drafter):
                 tok = logits.argmax(-1)  # (B,)
             else:
                 p = probs_fn(logits)  # (B, V')
-                tok = torch.multinomial(p, 1)[:, 0]
+                tok = sample(p, generator)  # (B,)
                 if head.draft_ids is not None:  # spread back over the full vocabulary for rejection sampling
                     full = p.new_zeros(B, parts.vocab_size)
                     full[:, head.draft_ids] = p
