@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/lightning-mtp bench --model runs/demo/tiny-math-fastmtp --prompts tiny-math --n 50 --json runs/demo/bench.json
 
 test: install
+	$(BIN)/ruff check lightning_mtp tests
 	$(BIN)/python -m pytest
 
 lint: install

@@ -37,7 +37,7 @@ class BenchEntry:
             "tokens_per_forward": self.new_tokens / self.forwards if self.forwards else 1.0,
             "tokens_per_second": tps,
             "speedup_vs_hf": tps / base_tps if base_tps else 0.0,
-            "identical_to_ntp": sum(a == b for a, b in zip(self.outputs, baseline.outputs)) / max(1, len(self.outputs)),
+            "identical_to_ntp": sum(a == b for a, b in zip(self.outputs, baseline.outputs, strict=True)) / max(1, len(self.outputs)),
             "new_tokens": self.new_tokens,
             "seconds": total,
         }
@@ -108,15 +108,15 @@ def run_bench(module, prompts: list[str], answers: list[int] | None = None, *, m
                                 attention_mask=torch.ones_like(ids))
         return seq, None
 
-    def ours(k):
+    def ours(**options):
         def run(ids):
-            out = module.generate(ids, max_new_tokens=max_new_tokens, num_draft_tokens=k)
+            out = module.generate(ids, max_new_tokens=max_new_tokens, **options)
             return out.sequences, out.stats
         return run
 
-    decoders = {"hf_greedy": hf, "ntp": ours(0)}
-    if module.method_config is not None:
-        decoders[module.method_config.name] = ours(module.num_draft_tokens)
+    decoders = {"hf_greedy": hf, "ntp": ours(num_draft_tokens=0)}
+    if module.method is not None:
+        decoders.update({name: ours(**options) for name, options in module.method.bench_entries()})
     entries = {name: BenchEntry(name) for name in decoders}
     for ids in encoded[:warmup]:
         for fn in decoders.values():
@@ -151,15 +151,27 @@ def run_bench(module, prompts: list[str], answers: list[int] | None = None, *, m
     return rows
 
 
+COLUMNS = {  # JSON key: table header
+    "name": "name",
+    "tokens_per_forward": "tok/fwd",
+    "tokens_per_second": "tok/s",
+    "speedup_vs_hf": "x hf",
+    "speedup_vs_ntp": "x ntp",
+    "accuracy": "acc",
+    "identical_to_ntp": "same",
+    "acceptance_per_position": "AR per position",
+    "draft_ms_per_step": "draft ms",
+    "verify_ms_per_step": "verify ms",
+}
+
+
 def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="lightning-mtp bench")
-    cols = ["name", "tokens_per_forward", "tokens_per_second", "speedup_vs_hf", "speedup_vs_ntp", "accuracy",
-            "identical_to_ntp", "acceptance_per_position", "draft_ms_per_step", "verify_ms_per_step"]
-    for c in cols:
-        table.add_column(c.replace("_", " "), justify="right" if c != "name" else "left")
+    for key, header in COLUMNS.items():
+        table.add_column(header, justify="left" if key == "name" else "right", no_wrap=True)
 
     def fmt(v):
         if v is None:
@@ -169,8 +181,11 @@ def print_table(rows: list[dict]) -> None:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     for row in rows:
-        table.add_row(*[fmt(row.get(c)) for c in cols])
-    Console().print(table)
+        table.add_row(*[fmt(row.get(key)) for key in COLUMNS])
+    console = Console()
+    if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -1,11 +1,25 @@
-"""The ``lightning-mtp`` command: fit / validate (LightningCLI), generate, bench."""
+"""The ``lightning-mtp`` command: ``fit`` / ``validate`` (LightningCLI), ``generate``, ``bench``.
+
+Each subcommand is a function ``main(argv)`` in some module, listed once in :data:`COMMANDS`. A
+``ValueError`` from any of them becomes one line on stderr and exit code 2 (``--debug`` shows the
+traceback instead).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "main"]
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: ("module:function", one-line help)
+    "fit": ("lightning_mtp.cli:fit", "train with a recipe: lightning-mtp fit --config recipes/tiny-math/fast_mtp.yaml"),
+    "validate": ("lightning_mtp.cli:validate", "evaluate with a recipe: lightning-mtp validate --config RECIPE"),
+    "generate": ("lightning_mtp.cli:generate", "stream a decode: lightning-mtp generate --model zoo/tiny-math-fastmtp --prompt TEXT"),
+    "bench": ("lightning_mtp.bench:main", "compare decoders: lightning-mtp bench --model zoo/tiny-math-fastmtp --n 50"),
+}
 
 
 def _lightning_cli(args: list[str]) -> None:
@@ -20,7 +34,15 @@ def _lightning_cli(args: list[str]) -> None:
         sys.argv = argv
 
 
-def _generate(argv: list[str]) -> None:
+def fit(argv: list[str]) -> None:
+    _lightning_cli(["fit", *argv])
+
+
+def validate(argv: list[str]) -> None:
+    _lightning_cli(["validate", *argv])
+
+
+def generate(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="lightning-mtp generate", description="Stream a lossless speculative decode.")
     parser.add_argument("--model", required=True, help="an artefact directory, zoo name or model directory")
     parser.add_argument("--prompt", required=True, help="the prompt text")
@@ -28,10 +50,11 @@ def _generate(argv: list[str]) -> None:
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--num-draft-tokens", type=int, default=None, help="draft length (0 = plain NTP)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     from transformers import TextStreamer
 
@@ -48,6 +71,7 @@ def _generate(argv: list[str]) -> None:
         do_sample=args.do_sample,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
         num_draft_tokens=args.num_draft_tokens,
         streamer=streamer,
     )
@@ -55,30 +79,26 @@ def _generate(argv: list[str]) -> None:
     print(out.stats.summary(), file=sys.stderr)
 
 
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return f"usage: lightning-mtp {{{','.join(COMMANDS)}}} ... [--debug]\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"fit", "validate", "generate", "bench"}
-    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in commands:
-        if argv and argv[0] not in {"-h", "--help"}:
-            print(f"lightning-mtp: unknown command {argv[0]!r}; choose one of {sorted(commands)}", file=sys.stderr)
-            sys.exit(2)
-        print("usage: lightning-mtp {fit,validate,generate,bench} ...\n"
-              "  fit / validate   train or evaluate with a recipe: lightning-mtp fit --config recipes/tiny-math/fast_mtp.yaml\n"
-              "  generate         stream a decode: lightning-mtp generate --model zoo/tiny-math-fastmtp --prompt TEXT\n"
-              "  bench            compare decoders: lightning-mtp bench --model zoo/tiny-math-fastmtp --n 50")
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"lightning-mtp: unknown command {command!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
     debug = "--debug" in rest
     rest = [a for a in rest if a != "--debug"]
+    module_name, func_name = COMMANDS[command][0].split(":")
     try:
-        if command in {"fit", "validate"}:
-            _lightning_cli([command, *rest])
-        elif command == "generate":
-            _generate(rest)
-        else:
-            from lightning_mtp.bench import main as bench_main
-
-            bench_main(rest)
+        getattr(importlib.import_module(module_name), func_name)(rest)
     except ValueError as err:
         if debug:
             raise

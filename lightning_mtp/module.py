@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -10,21 +9,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 import lightning_mtp.methods  # noqa: F401  (registers the built-in methods)
-from lightning_mtp.artifacts import atomic_dir, read_mtp_config, resolve_base_reference
-from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts, load_backbone
-
+from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone
 from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
 
 __all__ = ["MTPModule"]
-
-MTP_CONFIG = "mtp_config.json"
-METHOD_WEIGHTS = "mtp_method.safetensors"
-
 
 class MTPModule(L.LightningModule):
     """A backbone plus an MTP method, trainable with plain Lightning and decodable losslessly.
@@ -36,8 +28,9 @@ class MTPModule(L.LightningModule):
             config instance (``FastMTP(num_steps=3)``), or None for plain next-token training of the backbone.
         lora: PEFT ``LoraConfig`` keyword arguments (e.g. ``{"r": 8, "target_modules": "all-linear"}``) to
             train a LoRA adapter on the backbone; None trains no adapter.
-        freeze_backbone: train the backbone's own weights too? Default: frozen when a method is given (only
-            the method's parameters train), trained when ``method`` is None.
+        freeze_backbone: keep the backbone's own weights fixed? Default: frozen when a method is given (only
+            the method's parameters train) unless the method trains the backbone itself (mask_token), trained
+            when ``method`` is None.
         from_scratch: build the backbone with random weights from the directory's ``config.json``
             (used to train the tiny-math base model).
         dtype: dtype the backbone is loaded in (``"auto"`` keeps the checkpoint's).
@@ -91,8 +84,12 @@ class MTPModule(L.LightningModule):
                 "min_lr_ratio": min_lr_ratio,
             }
         )
-        self.freeze_backbone = (self.method_config is not None) if freeze_backbone is None else freeze_backbone
+        if freeze_backbone is None:  # plain NTP trains the backbone; methods say whether they do by default
+            freeze_backbone = self.method_config is not None and not self.method_config.trains_backbone_by_default
+        self.freeze_backbone = freeze_backbone
         self.lora = lora
+        if self.method_config is not None:
+            self.method_config.prepare_backbone(model, self.tokenizer)  # e.g. add a token, before LoRA wraps it
         if lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -103,6 +100,8 @@ class MTPModule(L.LightningModule):
                 p.requires_grad_(lora is not None and "lora_" in name)
         self.parts: BackboneParts = backbone_parts(self._base_model)
         self.method: MTPMethod | None = None if self.method_config is None else self.method_config.build(self.parts)
+        if self.method is not None:
+            self.method.attach(self)
         k = 0 if self.method_config is None else self.method_config.num_draft_tokens
         self.val_acceptance = AcceptanceRate(max(k, 1))
 
@@ -127,22 +126,10 @@ class MTPModule(L.LightningModule):
                 valid = tgt != -100
                 self.log("val/token_accuracy", (pred[valid] == tgt[valid]).float().mean(), prog_bar=True)
         else:
-            trains_backbone = self.training and any(p.requires_grad for p in self.backbone.parameters())
-            with torch.set_grad_enabled(trains_backbone), LastHiddenState(self.parts) as grab:
-                out = self.backbone(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    labels=labels if trains_backbone else None,
-                    **grab.kwargs,
-                )
-                hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm)
-            loss, logs = self.method.loss(self.parts, input_ids, labels, hidden, out.logits.argmax(-1))
-            if trains_backbone and out.loss is not None:
-                loss = loss + out.loss
-            if stage == "val":
-                self.val_acceptance.update(logs.pop("draft_correct"))
-            else:
-                logs.pop("draft_correct", None)
+            loss, logs = self.method.training_loss(self, batch)
+            correct = logs.pop("draft_correct", None)  # (K, N) teacher-forced draft matches, if the method has them
+            if stage == "val" and correct is not None:
+                self.val_acceptance.update(correct)
             for key, value in logs.items():
                 self.log(f"{stage}/{key}", value)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=input_ids.shape[0])
@@ -158,7 +145,7 @@ class MTPModule(L.LightningModule):
         if self.method is None:
             return
         result = self.val_acceptance.compute()
-        for j, (ar, car) in enumerate(zip(result["acceptance"], result["cumulative_acceptance"]), start=1):
+        for j, (ar, car) in enumerate(zip(result["acceptance"], result["cumulative_acceptance"], strict=True), start=1):
             self.log(f"val/AR_{j}", ar)
             self.log(f"val/CAR_{j}", car)
         self.log("val/tau_estimate", result["tau"], prog_bar=True)
@@ -201,20 +188,36 @@ class MTPModule(L.LightningModule):
         num_draft_tokens: int | None = None,
         generator: torch.Generator | None = None,
         streamer=None,
+        decoding: str = "speculative",
+        **options: Any,
     ):
-        """Lossless speculative decoding: greedy output equals ``backbone.generate(do_sample=False)``.
+        """Decode ``input_ids`` (1, n); returns ``GenerateOutput(sequences, stats)`` like HF generate.
 
-        ``num_draft_tokens=0`` decodes plain NTP through the same machinery (the fair baseline).
+        ``decoding="speculative"`` (the default) is lossless: the method drafts ``num_draft_tokens`` tokens
+        (its configured K when None) and the backbone verifies them, so greedy output equals
+        ``backbone.generate(do_sample=False)`` token for token and sampled output has the backbone's own
+        distribution. ``num_draft_tokens=0`` decodes plain NTP through the same machinery (the fair
+        baseline). Methods may offer modes of their own (see ``self.method.decodings``), which take
+        their own ``options``.
         """
+        offered = ("speculative",) if self.method is None else self.method.decodings
+        if decoding not in offered:
+            raise ValueError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
+        if decoding == "speculative" and options:
+            raise ValueError(f"unknown generate option(s) {sorted(options)} for speculative decoding")
         k = self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if k < 0:
             raise ValueError(f"num_draft_tokens must be >= 0, got {k}")
-        drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None
-        from lightning_mtp.decoding.speculative import speculative_generate
-
         modes = {mod: mod.training for mod in self.modules()}  # restore each one: a blanket .train() would
         self.eval()  # switch on dropout in a backbone that was in eval mode
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
         try:
+            if decoding != "speculative":
+                return self.method.generate(self, input_ids.to(self.device), decoding=decoding,
+                                            max_new_tokens=max_new_tokens, streamer=streamer, **sampling, **options)
+            from lightning_mtp.decoding.speculative import speculative_generate
+
+            drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None
             return speculative_generate(
                 self.backbone,
                 input_ids.to(self.device),
@@ -222,108 +225,36 @@ class MTPModule(L.LightningModule):
                 parts=self.parts,
                 num_draft_tokens=k if drafter is not None else 0,
                 max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                generator=generator,
                 streamer=streamer,
+                **sampling,
             )
         finally:
             for mod, mode in modes.items():
                 mod.training = mode
 
     # ------------------------------------------------------------------ artefacts
-    def method_state_dict(self) -> dict[str, torch.Tensor]:
-        return {} if self.method is None else {k: v.detach().contiguous() for k, v in self.method.state_dict().items()}
+    @property
+    def trains_backbone_weights(self) -> bool:
+        """True when the backbone's own weights train (not frozen, no LoRA): artefacts then hold them whole."""
+        return not self.freeze_backbone and self.lora is None
 
-    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, metrics: dict | None = None) -> Path:
-        """Save only what was trained: the full backbone for plain NTP training, else the method's weights
-        (and LoRA adapter) plus ``mtp_config.json`` naming the base model. Written atomically."""
-        target = Path(save_directory)
-        with atomic_dir(target) as tmp:
-            if self.method is None and self.lora is None:
-                if dtype is None:
-                    self.backbone.save_pretrained(tmp)
-                else:
-                    # store the weights small, but keep config.json's dtype: loading computes in the training dtype
-                    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.backbone.state_dict().items()}
-                    self.backbone.save_pretrained(tmp, state_dict=state)
-                    config_file = tmp / "config.json"
-                    config = json.loads(config_file.read_text())
-                    config["dtype"] = str(self.backbone.dtype).removeprefix("torch.")
-                    config_file.write_text(json.dumps(config, indent=2) + "\n")
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(tmp)
-                return target
-            tensors = self.method_state_dict()
-            if dtype is not None:
-                tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-            if tensors:
-                save_file(tensors, str(tmp / METHOD_WEIGHTS), metadata={"format": "pt"})
-            if self.lora is not None:
-                self.backbone.save_pretrained(tmp / "adapter")
-            config = {
-                "library": "lightning-mtp",
-                "library_version": _version(),
-                "method": None if self.method_config is None else self.method_config.to_dict(),
-                "lora": self.lora,
-                "base_model": {
-                    "name_or_path": resolve_base_reference(self.backbone_ref, target),
-                    "vocab_size": self.parts.vocab_size,
-                    "hidden_size": self.parts.hidden_size,
-                    "model_type": self._base_model.config.model_type,
-                },
-                "decoding": {"num_draft_tokens": self.num_draft_tokens},
-                "metrics": metrics or {},
-            }
-            (tmp / MTP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        return target
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, metrics: dict | None = None
+    ) -> Path:
+        """Save only what was trained, atomically; see :mod:`lightning_mtp.artifacts` for the format."""
+        from lightning_mtp.artifacts import save_artifact
+
+        return save_artifact(self, save_directory, dtype=dtype, metrics=metrics)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, backbone: str | PreTrainedModel | None = None, **kwargs) -> MTPModule:
-        """Load a saved artefact (``mtp_config.json`` + weights) or a plain Hugging Face model directory.
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, backbone: str | PreTrainedModel | None = None, **kwargs: Any
+    ) -> MTPModule:
+        """Load an artefact written by :meth:`save_pretrained`, or a plain Hugging Face model directory (NTP).
 
-        ``backbone`` overrides the base model the artefact names (e.g. a local copy of it).
+        ``backbone`` overrides the base model the artefact names (e.g. a local copy of it); ``kwargs`` go to
+        the constructor.
         """
-        from lightning_mtp.backbone import resolve_model_path
+        from lightning_mtp.artifacts import load_artifact
 
-        path = Path(resolve_model_path(str(directory)))
-        if not (path / MTP_CONFIG).is_file():
-            return cls(backbone=backbone or str(path), method=None, **kwargs)
-        config = read_mtp_config(path / MTP_CONFIG)
-        base_ref = config["base_model"]["name_or_path"]
-        if backbone is None:
-            backbone = str((path / base_ref).resolve()) if (path / base_ref).is_dir() else base_ref
-        module = cls(backbone=backbone, method=config["method"], lora=config.get("lora"), **kwargs)
-        module.backbone_ref = config["base_model"]["name_or_path"] if isinstance(backbone, str) else module.backbone_ref
-        want_v, want_h = config["base_model"]["vocab_size"], config["base_model"]["hidden_size"]
-        if (module.parts.vocab_size, module.parts.hidden_size) != (want_v, want_h):
-            raise ValueError(
-                f"{path} was trained on a base with vocab {want_v} and hidden size {want_h}, but the backbone "
-                f"{base_ref!r} has vocab {module.parts.vocab_size} and hidden size {module.parts.hidden_size}"
-            )
-        weights = path / METHOD_WEIGHTS
-        if module.method is not None and weights.is_file():
-            try:
-                state = load_file(str(weights))
-            except Exception as err:  # safetensors raises its own error types for corrupt files
-                raise ValueError(f"cannot read {weights}: {err}") from None
-            own = module.method.state_dict()
-            state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-            missing, unexpected = module.method.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{weights} does not fit method {config['method']['name']!r}: "
-                                 f"missing keys {missing}, unexpected keys {unexpected}")
-        if module.lora is not None and (path / "adapter").is_dir():
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file as load_adapter
-
-            set_peft_model_state_dict(module.backbone, load_adapter(str(path / "adapter" / "adapter_model.safetensors")))
-        return module
-
-
-def _version() -> str:
-    from lightning_mtp import __version__
-
-    return __version__
+        return load_artifact(cls, directory, backbone=backbone, **kwargs)

@@ -36,7 +36,7 @@ class OracleDrafter(Drafter):
         self.seq = input_ids[:, :1]  # the decoder hands over the token after each committed position
 
     @torch.no_grad()
-    def draft(self, hidden, next_ids, k, probs_fn=None):
+    def draft(self, hidden, next_ids, k, probs_fn=None, generator=None):
         self.seq = torch.cat([self.seq, next_ids], dim=1)  # (1, committed + 1)
         seq = self.seq
         for _ in range(k):

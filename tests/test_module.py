@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 
 import lightning as L
@@ -87,7 +88,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert config["method"] == {"name": "fast_mtp", "num_steps": 2, "beta": 0.6, "draft_vocab_size": None}
     assert not any(p.name.endswith(".tmp") or p.name.startswith(".") for p in tmp_path.iterdir())
     loaded = MTPModule.from_pretrained(out_dir)
-    for (k, a), (k2, b) in zip(module.method.state_dict().items(), loaded.method.state_dict().items()):
+    for (k, a), (k2, b) in zip(module.method.state_dict().items(), loaded.method.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     ids = module.tokenizer("Question: Tom has 3 apples.", return_tensors="pt")["input_ids"]
     assert torch.equal(module.generate(ids, max_new_tokens=10).sequences, loaded.generate(ids, max_new_tokens=10).sequences)
@@ -148,3 +149,41 @@ def test_lightning_fit_logs_acceptance_metrics(tmp_path):
     assert 1.0 <= float(metrics["val/tau_estimate"]) <= 4.0
     assert all(torch.equal(before[k], v) for k, v in module.backbone.state_dict().items())
     assert any(not torch.equal(head_before[k], v) for k, v in module.method.state_dict().items())
+
+
+def _perturb(params) -> None:
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_lora_artefact_holds_the_adapter_and_round_trips(tmp_path):
+    base = save_tiny_math_shaped_model(tmp_path / "base")
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    module = MTPModule(str(base), method="fast_mtp", lora=lora)
+    torch.manual_seed(0)
+    _perturb(p for p in module.parameters() if p.requires_grad)  # LoRA B starts at zero: make it matter
+    out = module.save_pretrained(tmp_path / "art")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()  # the frozen base is not copied
+    assert json.loads((out / "mtp_config.json").read_text())["weights"] == "method+adapter"
+    loaded = MTPModule.from_pretrained(out)
+    ids = module.tokenizer("Question: Ann has 4 pens.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone(ids).logits, module.backbone(ids).logits)
+    assert torch.equal(module.generate(ids, max_new_tokens=10).sequences, loaded.generate(ids, max_new_tokens=10).sequences)
+
+
+def test_fully_trained_backbone_is_saved_whole(tmp_path):
+    base = save_tiny_math_shaped_model(tmp_path / "base")
+    module = MTPModule(str(base), method="fast_mtp", freeze_backbone=False)
+    assert module.trains_backbone_weights
+    torch.manual_seed(0)
+    _perturb(module.parameters())
+    out = module.save_pretrained(tmp_path / "art")
+    assert (out / "model.safetensors").is_file() and (out / "mtp_method.safetensors").is_file()
+    assert json.loads((out / "mtp_config.json").read_text())["weights"] == "full"
+    shutil.rmtree(base)  # the artefact no longer needs its base
+    loaded = MTPModule.from_pretrained(out)
+    for (k, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k

@@ -42,3 +42,15 @@ def test_unknown_recipe_key_is_an_error(tiny_dir, tmp_path, monkeypatch, capsys)
         LightningCLI(MTPModule, run=False, args=["--config", str(bad), "--model.backbone", str(tiny_dir)])
     assert exc.value.code != 0
     assert "learning_rat" in capsys.readouterr().err
+
+
+def test_method_fields_can_be_overridden_on_the_command_line(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-mtp"])
+    recipe = REPO / "recipes/tiny-math/fast_mtp.yaml"
+    args = ["--config", str(recipe), "--model.backbone", str(tiny_dir), "--model.method.num_steps", "4",
+            "--model.method.draft_vocab_size", "100", "--trainer.max_steps", "7"]
+    cli = LightningCLI(MTPModule, run=False, args=args)
+    assert cli.model.method_config.num_steps == 4  # an int, not the string "4"
+    assert cli.model.method_config.draft_vocab_size == 100
+    assert cli.model.num_draft_tokens == 4 and cli.trainer.max_steps == 7

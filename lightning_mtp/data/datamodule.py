@@ -47,7 +47,7 @@ class PromptResponseDataset(Dataset):
         r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         self.examples: list[tuple[list[int], int]] = []
-        for p, r in zip(p_ids, r_ids):
+        for p, r in zip(p_ids, r_ids, strict=True):
             ids = (p + r + ([eos] if eos is not None else []))[:max_length]
             self.examples.append((ids, min(len(p), len(ids))))
 

@@ -49,7 +49,7 @@ def self_distill(model, tokenizer, prompts: list[str], settings, progress: bool 
                 out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, pad_token_id=pad, **kwargs)
                 new = out[:, enc["input_ids"].shape[1] :]
                 complete = (new == eos).any(dim=1).tolist() if eos is not None else [True] * len(chunk)
-                responses.extend(zip(tokenizer.batch_decode(new, skip_special_tokens=True), complete))
+                responses.extend(zip(tokenizer.batch_decode(new, skip_special_tokens=True), complete, strict=True))
                 bar.advance(task, len(chunk))
     finally:
         tokenizer.padding_side = side
@@ -86,7 +86,7 @@ def cached_self_distill(model, tokenizer, prompts: list[str], settings, cache_di
         records = [json.loads(line) for line in path.read_text().splitlines() if line]
     else:
         responses = self_distill(model, tokenizer, prompts, settings)
-        records = [{"prompt": p, "response": r, "complete": c} for p, (r, c) in zip(prompts, responses)]
+        records = [{"prompt": p, "response": r, "complete": c} for p, (r, c) in zip(prompts, responses, strict=True)]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     seen: set[tuple[str, str]] = set()
     out_p, out_r = [], []

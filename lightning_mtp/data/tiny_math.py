@@ -223,4 +223,4 @@ def answer_accuracy(outputs: Iterable[str], answers: Iterable[int]) -> float:
         raise ValueError(f"got {len(outputs)} outputs for {len(answers)} answers")
     if not outputs:
         return 0.0
-    return sum(extract_answer(o) == a for o, a in zip(outputs, answers)) / len(outputs)
+    return sum(extract_answer(o) == a for o, a in zip(outputs, answers, strict=True)) / len(outputs)

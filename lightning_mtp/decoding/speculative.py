@@ -47,7 +47,7 @@ class DecodeStats:
     @property
     def acceptance_per_position(self) -> list[float]:
         """AR_j: fraction of steps reaching draft position j that accepted it."""
-        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached)]
+        return [a / r if r else 0.0 for a, r in zip(self.accepted, self.reached, strict=True)]
 
     @property
     def cumulative_acceptance(self) -> list[float]:
@@ -61,8 +61,8 @@ class DecodeStats:
             new_tokens=self.new_tokens + other.new_tokens,
             backbone_forwards=self.backbone_forwards + other.backbone_forwards,
             draft_steps=self.draft_steps + other.draft_steps,
-            reached=[a + b for a, b in zip(pad(self.reached), pad(other.reached))],
-            accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted))],
+            reached=[a + b for a, b in zip(pad(self.reached), pad(other.reached), strict=True)],
+            accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted), strict=True)],
             draft_seconds=self.draft_seconds + other.draft_seconds,
             verify_seconds=self.verify_seconds + other.verify_seconds,
             total_seconds=self.total_seconds + other.total_seconds,

@@ -8,11 +8,13 @@ A method is one file holding a config dataclass registered with :func:`register_
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import yaml
 from torch import nn
 
 from lightning_mtp.backbone import BackboneParts
@@ -27,6 +29,8 @@ class MethodConfig:
     """Base of every method's config: a dataclass of plain values, saved in ``mtp_config.json``."""
 
     name: ClassVar[str] = ""
+    trains_backbone_by_default: ClassVar[bool] = False
+    """Whether the backbone's own weights train unless ``freeze_backbone`` says otherwise."""
 
     @property
     def num_draft_tokens(self) -> int:
@@ -38,6 +42,13 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def prepare_backbone(self, model, tokenizer) -> None:
+        """Adapt the loaded backbone before LoRA wraps it and parameters are frozen (default: nothing).
+
+        For example, add a special token and resize the embeddings; record what was chosen in a config field
+        so that it is saved and reused on load.
+        """
 
     def build(self, parts: BackboneParts) -> MTPMethod:
         raise NotImplementedError
@@ -79,7 +90,19 @@ def resolve_method(method: str | dict | MethodConfig | None) -> MethodConfig | N
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid options are {sorted(fields)}")
-    return cls(**kwargs)
+    return cls(**_coerce_strings(cls, kwargs))
+
+
+def _coerce_strings(cls: type[MethodConfig], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Values given on the command line (``--model.method.num_steps 4``) arrive as strings: read them as YAML
+    scalars when the field is not a string field, so ``"4"`` becomes 4 and ``"null"`` None."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        takes_str = hint is str or str in typing.get_args(hint)
+        out[key] = yaml.safe_load(value) if isinstance(value, str) and not takes_str else value
+    return out
 
 
 def future_tokens(ids: torch.Tensor, offset: int, fill: int) -> torch.Tensor:
@@ -118,13 +141,54 @@ class Drafter:
 
 
 class MTPMethod(nn.Module):
-    """A trainable multi-token-prediction method attached to a backbone."""
+    """A trainable multi-token-prediction method attached to a backbone.
+
+    What a method overrides:
+
+    - :meth:`loss` (most methods): the loss from one backbone forward's final hidden states. The default
+      :meth:`training_loss` runs that forward (with gradients only when the backbone trains).
+    - :meth:`training_loss` (methods that drive the backbone themselves, e.g. with mask tokens or a teacher).
+    - :meth:`drafter`: what proposes drafts for the shared lossless decoder.
+    - :meth:`generate` and :attr:`decodings` (optional): extra decoding modes of the method's own, e.g. a
+      lossy one; ``"speculative"`` (lossless, through :meth:`drafter`) is always available.
+    - :meth:`bench_entries`: the decoders ``lightning-mtp bench`` runs for this method.
+    """
 
     config: MethodConfig
+    needs_token_counts: bool = False
+    decodings: tuple[str, ...] = ("speculative",)
+    """Decoding modes :meth:`MTPModule.generate` accepts for this method (``decoding=...``)."""
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
         self.config = config
+
+    def attach(self, module) -> None:
+        """Called once the owning MTPModule is built (default: nothing); e.g. to set up a teacher."""
+
+    def training_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one batch (``input_ids``, ``labels``, optional ``attention_mask``) for ``module`` (an MTPModule).
+
+        Runs the backbone once (with gradients only when some backbone weight trains), hands its final hidden
+        states to :meth:`loss`, and adds the backbone's own next-token loss when it trains.
+        """
+        from lightning_mtp.backbone import LastHiddenState
+
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        trains_backbone = module.training and any(p.requires_grad for p in module.backbone.parameters())
+        with torch.set_grad_enabled(trains_backbone), LastHiddenState(module.parts) as grab:
+            out = module.backbone(
+                input_ids=input_ids,
+                attention_mask=batch.get("attention_mask"),
+                labels=labels if trains_backbone else None,
+                **grab.kwargs,
+            )
+            hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm)
+        loss, logs = self.loss(module.parts, input_ids, labels, hidden, out.logits.argmax(-1))
+        if trains_backbone and out.loss is not None:
+            logs["ntp_loss"] = out.loss.detach()
+            loss = loss + out.loss
+        return loss, logs
 
     def loss(
         self,
@@ -141,7 +205,16 @@ class MTPMethod(nn.Module):
     def drafter(self, parts: BackboneParts) -> Drafter:
         raise NotImplementedError
 
+    def generate(self, module, input_ids: torch.Tensor, *, decoding: str, **options: Any):
+        """Decode with one of the method's own modes (any of :attr:`decodings` but ``"speculative"``)."""
+        raise ValueError(f"method {self.config.name!r} has no decoding {decoding!r}; choose one of {list(self.decodings)}")
+
+    def bench_entries(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(entry name, generate options)`` for each decoder ``lightning-mtp bench`` runs for this method.
+
+        Names start with the method's registered name; the default is its lossless speculative decoding.
+        """
+        return [(self.config.name, {"decoding": "speculative"})]
+
     def prepare(self, token_counts: torch.Tensor | None) -> None:
         """Hook run before training with the training data's token counts, if :attr:`needs_token_counts`."""
-
-    needs_token_counts: bool = False
