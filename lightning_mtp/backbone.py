@@ -142,12 +142,14 @@ def call_decoder_layer(
     hidden: torch.Tensor,
     position_ids: torch.Tensor,
     cache=None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one decoder layer of any architecture on ``hidden`` (B, q, H) at ``position_ids`` (B, q).
 
     With ``cache`` (a transformers ``Cache``), keys/values are appended to it and attention spans the
-    cached positions too. An explicit additive causal mask is always passed: it is correct for eager and
-    sdpa attention alike (the implementations disagree on what ``None`` means).
+    cached positions too. ``attention_mask`` is an additive float mask (B or 1, 1, q, kv), e.g. the
+    block-diagonal mask of packed documents; without it an explicit causal mask is passed for several
+    query rows (correct for eager and sdpa alike) and none for one row (it sees every cached key).
     """
     cls = type(layer)
     if cls not in _LAYER_KWARGS:
@@ -157,7 +159,9 @@ def call_decoder_layer(
     q_len = hidden.shape[1]
     past = cache.get_seq_length() if cache is not None else 0
     # one query row sees every cached key: no mask needed (and None means "no mask" to every implementation)
-    kwargs = {"attention_mask": causal_mask(q_len, past + q_len, hidden.dtype, hidden.device) if q_len > 1 else None}
+    if attention_mask is None and q_len > 1:
+        attention_mask = causal_mask(q_len, past + q_len, hidden.dtype, hidden.device)
+    kwargs = {"attention_mask": attention_mask}
     if "position_ids" in accepted:
         kwargs["position_ids"] = position_ids
     if "position_embeddings" in accepted and parts.rotary_emb is not None:

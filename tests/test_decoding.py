@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from lightning_mtp import FastMTP, MTPModule
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept
 from lightning_mtp.decoding.speculative import speculative_generate
-from lightning_mtp.methods.base import Drafter, future_tokens
+from lightning_mtp.methods.base import Drafter, future_labels, future_tokens
 from lightning_mtp.metrics import AcceptanceRate
 
 # prompts of several lengths, some longer than mistral's sliding window (8)
@@ -364,6 +364,15 @@ def test_future_tokens_shifts_left_and_fills_past_the_end():
     assert future_tokens(ids, 9, 0).tolist() == [[0] * 4] * 2
     assert future_tokens(ids, 1, -1).tolist() == [[11, 12, 13, -1], [21, 22, 23, -1]]  # input not modified
     assert ids.tolist() == [[10, 11, 12, 13], [20, 21, 22, 23]]
+
+
+def test_future_labels_never_cross_a_packed_document_boundary():
+    labels = torch.tensor([[-100, 11, 12, 13, -100, 21, 22]])
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])  # two documents: 4 tokens, then 3
+    assert future_labels(labels, 1).tolist() == [[11, 12, 13, -100, 21, 22, -100]]
+    assert future_labels(labels, 1, position_ids).tolist() == [[11, 12, 13, -100, 21, 22, -100]]
+    assert future_labels(labels, 2, position_ids).tolist() == [[12, 13, -100, -100, 22, -100, -100]]
+    assert future_labels(labels, 2).tolist() == [[12, 13, -100, 21, 22, -100, -100]]  # unpacked: 21 is 2 ahead
 
 
 def test_acceptance_rate_metric_by_hand():

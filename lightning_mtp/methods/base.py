@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_mtp.backbone import BackboneParts
 
-__all__ = ["METHODS", "Drafter", "MTPMethod", "MethodConfig", "future_tokens", "register_method", "resolve_method"]
+__all__ = ["METHODS", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "register_method", "resolve_method"]
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -118,6 +118,16 @@ def future_tokens(ids: torch.Tensor, offset: int, fill: int) -> torch.Tensor:
     return out  # (B, T)
 
 
+def future_labels(labels: torch.Tensor, offset: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[:, i] = labels[:, i + offset]``, or -100 past the end and, with packed documents (``position_ids``
+    restarting per document), wherever position ``i + offset`` lies in another document than ``i``."""
+    out = future_tokens(labels, offset, -100)  # (B, T)
+    if position_ids is not None:
+        same_doc = future_tokens(position_ids, offset, -1) == position_ids + offset  # (B, T)
+        out = out.masked_fill(~same_doc, -100)
+    return out
+
+
 class Drafter:
     """Proposes draft tokens during decoding; one instance per generate call (it holds caches).
 
@@ -167,24 +177,33 @@ class MTPMethod(nn.Module):
         """Called once the owning MTPModule is built (default: nothing); e.g. to set up a teacher."""
 
     def training_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one batch (``input_ids``, ``labels``, optional ``attention_mask``) for ``module`` (an MTPModule).
+        """Loss of one batch for ``module`` (an MTPModule).
 
-        Runs the backbone once (with gradients only when some backbone weight trains), hands its final hidden
-        states to :meth:`loss`, and adds the backbone's own next-token loss when it trains.
+        The batch holds ``input_ids`` and ``labels`` (B, T), and optionally ``attention_mask`` (a (B, T)
+        padding mask, or an additive float (B, 1, T, T) mask such as the block-diagonal one of packed
+        documents) and ``position_ids`` (B, T). Runs the backbone once (with gradients only when some
+        backbone weight trains), hands its final hidden states to :meth:`loss`, and adds the backbone's own
+        next-token loss when it trains.
         """
         from lightning_mtp.backbone import LastHiddenState
 
         input_ids, labels = batch["input_ids"], batch["labels"]
+        attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
         trains_backbone = module.training and any(p.requires_grad for p in module.backbone.parameters())
         with torch.set_grad_enabled(trains_backbone), LastHiddenState(module.parts) as grab:
             out = module.backbone(
                 input_ids=input_ids,
-                attention_mask=batch.get("attention_mask"),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
                 labels=labels if trains_backbone else None,
                 **grab.kwargs,
             )
             hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm)
-        loss, logs = self.loss(module.parts, input_ids, labels, hidden, out.logits.argmax(-1))
+        loss, logs = self.loss(
+            module.parts, input_ids, labels, hidden, out.logits.argmax(-1),
+            attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None,
+            position_ids=position_ids,
+        )
         if trains_backbone and out.loss is not None:
             logs["ntp_loss"] = out.loss.detach()
             loss = loss + out.loss
@@ -197,9 +216,17 @@ class MTPMethod(nn.Module):
         labels: torch.Tensor,  # (B, T), -100 where no loss
         hidden: torch.Tensor,  # (B, T, H) the backbone's final hidden states
         backbone_pred: torch.Tensor,  # (B, T) the backbone's argmax next token at each position
+        *,
+        attention_mask: torch.Tensor | None = None,  # (B, 1, T, T) additive, only for non-causal layouts (packing)
+        position_ids: torch.Tensor | None = None,  # (B, T), None means 0..T-1
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the training loss and, under ``"draft_correct"``, a (K, N) bool tensor of teacher-forced
-        matches with the backbone's greedy token (for acceptance metrics), plus anything else to log."""
+        matches with the backbone's greedy token (for acceptance metrics), plus anything else to log.
+
+        Heads with attention must use ``attention_mask`` and ``position_ids`` when given, so that packed
+        documents stay isolated as they are in the backbone. Labels are -100 wherever no loss belongs
+        (prompts, padding, and the first token of each packed document).
+        """
         raise NotImplementedError
 
     def drafter(self, parts: BackboneParts) -> Drafter:

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from lightning_mtp.backbone import BackboneParts
 from lightning_mtp.decoding.sampling import sample
-from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_tokens, register_method
+from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_labels, future_tokens, register_method
 from lightning_mtp.methods.mtp_block import MTPBlock
 
 __all__ = ["FastMTP", "FastMTPHead", "FastMTPDrafter"]
@@ -101,20 +101,20 @@ class FastMTPHead(MTPMethod):
         table[self.draft_ids] = torch.arange(len(self.draft_ids), device=ids.device)
         return torch.where(ids >= 0, table[ids.clamp(min=0)], ids)
 
-    def loss(self, parts, input_ids, labels, hidden, backbone_pred):
+    def loss(self, parts, input_ids, labels, hidden, backbone_pred, *, attention_mask=None, position_ids=None):
         B, T = input_ids.shape
         K, V = self.config.num_steps, parts.vocab_size
-        positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+        positions = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device).expand(B, T)
         pad = 0
         total = hidden.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
         correct = []
-        chain_valid = future_tokens(labels, K + 1, -100) != -100  # (B, T) positions where every step has a target
+        chain_valid = future_labels(labels, K + 1, position_ids) != -100  # (B, T) positions where every step has a target
         h = hidden
         for k, a_k in enumerate(self.config.loss_weights(), start=1):
-            h = self.block(parts, h, future_tokens(input_ids, k, pad), positions)  # (B, T, H)
+            h = self.block(parts, h, future_tokens(input_ids, k, pad), positions, attention_mask=attention_mask)  # (B, T, H)
             logits = self.logits(parts, h).float()  # (B, T, V')
-            target = self._to_draft_vocab(future_tokens(labels, k + 1, -100), V)  # (B, T)
+            target = self._to_draft_vocab(future_labels(labels, k + 1, position_ids), V)  # (B, T)
             ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
             ce = torch.nan_to_num(ce)  # a batch with no valid target at this depth
             total = total + a_k * ce

@@ -35,7 +35,8 @@ class MTPBlock(nn.Module):
         token_ids: torch.Tensor,  # (B, T) the token whose embedding joins it (one position ahead of hidden)
         position_ids: torch.Tensor,  # (B, T)
         cache=None,
+        attention_mask: torch.Tensor | None = None,  # (B, 1, T, kv) additive, e.g. for packed documents
     ) -> torch.Tensor:  # (B, T, H), before the final norm
         emb = parts.embed_tokens(token_ids)  # (B, T, H)
         x = self.proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))  # (B, T, 2H) -> (B, T, H)
-        return call_decoder_layer(self.layer, parts, x, position_ids, cache)
+        return call_decoder_layer(self.layer, parts, x, position_ids, cache, attention_mask)
