@@ -23,6 +23,7 @@ __all__ = [
     "build_decoder_layer",
     "call_decoder_layer",
     "causal_mask",
+    "slot_mask",
     "load_backbone",
     "resolve_model_path",
     "ZOO_DIR",
@@ -131,6 +132,19 @@ def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.devic
     mask = torch.zeros(q_len, kv_len, dtype=dtype, device=device)
     mask.masked_fill_(k_pos > q_pos, torch.finfo(dtype).min)
     return mask[None, None]  # (1, 1, q, kv)
+
+
+def slot_mask(valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive float mask (B, 1, q, kv) over KV-cache slots of which only some hold real tokens.
+
+    ``valid`` (B, kv) marks the slots a query may see (padding and rejected drafts are False); the last
+    ``q_len`` slots are the queries themselves, each seeing valid slots up to its own.
+    """
+    B, kv = valid.shape
+    allowed = valid[:, None, :] & (causal_mask(q_len, kv, torch.float32, valid.device)[0] == 0)  # (B, q, kv)
+    mask = torch.zeros(B, q_len, kv, dtype=dtype, device=valid.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]  # (B, 1, q, kv)
 
 
 _LAYER_KWARGS: dict[type, frozenset[str]] = {}

@@ -189,9 +189,13 @@ class MTPModule(L.LightningModule):
         generator: torch.Generator | None = None,
         streamer=None,
         decoding: str = "speculative",
+        attention_mask: torch.Tensor | None = None,
         **options: Any,
     ):
-        """Decode ``input_ids`` (1, n); returns ``GenerateOutput(sequences, stats)`` like HF generate.
+        """Decode ``input_ids`` (B, n); returns ``GenerateOutput(sequences, stats)`` like HF generate.
+
+        Rows of different lengths come left-padded with ``attention_mask`` (1 = token, 0 = padding), as from
+        a tokenizer with ``padding_side="left"``; each row is decoded as it would be alone.
 
         ``decoding="speculative"`` (the default) is lossless: the method drafts ``num_draft_tokens`` tokens
         (its configured K when None) and the backbone verifies them, so greedy output equals
@@ -215,19 +219,25 @@ class MTPModule(L.LightningModule):
             if decoding != "speculative":
                 return self.method.generate(self, input_ids.to(self.device), decoding=decoding,
                                             max_new_tokens=max_new_tokens, streamer=streamer, **sampling, **options)
-            from lightning_mtp.decoding.speculative import speculative_generate
+            from lightning_mtp.decoding.speculative import needs_row_by_row, pad_token_id, speculative_generate
 
-            drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None
-            return speculative_generate(
-                self.backbone,
-                input_ids.to(self.device),
-                drafter=drafter,
-                parts=self.parts,
-                num_draft_tokens=k if drafter is not None else 0,
-                max_new_tokens=max_new_tokens,
-                streamer=streamer,
-                **sampling,
-            )
+            def decode(ids: torch.Tensor, mask: torch.Tensor | None):
+                drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None
+                return speculative_generate(
+                    self.backbone,
+                    ids.to(self.device),
+                    drafter=drafter,
+                    parts=self.parts,
+                    num_draft_tokens=k if drafter is not None else 0,
+                    max_new_tokens=max_new_tokens,
+                    streamer=streamer,
+                    attention_mask=mask,
+                    **sampling,
+                )
+
+            if input_ids.dim() == 2 and input_ids.shape[0] > 1 and needs_row_by_row(self._base_model):
+                return _row_by_row(decode, input_ids, attention_mask, pad_token_id(self.backbone))
+            return decode(input_ids, attention_mask)
         finally:
             for mod, mode in modes.items():
                 mod.training = mode
@@ -258,3 +268,22 @@ class MTPModule(L.LightningModule):
         from lightning_mtp.artifacts import load_artifact
 
         return load_artifact(cls, directory, backbone=backbone, **kwargs)
+
+
+def _row_by_row(decode, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int):
+    """Decode each row of a left-padded batch on its own and put the results back in HF's batch layout."""
+    from lightning_mtp.decoding.speculative import GenerateOutput
+
+    outs, stats = [], None
+    for row in range(input_ids.shape[0]):
+        ids = input_ids[row : row + 1]
+        if attention_mask is not None:
+            ids = ids[:, attention_mask[row].bool()]  # drop the left padding
+        out = decode(ids, None)
+        outs.append(out.sequences[0, ids.shape[1] :])
+        stats = out.stats if stats is None else stats.merge(out.stats)
+    longest = max(len(o) for o in outs)
+    tail = torch.full((len(outs), longest), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for row, o in enumerate(outs):
+        tail[row, : len(o)] = o
+    return GenerateOutput(sequences=torch.cat([input_ids, tail.to(input_ids.device)], dim=1), stats=stats)

@@ -103,9 +103,15 @@ def test_prompt_longer_than_a_gpt2_context():
         MTPModule(model, method="fast_mtp").generate(torch.arange(4, 24)[None], max_new_tokens=4)
 
 
-def test_batch_of_two_prompts(module):
-    with pytest.raises(ValueError, match=r"batch size 1\), got batch size 2; call generate once per prompt"):
-        module.generate(PROMPT.repeat(2, 1), max_new_tokens=4)
+def test_streaming_a_batch(module):
+    from transformers import TextStreamer
+
+    class Tok:  # a streamer needs a tokenizer only to decode, which the refusal comes before
+        def decode(self, *args, **kwargs):
+            return ""
+
+    with pytest.raises(ValueError, match=r"a streamer takes one sequence, got a batch of 2"):
+        module.generate(PROMPT.repeat(2, 1), max_new_tokens=4, streamer=TextStreamer(Tok()))
 
 
 def test_prompt_of_the_wrong_shape(module):

@@ -36,7 +36,7 @@ class OracleDrafter(Drafter):
         self.seq = input_ids[:, :1]  # the decoder hands over the token after each committed position
 
     @torch.no_grad()
-    def draft(self, hidden, next_ids, k, probs_fn=None, generator=None):
+    def draft(self, hidden, next_ids, k, probs_fn=None, generator=None, valid=None):
         self.seq = torch.cat([self.seq, next_ids], dim=1)  # (1, committed + 1)
         seq = self.seq
         for _ in range(k):
@@ -160,6 +160,90 @@ def test_always_wrong_drafter_is_lossless_at_one_token_per_forward(arch):
         assert out.stats.tokens_per_forward == 1.0
         assert out.stats.accepted == [0, 0, 0]
         assert out.stats.backbone_forwards == out.stats.new_tokens
+
+
+# ---------------------------------------------------------------- batches of prompts of different lengths
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask  # (B, n), (B, n)
+
+
+def new_tokens_per_row(sequences: torch.Tensor, prompt_width: int, eos: int = EOS) -> list[list[int]]:
+    """Each row's generated tokens, cut after its EOS (what follows is padding)."""
+    rows = []
+    for row in sequences[:, prompt_width:].tolist():
+        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_greedy_equals_each_row_decoded_alone(arch, trained_fast_mtp):
+    module = trained_fast_mtp(arch)
+    model = module.backbone
+    # training prompts (long accepted runs) mixed with unseen ones (rejections), different lengths, EOS early in some
+    prompts = [p[0].tolist() for p in training_prompts()[:3]] + PROMPTS[1:5]
+    ids, mask = left_padded(prompts)
+    out = module.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW)
+    assert out.sequences[:, : ids.shape[1]].tolist() == ids.tolist()
+    got = new_tokens_per_row(out.sequences, ids.shape[1])
+    lengths = set()
+    for prompt, row in zip(prompts, got, strict=True):
+        alone = hf_greedy(model, torch.tensor([prompt]), MAX_NEW)[0, len(prompt) :].tolist()
+        assert row == alone, prompt
+        lengths.add(len(row))
+    assert len(lengths) > 1  # rows finished at different times
+    s = out.stats
+    assert s.sequences == len(prompts) and s.new_tokens == sum(len(r) for r in got)
+    assert all(a <= r for a, r in zip(s.accepted, s.reached, strict=True))
+    assert s.tokens_per_forward > 1.2  # drafts were accepted, unevenly across rows, so the cache had holes
+    assert 0 < s.accepted[0] < s.reached[0]
+
+
+def test_batched_decoding_matches_batched_hf_generate_layout():
+    model = make_backbone("llama")
+    module = MTPModule(model, method="fast_mtp")
+    ids, mask = left_padded(PROMPTS[:4])
+    ours = module.generate(ids, attention_mask=mask, max_new_tokens=10, num_draft_tokens=0).sequences
+    hf = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    assert ours.tolist() == hf.tolist()
+
+
+def test_batched_sampling_is_reproducible_and_each_row_is_a_valid_sample(trained_fast_mtp):
+    module = trained_fast_mtp("qwen3")
+    ids, mask = left_padded(PROMPTS[2:6])
+    runs = [module.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=5,
+                            generator=torch.Generator().manual_seed(3)).sequences for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    with torch.no_grad():  # every emitted token is inside the backbone's top-5 at its position
+        for row, prompt in zip(new_tokens_per_row(runs[0], ids.shape[1]), PROMPTS[2:6], strict=True):
+            seq = torch.tensor([prompt + row])
+            logits = module.backbone(seq).logits[0, len(prompt) - 1 : -1]  # (len(row), V)
+            top5 = logits.topk(5, dim=-1).indices
+            assert all(t in top for t, top in zip(row, top5.tolist(), strict=True))
+
+
+def test_sliding_window_batches_decode_row_by_row():
+    model = make_backbone("mistral")  # sliding-window cache layers cannot carry the masked holes of a batch
+    ids, mask = left_padded(PROMPTS[3:6])
+    with pytest.raises(ValueError, match=r"MistralForCausalLM has sliding-window or recurrent cache layers"):
+        speculative_generate(model, ids, attention_mask=mask, max_new_tokens=4)
+    out = MTPModule(model, method="fast_mtp").generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW)
+    for prompt, row in zip(PROMPTS[3:6], new_tokens_per_row(out.sequences, ids.shape[1]), strict=True):
+        assert row == hf_greedy(model, torch.tensor([prompt]), MAX_NEW)[0, len(prompt) :].tolist()
+    assert out.stats.sequences == 3 and out.stats.backbone_forwards == out.stats.row_forwards
+
+
+def test_bad_padding_is_refused():
+    module = MTPModule(make_backbone("llama"), method="fast_mtp")
+    ids, mask = left_padded(PROMPTS[1:3])
+    with pytest.raises(ValueError, match=r"padding must be on the left"):
+        module.generate(ids, attention_mask=mask.flip(1), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of input_ids \(2, 4\), got \(2, 3\)"):
+        module.generate(ids, attention_mask=mask[:, 1:], max_new_tokens=4)
 
 
 # ---------------------------------------------------------------- EOS and the token budget

@@ -1,17 +1,34 @@
-"""DataModules: prompt/response pairs tokenised for causal-LM training, with optional self-distillation."""
+"""DataModules: records tokenised for causal-LM / MTP training.
+
+- :class:`SFTDataModule`: prompt/response pairs, chats (``messages`` rendered with the tokenizer's chat
+  template) or plain text, from JSONL / Parquet / text files, a finished ``lightning-mtp distill`` job or a
+  Hugging Face dataset; response-only loss, truncation, packing, seeded shuffling, train/val split.
+- :class:`TinyMathDataModule`: the synthetic tiny-math world, optionally self-distilled.
+
+The batch contract every DataModule here produces (what ``MTPMethod.training_loss`` consumes):
+
+- ``input_ids`` (B, T) long; ``labels`` (B, T) long, -100 where no loss (prompt tokens when training on
+  responses, padding, and the first token of every packed document);
+- ``attention_mask``: a (B, T) 0/1 padding mask (right padding), or for packed rows an additive float
+  (B, 1, T, T) block-diagonal causal mask (0 where allowed, ``finfo(dtype).min`` elsewhere), cast to the
+  backbone's dtype after the transfer to the device;
+- ``position_ids`` (B, T), restarting at 0 for every packed document (packed rows only).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_mtp.data import tiny_math
 
-__all__ = ["PromptResponseDataset", "SelfDistill", "TinyMathDataModule", "collate_right_padded"]
+__all__ = ["PromptResponseDataset", "SFTDataModule", "SelfDistill", "TinyMathDataModule", "collate_right_padded"]
 
 
 @dataclass
@@ -63,6 +80,7 @@ class PromptResponseDataset(Dataset):
 
 
 def collate_right_padded(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: ``input_ids`` with ``pad_id``, ``labels`` with -100, a 0/1 ``attention_mask``."""
     T = max(len(b["input_ids"]) for b in batch)
     out = {
         "input_ids": torch.full((len(batch), T), pad_id, dtype=torch.long),
@@ -174,3 +192,269 @@ class TinyMathDataModule(L.LightningDataModule):
     @staticmethod
     def default_cache_dir() -> Path:
         return Path.home() / ".cache" / "lightning-mtp" / "distill"
+
+
+def _resolve_tokenizer(datamodule: L.LightningDataModule, path: str | None):
+    """The tokenizer at ``path``, else the one of the model being trained (``trainer.lightning_module.tokenizer``)."""
+    if path is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    module = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
+    if getattr(module, "tokenizer", None) is not None:
+        return module.tokenizer
+    raise ValueError(f"{type(datamodule).__name__} needs a tokenizer: pass tokenizer=DIR or train a model that has one")
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Prompt/response pairs, chats or text from files or a Hugging Face dataset, tokenised for MTP training.
+
+    Construction only records the arguments (recipes parse offline); ``setup`` reads and tokenises the data
+    (``prepare_data`` first downloads a Hub dataset on one process). Tokenisation runs through
+    ``datasets.map``, cached next to the parsed data, so a second run with the same data, tokenizer and
+    options starts at once. The training order is a function of ``seed`` and the epoch alone (a seeded
+    ``DistributedSampler``, which Lightning advances each epoch), on one device or many.
+
+    Args:
+        train: the training records: a JSONL / Parquet / text file, a glob, a directory (of such files, a
+            finished ``lightning-mtp distill`` output, or a ``save_to_disk`` dataset), or a Hub dataset id.
+        val: validation records, the same kinds; None holds out ``val_size`` of ``train`` (or reads
+            ``val_split`` of it).
+        val_size: with ``val`` and ``val_split`` None: a fraction (< 1) or a count (>= 1) of the training
+            records held out for validation, drawn with ``seed``; 0 disables validation.
+        split: the split of a Hub dataset (or ``DatasetDict``) to train on.
+        val_split: the split to validate on (of ``val``, or of ``train`` when ``val`` is None).
+        dataset_config: the configuration (subset) of a Hub dataset.
+        data_format: ``auto`` (file suffix, or a Hub id), ``json`` (JSON Lines), ``parquet``, ``text`` (one
+            record per line, field ``text``), ``disk`` (``save_to_disk``), ``hub``.
+        fields: ``prompt_response``, ``messages`` (chat), ``text``, or ``auto``: the first of those whose
+            field the data has.
+        prompt_field: field of the prompt (``query`` for MetaMathQA).
+        response_field: field of the response.
+        messages_field: field of the chat (``conversations`` for ShareGPT; ``from``/``value`` are accepted).
+        text_field: field of plain text.
+        use_chat_template: render prompt/response pairs as a one-turn chat with the chat template (chats
+            always are): what an instruct model sees at inference.
+        chat_template: a Jinja chat template (text, or a path to a ``.jinja`` file) used instead of the
+            tokenizer's own.
+        system_prompt: put first in every chat that has no system message.
+        loss_on: ``response`` (assistant turns or responses, with their end token), ``last_turn`` (only the
+            final assistant turn: for templates that rewrite earlier turns), or ``all`` (every token).
+        max_length: longest tokenised sequence (and longest packed row).
+        truncation: for longer records: ``right`` (cut the end), ``left`` (cut the start, keeping the
+            response), or ``drop`` (skip them). Records left with no trained token are dropped either way.
+        packing: pack several records per row of ``max_length`` tokens (best-fit decreasing), isolated by a
+            block-diagonal mask and restarting position ids.
+        packing_mask: ``4d`` (additive (B, 1, T, T) mask: eager and sdpa attention) or ``position_ids`` (no
+            mask; only for flash-attention-2/3 backbones, which isolate documents from position ids).
+        batch_size: rows per batch (packed rows when packing).
+        seed: seed of the shuffling and of the validation hold-out.
+        max_samples: use only the first N training records (quick runs); None uses all.
+        tokenizer: a tokenizer directory or Hub id; None takes the tokenizer of the model being trained.
+        num_workers: DataLoader worker processes.
+        num_proc: processes for tokenisation (``datasets.map``); None tokenises in this process.
+        cache_dir: the ``datasets`` cache for parsed files and tokenised data (default: datasets' own).
+    """
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        val_size: float = 0.01,
+        split: str = "train",
+        val_split: str | None = None,
+        dataset_config: str | None = None,
+        data_format: str = "auto",
+        fields: str = "auto",
+        prompt_field: str = "prompt",
+        response_field: str = "response",
+        messages_field: str = "messages",
+        text_field: str = "text",
+        use_chat_template: bool = False,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        loss_on: str = "response",
+        max_length: int = 2048,
+        truncation: str = "right",
+        packing: bool = False,
+        packing_mask: str = "4d",
+        batch_size: int = 8,
+        seed: int = 0,
+        max_samples: int | None = None,
+        tokenizer: str | None = None,
+        num_workers: int = 0,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        from lightning_mtp.data.chat import TRUNCATIONS, RecordFormat
+        from lightning_mtp.data.files import DATA_FORMATS
+        from lightning_mtp.data.packing import PACKING_MASKS
+
+        self.format = RecordFormat(  # validates fields and loss_on
+            fields=fields, prompt_field=prompt_field, response_field=response_field, messages_field=messages_field,
+            text_field=text_field, use_chat_template=use_chat_template, chat_template=chat_template,
+            system_prompt=system_prompt, loss_on=loss_on,
+        )
+        for name, value, choices in (("data_format", data_format, DATA_FORMATS), ("truncation", truncation, TRUNCATIONS),
+                                     ("packing_mask", packing_mask, PACKING_MASKS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+        for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0 (a fraction < 1 or a count), got {val_size}")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+        self.train, self.val, self.val_size = train, val, val_size
+        self.split, self.val_split, self.dataset_config, self.data_format = split, val_split, dataset_config, data_format
+        self.max_length, self.truncation, self.packing, self.packing_mask = max_length, truncation, packing, packing_mask
+        self.batch_size, self.seed, self.max_samples = batch_size, seed, max_samples
+        self.tokenizer_path, self.num_workers, self.num_proc, self.cache_dir = tokenizer, num_workers, num_proc, cache_dir
+        self.tokenizer = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._train_tokens = None  # the tokenised training records (a datasets.Dataset), for token_counts
+        self.stats: dict[str, dict[str, int]] = {}
+
+    # ------------------------------------------------------------------ reading
+    def _load(self, source: str, split: str, what: str):
+        from lightning_mtp.data.files import load_source
+
+        return load_source(source, split=split, data_format=self.data_format, dataset_config=self.dataset_config,
+                           cache_dir=self.cache_dir, what=what)
+
+    def _sources(self) -> list[tuple[str, str, str]]:
+        out = [(self.train, self.split, "train data")]
+        if self.val is not None or self.val_split is not None:
+            out.append((self.val or self.train, self.val_split or self.split, "validation data"))
+        return out
+
+    def prepare_data(self) -> None:
+        """Download Hub datasets into the local cache (Lightning runs this on one process per node)."""
+        for source, split, what in self._sources():
+            self._load(source, split, what)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.tokenizer = self.tokenizer or _resolve_tokenizer(self, self.tokenizer_path)
+        sources = self._sources()
+        train = self._load(*sources[0])
+        if self.max_samples is not None:
+            train = train.select(range(min(self.max_samples, len(train))))
+        val = self._load(*sources[1]) if len(sources) > 1 else None
+        if val is None and self.val_size > 0:
+            n_val = int(self.val_size) if self.val_size >= 1 else max(1, round(self.val_size * len(train)))
+            if n_val >= len(train):
+                raise ValueError(f"val_size={self.val_size} holds out {n_val} of only {len(train)} training records; "
+                                 "lower it or pass val")
+            parts = train.train_test_split(test_size=n_val, seed=self.seed, shuffle=True)
+            train, val = parts["train"], parts["test"]
+        self.train_set, self._train_tokens = self._prepare(train, f"train data {self.train!r}", "train")
+        self.val_set = None if val is None else self._prepare(val, f"validation data {sources[-1][0]!r}", "val")[0]
+
+    def _prepare(self, raw, source: str, name: str):
+        """Tokenise ``raw`` records, drop those with nothing to train on, pack if asked; log a summary."""
+        import numpy as np
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from lightning_mtp.data.chat import STATUS_NAMES, TRUNCATED, RecordEncoder, require_chat_template
+        from lightning_mtp.data.packing import PackedDataset, pack_best_fit
+
+        fmt = self.format.resolve(raw.column_names, source)
+        template = None
+        if fmt.uses_chat_template:
+            if fmt.chat_template is not None and "{" not in fmt.chat_template:  # a path: templates hold "{%"
+                path = Path(fmt.chat_template).expanduser()
+                if not path.is_file():
+                    raise ValueError(f"chat_template file {fmt.chat_template!r} does not exist")
+                fmt = dataclasses.replace(fmt, chat_template=path.read_text())
+            why = f"{source} (chat field {fmt.messages_field!r})" if fmt.fields == "messages" else "use_chat_template"
+            template = require_chat_template(self.tokenizer, fmt, why)
+        encoder = RecordEncoder(self.tokenizer, fmt, template, self.max_length, self.truncation, source)
+        enc = raw.map(encoder, batched=True, with_indices=True, remove_columns=raw.column_names, num_proc=self.num_proc,
+                      desc=f"tokenizing {name}")
+        counts = np.bincount(np.asarray(enc["status"], dtype=np.int64), minlength=len(STATUS_NAMES))
+        enc = enc.filter(lambda status: [s <= TRUNCATED for s in status], input_columns="status", batched=True)
+        stats = {STATUS_NAMES[k]: int(v) for k, v in enumerate(counts) if v}
+        if len(enc) == 0:
+            raise ValueError(f"{source}: no record left to train on ({stats}); check max_length, truncation and fields")
+        lengths = enc["length"]
+        stats.update(records=len(enc), tokens=int(sum(lengths)), trained_tokens=int(sum(enc["targets"])))
+        base = enc.with_format("torch", columns=["input_ids", "labels"])
+        dataset: Dataset = base
+        line = f"{name}: {stats['records']:,} records, {stats['tokens']:,} tokens ({stats['trained_tokens']:,} trained)"
+        if self.packing:
+            bins = pack_best_fit(lengths, self.max_length)
+            dataset = PackedDataset(base, bins)
+            stats["packed_rows"] = len(bins)
+            line += f", packed into {len(bins):,} rows of <= {self.max_length} ({stats['tokens'] / (len(bins) * self.max_length):.0%} full)"
+        dropped = {k: v for k, v in stats.items() if k.startswith(("dropped", "truncated"))}
+        if dropped:
+            line += "; " + ", ".join(f"{k}: {v:,}" for k, v in dropped.items())
+        rank_zero_info(line)
+        self.stats[name] = stats
+        return dataset, enc
+
+    # ------------------------------------------------------------------ loading
+    def _collate(self):
+        from lightning_mtp.data.packing import collate_packed
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+        if self.packing:
+            return functools.partial(collate_packed, pad_id=pad, mask=self.packing_mask)
+        return functools.partial(collate_right_padded, pad_id=pad)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise ValueError("call setup() before train_dataloader()")
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        # a seeded DistributedSampler on one device too: the order depends on seed and epoch only, and
+        # Lightning calls set_epoch on it every epoch (and keeps it as it is when training is distributed)
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=self._collate())
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=self._collate())
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Give a packed batch's 4D mask the backbone's dtype (sdpa wants the query's dtype; a float32
+        ``finfo.min`` would round to -inf in bfloat16)."""
+        mask = batch.get("attention_mask")
+        if mask is not None and mask.dim() == 4 and self.trainer is not None:
+            dtype = _compute_dtype(self.trainer)
+            if dtype != mask.dtype:
+                from lightning_mtp.data.packing import block_causal_mask
+
+                batch["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
+        return batch
+
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        """How often each token id is a training target (for FastMTP's vocabulary compression)."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        self.setup("fit")
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for table in self._train_tokens.with_format("arrow").iter(batch_size=4096):
+            flat = pc.list_flatten(table.column("labels")).to_numpy()
+            flat = flat[(flat >= 0) & (flat < vocab_size)]
+            counts += np.bincount(flat, minlength=vocab_size)
+        return torch.from_numpy(counts)
+
+
+def _compute_dtype(trainer: L.Trainer) -> torch.dtype:
+    """The dtype attention runs in: the backbone's parameter dtype, or float32 under autocast (mixed precision)."""
+    if str(trainer.precision).endswith("-mixed"):
+        return torch.float32  # autocast casts the mask along with the query
+    module = trainer.lightning_module
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)

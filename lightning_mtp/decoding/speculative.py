@@ -1,11 +1,18 @@
 """Lossless chain speculative decoding with the backbone's KV cache, shared by every method.
 
 One step: the backbone runs on ``[last token, d_1 .. d_K]`` (the K drafted tokens) in one forward with
-its cache, keeps the longest prefix of drafts it agrees with plus one token of its own, and crops the
+its cache, keeps the longest prefix of drafts it agrees with plus one token of its own, and drops the
 cache entries of the rejected drafts. Greedy decoding keeps a draft iff it equals the backbone's argmax,
 so the output is token-for-token ``backbone.generate(do_sample=False)``; sampling uses rejection
 sampling, so the output distribution is the backbone's own. ``num_draft_tokens=0`` (or no drafter) is
 plain next-token decoding through the same loop: the fair baseline for speed-ups.
+
+Batches: rows of different lengths come left-padded with an ``attention_mask``. Every row accepts its own
+number of drafts, so after a step the rows' caches hold different numbers of real tokens. The cache stays
+one rectangle: slots of rejected drafts that some other row still needs are kept but masked out
+(``valid``), each row carries its own position ids, and trailing slots no row needs are cropped. A row
+that finishes (EOS or its token budget) leaves the batch: its cache rows are dropped. With batch size 1
+there are never holes, so no masks or position ids are passed at all.
 """
 
 from __future__ import annotations
@@ -22,27 +29,32 @@ from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_part
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.methods.base import Drafter
 
-__all__ = ["DecodeStats", "GenerateOutput", "speculative_generate"]
+__all__ = ["DecodeStats", "GenerateOutput", "needs_row_by_row", "pad_token_id", "speculative_generate"]
 
 
 @dataclass
 class DecodeStats:
-    """What one generate call did. Acceptance is counted per draft position j = 1..K."""
+    """What one generate call did, summed over its rows. Acceptance is counted per draft position j = 1..K."""
 
     new_tokens: int = 0
-    backbone_forwards: int = 0  # prefill included
-    draft_steps: int = 0  # verify forwards that carried drafts
-    reached: list[int] = field(default_factory=list)  # reached[j]: steps whose drafts 1..j-1 were all accepted
-    accepted: list[int] = field(default_factory=list)  # accepted[j]: steps that accepted draft j+1
+    sequences: int = 0  # rows decoded
+    backbone_forwards: int = 0  # forward calls, prefill included (one call serves every row of a batch)
+    row_forwards: int = 0  # forwards each row took part in, summed over rows, prefills included
+    draft_steps: int = 0  # row-steps whose verify forward carried drafts for that row
+    reached: list[int] = field(default_factory=list)  # reached[j]: row-steps whose drafts 1..j-1 were all accepted
+    accepted: list[int] = field(default_factory=list)  # accepted[j]: row-steps that accepted draft j+1
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
 
     @property
     def tokens_per_forward(self) -> float:
-        """tau: new tokens per backbone forward after the prefill (1.0 for plain NTP)."""
-        decode_forwards = max(1, self.backbone_forwards - 1)
-        return max(0, self.new_tokens - 1) / decode_forwards if self.new_tokens > 1 else 1.0
+        """tau: new tokens per backbone forward after the prefill, per row (1.0 for plain NTP).
+
+        The prefill's forward and the token it yields are left out of both counts.
+        """
+        decode_forwards = self.row_forwards - self.sequences
+        return (self.new_tokens - self.sequences) / decode_forwards if decode_forwards > 0 else 1.0
 
     @property
     def acceptance_per_position(self) -> list[float]:
@@ -56,10 +68,15 @@ class DecodeStats:
 
     def merge(self, other: DecodeStats) -> DecodeStats:
         n = max(len(self.accepted), len(other.accepted))
-        pad = lambda xs: xs + [0] * (n - len(xs))  # noqa: E731
+
+        def pad(xs: list[int]) -> list[int]:
+            return xs + [0] * (n - len(xs))
+
         return DecodeStats(
             new_tokens=self.new_tokens + other.new_tokens,
+            sequences=self.sequences + other.sequences,
             backbone_forwards=self.backbone_forwards + other.backbone_forwards,
+            row_forwards=self.row_forwards + other.row_forwards,
             draft_steps=self.draft_steps + other.draft_steps,
             reached=[a + b for a, b in zip(pad(self.reached), pad(other.reached), strict=True)],
             accepted=[a + b for a, b in zip(pad(self.accepted), pad(other.accepted), strict=True)],
@@ -71,6 +88,7 @@ class DecodeStats:
     def as_dict(self) -> dict:
         return {
             "new_tokens": self.new_tokens,
+            "sequences": self.sequences,
             "backbone_forwards": self.backbone_forwards,
             "tokens_per_forward": self.tokens_per_forward,
             "acceptance_per_position": self.acceptance_per_position,
@@ -91,7 +109,7 @@ class DecodeStats:
 
 @dataclass
 class GenerateOutput:
-    sequences: torch.Tensor  # (B, prompt + new) like HF generate
+    sequences: torch.Tensor  # (B, prompt + new) like HF generate: the prompts as given, then new tokens, then padding
     stats: DecodeStats
 
 
@@ -104,6 +122,16 @@ def _eos_ids(model: PreTrainedModel) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
+def pad_token_id(model: PreTrainedModel) -> int:
+    """The id that fills the rows of a batch after they end, as HF generate does (pad, else EOS)."""
+    for source in (model.generation_config, model.config):
+        pad = getattr(source, "pad_token_id", None)
+        if pad is not None:
+            return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+    eos = _eos_ids(model)
+    return min(eos) if eos else 0
+
+
 def _context_length(model: PreTrainedModel) -> int | None:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
@@ -113,12 +141,26 @@ def _context_length(model: PreTrainedModel) -> int | None:
     return None
 
 
+def needs_row_by_row(model: PreTrainedModel) -> bool:
+    """True when the backbone's cache cannot hold the masked-out slots batched decoding leaves behind.
+
+    Sliding-window and linear-attention (SSM) layers keep a fixed window or state rather than every slot, so
+    a hole left by a rejected draft would shift what they see; such backbones decode one row at a time.
+    """
+    cache = DynamicCache(config=model.config)
+    return any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", []))
+
+
 _ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
-def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last_only: bool):
+def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last_only: bool, attention_mask=None,
+             position_ids=None):
     """One backbone forward with the cache: logits, and the final hidden states when ``grab`` is given."""
     kwargs = {"past_key_values": cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+        kwargs["position_ids"] = position_ids
     cls = type(model)
     if cls not in _ACCEPTS_LOGITS_TO_KEEP:
         _ACCEPTS_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -142,118 +184,221 @@ def speculative_generate(
     generator: torch.Generator | None = None,
     streamer=None,
     parts: BackboneParts | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> GenerateOutput:
-    """Decode ``input_ids`` (1, n) with drafts from ``drafter`` verified by ``model``; see the module docstring."""
+    """Decode ``input_ids`` (B, n) with drafts from ``drafter`` verified by ``model``; see the module docstring.
+
+    ``attention_mask`` (B, n) marks real tokens (1) and left padding (0) when rows differ in length.
+    """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"speculative decoding takes one sequence at a time (batch size 1), got batch size {input_ids.shape[0]}; "
-            "call generate once per prompt"
-        )
-    if input_ids.shape[1] == 0:
+    B, n = input_ids.shape
+    if n == 0:
         raise ValueError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    real = _check_mask(attention_mask, input_ids)  # (B, n) bool, or None when there is no padding
+    lengths = real.sum(1) if real is not None else torch.full((B,), n)
     context = _context_length(model)
-    if context is not None and input_ids.shape[1] >= context:
+    if context is not None and int(lengths.max()) >= context:
         raise ValueError(
-            f"the prompt has {input_ids.shape[1]} tokens but the model's context is {context}: shorten the prompt"
+            f"the prompt has {int(lengths.max())} tokens but the model's context is {context}: shorten the prompt"
+        )
+    if B > 1 and streamer is not None:
+        raise ValueError(f"a streamer takes one sequence, got a batch of {B}; stream one prompt at a time")
+    if B > 1 and needs_row_by_row(model):
+        raise ValueError(
+            f"{type(model).__name__} has sliding-window or recurrent cache layers, which batched speculative "
+            "decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
         )
     K = num_draft_tokens if drafter is not None else 0
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
-    eos = _eos_ids(model)
-    stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
-    t_start = time.perf_counter()
     if K > 0 and parts is None:
         parts = backbone_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    t_start = time.perf_counter()
     with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
-        return _decode(model, input_ids, drafter, K, max_new_tokens, probs_fn, generator, streamer, eos, stats,
-                       t_start, grab)
+        decoder = _Decoder(model, drafter, K, max_new_tokens, probs_fn, generator, streamer, grab)
+        generated, stats = decoder.run(input_ids, real)
+    stats.total_seconds = time.perf_counter() - t_start
+    longest = max(len(g) for g in generated)
+    pad = pad_token_id(model)
+    tail = torch.full((B, longest), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for row, tokens in enumerate(generated):
+        tail[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+    return GenerateOutput(sequences=torch.cat([input_ids, tail], dim=1), stats=stats)
 
 
-def _decode(model, input_ids, drafter, K, max_new_tokens, probs_fn, generator, streamer, eos, stats, t_start, grab):
+def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The (B, n) bool mask of real tokens, or None when every token is real. Padding must be on the left."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    real = attention_mask.to(device=input_ids.device).bool()
+    if real.all():
+        return None
+    if not real[:, -1].all() or (real[:, 1:].long() < real[:, :-1].long()).any():
+        raise ValueError("padding must be on the left (tokenizer.padding_side = 'left') and every row needs a token")
+    return real
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:  # (1, V) -> (1,)
-        return sample(probs_fn(logits), generator) if probs_fn is not None else logits.argmax(-1)
 
-    cache = DynamicCache(config=model.config)
-    if K > 0 and hasattr(cache, "activate_past_recording") and any(
-        type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [])
-    ):
-        cache.activate_past_recording()  # sliding-window / recurrent layers must be able to roll back
+class _Decoder:
+    """The decode loop's state for one call: the active rows, their cache slots, positions and outputs."""
 
-    # ---- prefill
-    t0 = time.perf_counter()
-    logits, hidden = _forward(model, input_ids, cache, grab=grab, keep_last_only=True)
-    stats.backbone_forwards += 1
-    token = pick(logits[:, -1])  # (1,)
-    stats.verify_seconds += time.perf_counter() - t0
-    generated: list[int] = [int(token)]
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-        streamer.put(token.cpu())
-    finished = int(token) in eos or max_new_tokens == 1
+    def __init__(self, model, drafter, K, max_new_tokens, probs_fn, generator, streamer, grab) -> None:
+        self.model, self.drafter, self.K = model, drafter, K
+        self.max_new_tokens, self.probs_fn, self.generator = max_new_tokens, probs_fn, generator
+        self.streamer, self.grab = streamer, grab
+        self.eos = _eos_ids(model)
+        self.stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
 
-    drafts = draft_probs = None
-    if K > 0 and not finished:
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:  # (b, V) -> (b,)
+        if self.probs_fn is None:
+            return logits.argmax(-1)
+        return sample(self.probs_fn(logits), self.generator)
+
+    def run(self, input_ids: torch.Tensor, real: torch.Tensor | None) -> tuple[list[list[int]], DecodeStats]:
+        model, stats, device = self.model, self.stats, input_ids.device
+        B = input_ids.shape[0]
+        cache = DynamicCache(config=model.config)
+        if self.K > 0 and any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [])):
+            cache.activate_past_recording()  # sliding-window / recurrent layers must be able to roll back
+        stats.sequences = B
+
+        # ---- prefill. ``valid`` (b, slots) marks the cache slots holding real tokens; None while all do.
+        valid = real
+        pos = real.sum(1) if real is not None else None  # (b,) position id of the next token to feed
+        position_ids = (real.long().cumsum(1) - 1).clamp(min=0) if real is not None else None  # like HF generate
         t0 = time.perf_counter()
-        next_ids = torch.cat([input_ids[:, 1:], token[:, None]], dim=1)  # (1, n): the token after each position
-        drafts, draft_probs = drafter.draft(hidden, next_ids, K, probs_fn, generator)
-        stats.draft_seconds += time.perf_counter() - t0
-
-    # ---- decode
-    while not finished:
-        remaining = max_new_tokens - len(generated)
-        k = min(K, remaining - 1) if drafts is not None else 0  # drafts past the budget would be wasted
-        t0 = time.perf_counter()
-        step_ids = token[:, None] if k == 0 else torch.cat([token[:, None], drafts[:, :k]], dim=1)  # (1, 1 + k)
-        logits, hidden = _forward(model, step_ids, cache, grab=grab, keep_last_only=k == 0)
+        logits, hidden = _forward(model, input_ids, cache, self.grab, True,
+                                  real.long() if real is not None else None, position_ids)
         stats.backbone_forwards += 1
-        if k == 0:
-            m, token = 0, pick(logits[:, -1])
-            new = [int(token)]
-        else:
-            if probs_fn is None:
-                target = logits[0].argmax(-1)  # (1 + k,)
-                agree = (drafts[0, :k] == target[:k]).long().cumprod(0)  # (k,) 1 while drafts match
-                m = int(agree.sum())
-                nxt = int(target[m])
-            else:
-                m, nxt = rejection_accept(drafts[0, :k], draft_probs[0, :k], probs_fn(logits[0]), generator)
-            new = drafts[0, :m].tolist() + [nxt]
-            token = torch.tensor([nxt], device=input_ids.device)
-            stats.draft_steps += 1
-            for j in range(min(m + 1, k)):
-                stats.reached[j] += 1
-            for j in range(m):
-                stats.accepted[j] += 1
-            if m < k:
-                cache.crop(-(k - m))  # drop the rejected drafts (a negative count removes that many tokens)
+        stats.row_forwards += B
+        token = self.pick(logits[:, -1])  # (B,)
         stats.verify_seconds += time.perf_counter() - t0
-
-        # EOS and the token budget cut the accepted run exactly where HF generate would stop
-        for i, t in enumerate(new):
-            if t in eos:
-                new = new[: i + 1]
-                finished = True
-                break
-        if len(new) >= remaining:
-            new, finished = new[:remaining], True
-        generated.extend(new)
-        if streamer is not None:
-            streamer.put(torch.tensor(new))
-        if not finished and K > 0:
+        generated: list[list[int]] = [[t] for t in token.tolist()]
+        if self.streamer is not None:
+            self.streamer.put(input_ids.cpu())
+            self.streamer.put(token.cpu())
+        rows = torch.arange(B, device=device)  # original index of each active row
+        done = [g[0] in self.eos or self.max_new_tokens == 1 for g in generated]
+        drafts = draft_probs = None
+        if self.K > 0 and not all(done):
             t0 = time.perf_counter()
-            next_ids = torch.tensor([new], device=input_ids.device)  # (1, m + 1)
-            drafts, draft_probs = drafter.draft(hidden[:, : m + 1], next_ids, K, probs_fn, generator)
+            next_ids = torch.cat([input_ids[:, 1:], token[:, None]], dim=1)  # (B, n): the token after each position
+            drafts, draft_probs = self.drafter.draft(hidden, next_ids, self.K, self.probs_fn, self.generator, real)
             stats.draft_seconds += time.perf_counter() - t0
 
-    if streamer is not None:
-        streamer.end()
-    stats.new_tokens = len(generated)
-    stats.total_seconds = time.perf_counter() - t_start
-    sequences = torch.cat([input_ids, torch.tensor([generated], device=input_ids.device, dtype=input_ids.dtype)], dim=1)
-    return GenerateOutput(sequences=sequences, stats=stats)
+        while True:
+            keep = [i for i, d in enumerate(done) if not d]
+            if not keep:
+                break
+            if len(keep) < len(done):  # rows that finished leave the batch
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                if self.K > 0:
+                    self.drafter.select(idx)
+                rows, token = rows[idx], token[idx]
+                valid = valid[idx] if valid is not None else None
+                pos = pos[idx] if pos is not None else None
+                if drafts is not None:
+                    drafts = drafts[idx]
+                    draft_probs = draft_probs[idx] if draft_probs is not None else None
+            b = len(keep)
+            remaining = [self.max_new_tokens - len(generated[r]) for r in rows.tolist()]
+            budget = [min(self.K, r - 1) for r in remaining] if drafts is not None else [0] * b  # per-row drafts
+            k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
+
+            # ---- verify: one forward over [token, d_1 .. d_k] for every row
+            t0 = time.perf_counter()
+            step_ids = token[:, None] if k == 0 else torch.cat([token[:, None], drafts[:, :k]], dim=1)  # (b, 1 + k)
+            mask = step_pos = None
+            if valid is not None:
+                mask = torch.cat([valid, valid.new_ones(b, 1 + k)], dim=1).long()  # (b, slots + 1 + k)
+                step_pos = pos[:, None] + torch.arange(1 + k, device=device)  # (b, 1 + k)
+            logits, hidden = _forward(model, step_ids, cache, self.grab, k == 0, mask, step_pos)
+            stats.backbone_forwards += 1
+            stats.row_forwards += b
+            if k == 0:
+                accepted = [0] * b
+                nxt = self.pick(logits[:, -1])  # (b,)
+            elif self.probs_fn is None:
+                target = logits.argmax(-1)  # (b, 1 + k)
+                agree = drafts[:, :k] == target[:, :k]  # (b, k)
+                if min(budget) < k:
+                    agree &= torch.arange(k, device=device) < torch.tensor(budget, device=device)[:, None]
+                m = agree.long().cumprod(1).sum(1)  # (b,) drafts kept: the longest agreeing prefix
+                nxt = target.gather(1, m[:, None])[:, 0]  # (b,) the backbone's own token after them
+                accepted = m.tolist()
+            else:
+                accepted, picks = [], []
+                for i in range(b):
+                    kb = budget[i]
+                    m_i, t_i = rejection_accept(drafts[i, :kb], draft_probs[i, :kb], self.probs_fn(logits[i, : kb + 1]),
+                                                self.generator)
+                    accepted.append(m_i)
+                    picks.append(t_i)
+                nxt = torch.tensor(picks, device=device)
+            drafts_list = drafts[:, :k].tolist() if k > 0 else [[] for _ in range(b)]
+            for i, m_i in enumerate(accepted):
+                if budget[i] > 0:
+                    stats.draft_steps += 1
+                    for j in range(min(m_i + 1, budget[i])):
+                        stats.reached[j] += 1
+                    for j in range(m_i):
+                        stats.accepted[j] += 1
+
+            # ---- cache: drop the slots no row kept; mask the ones only some rows kept
+            kept = max(accepted)
+            if kept < k:
+                cache.crop(-(k - kept))  # a negative count removes that many trailing slots
+            if b > 1 or valid is not None:
+                new_valid = torch.arange(1 + kept, device=device) <= torch.tensor(accepted, device=device)[:, None]
+                if valid is not None or not bool(new_valid.all()):
+                    old = valid if valid is not None else new_valid.new_ones(b, cache.get_seq_length() - 1 - kept)
+                    valid = torch.cat([old, new_valid], dim=1)  # (b, slots)
+                    if pos is None:  # the first hole: from now on every row carries its own positions
+                        pos = torch.full((b,), cache.get_seq_length() - 1 - kept, device=device)
+            if pos is not None:
+                pos = pos + torch.tensor(accepted, device=device) + 1
+            stats.verify_seconds += time.perf_counter() - t0
+
+            # ---- emit: EOS and the token budget cut each row's run exactly where HF generate would stop
+            nxt_list = nxt.tolist()
+            for i, r in enumerate(rows.tolist()):
+                new = drafts_list[i][: accepted[i]] + [nxt_list[i]]
+                for j, t in enumerate(new):
+                    if t in self.eos:
+                        new = new[: j + 1]
+                        done[keep[i]] = True
+                        break
+                if len(new) >= remaining[i]:
+                    new, done[keep[i]] = new[: remaining[i]], True
+                generated[r].extend(new)
+                if self.streamer is not None:
+                    self.streamer.put(torch.tensor(new))
+            done = [done[i] for i in keep]
+            token = nxt
+
+            # ---- draft the next chain for the rows that go on
+            if self.K > 0 and not all(done):
+                t0 = time.perf_counter()
+                # next_ids[:, j] is the token after the position of hidden[:, j]: the kept drafts, then nxt
+                next_ids = torch.cat([drafts[:, :kept], nxt[:, None]], dim=1) if kept else nxt[:, None]  # (b, 1 + kept)
+                cols = None  # (b, 1 + kept): which columns hold committed positions, None when all do
+                if min(accepted) < kept:  # rows that kept fewer drafts: nxt goes right after their last kept one
+                    m = torch.tensor(accepted, device=device)[:, None]  # (b, 1)
+                    next_ids = next_ids.scatter(1, m, nxt[:, None])
+                    cols = torch.arange(1 + kept, device=device) <= m
+                drafts, draft_probs = self.drafter.draft(hidden[:, : kept + 1], next_ids, self.K, self.probs_fn,
+                                                         self.generator, cols)
+                stats.draft_seconds += time.perf_counter() - t0
+
+        if self.streamer is not None:
+            self.streamer.end()
+        stats.new_tokens = sum(len(g) for g in generated)
+        return generated, stats

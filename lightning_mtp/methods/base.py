@@ -131,12 +131,15 @@ def future_labels(labels: torch.Tensor, offset: int, position_ids: torch.Tensor 
 class Drafter:
     """Proposes draft tokens during decoding; one instance per generate call (it holds caches).
 
-    The decoder calls :meth:`draft` after every backbone forward with the rows that forward committed:
+    The decoder calls :meth:`draft` after every backbone forward with the positions that forward committed:
     their final hidden states and the token that follows each (``next_ids[:, j]`` is the token after the
-    position of ``hidden[:, j]``). The drafter returns ``k`` proposed tokens that continue the sequence
-    after the last of ``next_ids``, and, when ``probs_fn`` is given (sampling), each draft's full
-    probability row so the decoder can run rejection sampling. Drafts are sampled with ``generator``
-    (the one passed to ``generate``) so a seeded generator makes sampling reproducible.
+    position of ``hidden[:, j]``). In a batch, rows commit different numbers of positions: ``valid`` marks
+    the columns that hold committed positions (after the prefill, left padding is not valid; after a verify
+    step, a row's columns past its accepted drafts are not); None means every column is valid. The drafter
+    returns ``k`` proposed tokens per row that continue the sequence after the last valid column, and, when
+    ``probs_fn`` is given (sampling), each draft's full probability row so the decoder can run rejection
+    sampling. Drafts are sampled with ``generator`` (the one passed to ``generate``) so a seeded generator
+    makes sampling reproducible. When rows finish, the decoder calls :meth:`select` with the rows that go on.
     """
 
     def draft(
@@ -146,8 +149,13 @@ class Drafter:
         k: int,
         probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        valid: torch.Tensor | None = None,  # (B, m) bool: columns holding committed positions; None = all
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, k), (B, k, V) or None
         raise NotImplementedError
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a LongTensor of indices into the current rows)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop finished rows of a batch")
 
 
 class MTPMethod(nn.Module):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from lightning_mtp.backbone import BackboneParts
+from lightning_mtp.backbone import BackboneParts, slot_mask
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_labels, future_tokens, register_method
 from lightning_mtp.methods.mtp_block import MTPBlock
@@ -131,13 +131,27 @@ class FastMTPHead(MTPMethod):
 
 
 class FastMTPDrafter(Drafter):
-    """Chain drafting with the shared head and its own KV cache over committed positions."""
+    """Chain drafting with the shared head and its own KV cache over committed positions.
+
+    Each call first feeds the newly committed positions to the head (one call, writing their cache
+    entries), then applies the head ``k`` times to its own drafts. Entries written while drafting are
+    dropped at the next call. In a batch the head's cache has the decoder's holes too: ``slots`` marks
+    its valid entries and ``positions`` counts each row's committed positions (both None while no row
+    has a hole, as always at batch size 1).
+    """
 
     def __init__(self, head: FastMTPHead, parts: BackboneParts) -> None:
         self.head, self.parts = head, parts
         self.cache = DynamicCache()
-        self.committed = 0  # head-cache entries for committed positions
+        self.committed = 0  # cache entries of committed positions (with holes: slots, not positions)
         self.speculative = 0  # entries written while drafting, dropped at the next call
+        self.slots: torch.Tensor | None = None  # (B, committed) bool valid entries, None while all are
+        self.positions: torch.Tensor | None = None  # (B,) committed positions per row, None while == committed
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        if self.slots is not None:
+            self.slots, self.positions = self.slots[rows], self.positions[rows]
 
     def draft(
         self,
@@ -146,14 +160,29 @@ class FastMTPDrafter(Drafter):
         k: int,
         probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         head, parts = self.head, self.parts
         if self.speculative:
             self.cache.crop(-self.speculative)  # a negative count removes that many tokens
             self.speculative = 0
         B, m = next_ids.shape
-        pos = torch.arange(self.committed, self.committed + m, device=next_ids.device).expand(B, m)
-        h = head.block(parts, hidden, next_ids, pos, self.cache)[:, -1:]  # (B, 1, H)
+        device = next_ids.device
+        if valid is not None and self.slots is None:  # the first hole: track slots and positions from now on
+            self.slots = torch.ones(B, self.committed, dtype=torch.bool, device=device)
+            self.positions = torch.full((B,), self.committed, device=device)
+        if self.slots is None:
+            pos = torch.arange(self.committed, self.committed + m, device=device).expand(B, m)  # (B, m)
+            h = head.block(parts, hidden, next_ids, pos, self.cache)[:, -1:]  # (B, 1, H) the last committed position
+        else:
+            cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m)
+            pos = self.positions[:, None] + (cols.long().cumsum(1) - 1).clamp(min=0)  # (B, m)
+            self.slots = torch.cat([self.slots, cols], dim=1)  # (B, slots)
+            mask = slot_mask(self.slots, m, hidden.dtype)  # (B, 1, m, slots)
+            out = head.block(parts, hidden, next_ids, pos, self.cache, attention_mask=mask)  # (B, m, H)
+            last = (cols.long() * torch.arange(m, device=device)).argmax(1)  # (B,) each row's last valid column
+            h = out[torch.arange(B, device=device), last][:, None]  # (B, 1, H)
+            self.positions = self.positions + cols.sum(1)
         self.committed += m
         tokens, probs = [], []
         for j in range(k):
@@ -172,8 +201,13 @@ class FastMTPDrafter(Drafter):
                 tok = head.draft_ids[tok]
             tokens.append(tok)
             if j < k - 1:
-                pos = torch.full((B, 1), self.committed + j, device=next_ids.device)
-                h = head.block(parts, h, tok[:, None], pos, self.cache)  # (B, 1, H)
+                if self.slots is None:
+                    pos, mask = torch.full((B, 1), self.committed + j, device=device), None
+                else:
+                    pos = (self.positions + j)[:, None]  # (B, 1)
+                    seen = torch.cat([self.slots, self.slots.new_ones(B, j + 1)], dim=1)  # drafts so far + this one
+                    mask = slot_mask(seen, 1, h.dtype)  # (B, 1, 1, slots + j + 1)
+                h = head.block(parts, h, tok[:, None], pos, self.cache, attention_mask=mask)  # (B, 1, H)
                 self.speculative += 1
         draft = torch.stack(tokens, dim=1)  # (B, k)
         return draft, (torch.stack(probs, dim=1) if probs else None)  # (B, k), (B, k, V)
