@@ -1,63 +1,42 @@
 """``lightning-mtp bench``: decoders side by side, in one process, on the same prompts, interleaved.
 
-Entries: ``hf_greedy`` (``backbone.generate``, greedy, KV cache: the baseline), ``ntp`` (our decoder with
-no drafts: the same machinery as the method), and the method's own (named by its registered name).
-Every ratio is against a baseline measured in the same run on the same prompts.
+Entries (batch size 1 unless the name says ``@bN``):
+
+- ``hf_greedy``: ``backbone.generate`` greedy with KV cache, the baseline every speed-up is measured against;
+- ``hf_prompt_lookup``: HF prompt-lookup decoding (``prompt_lookup_num_tokens``), a peer;
+- ``hf_assisted``: HF assisted generation with a small draft model (``assistant_model``), a peer;
+- ``ntp``: our decoder with no drafts: the same machinery as the methods, so ``speedup_vs_ntp`` is the gain
+  due to drafting alone;
+- each model's own entries (``MTPMethod.bench_entries``: ``fast_mtp``, ``mtp_d``, ``mask_token/confadapt@0.9``...);
+- ``hf_greedy@b8``, ``ntp@b8`` and the methods' entries ``@b8``: batches of 8 left-padded prompts.
+
+Timing: warm-up runs first; then every prompt (or batch) goes through every decoder of its batch size in
+a rotating order, ``--repeats`` times, and the median time per prompt is kept. Ratios are against the
+baseline of the same batch size measured in the same run on the same prompts. Peak memory comes from one
+extra untimed run per entry (CUDA: the allocator's peak; CPU with glibc: the peak of heap bytes in use).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["BenchEntry", "load_prompts", "run_bench", "main"]
+__all__ = ["Decoder", "load_prompts", "run_bench", "main", "markdown_table", "write_plots"]
+
+TINY_MATH_BASE = "tiny-math-base"
+TINY_MATH_DRAFT = "tiny-math-draft"
 
 
-@dataclass
-class BenchEntry:
-    name: str
-    seconds: list[float] = field(default_factory=list)  # per prompt, median over repeats
-    new_tokens: int = 0
-    forwards: int = 0
-    outputs: list[list[int]] = field(default_factory=list)
-    stats: object | None = None  # merged DecodeStats for our decoders
-
-    def as_dict(self, baseline: BenchEntry, ntp: BenchEntry | None, answers: list[int] | None, tokenizer) -> dict:
-        total = sum(self.seconds)
-        tps = self.new_tokens / total if total else 0.0
-        base_tps = baseline.new_tokens / sum(baseline.seconds) if sum(baseline.seconds) else 0.0
-        out = {
-            "name": self.name,
-            "tokens_per_forward": self.new_tokens / self.forwards if self.forwards else 1.0,
-            "tokens_per_second": tps,
-            "speedup_vs_hf": tps / base_tps if base_tps else 0.0,
-            "identical_to_ntp": sum(a == b for a, b in zip(self.outputs, baseline.outputs, strict=True)) / max(1, len(self.outputs)),
-            "new_tokens": self.new_tokens,
-            "seconds": total,
-        }
-        if ntp is not None and sum(ntp.seconds):
-            out["speedup_vs_ntp"] = tps / (ntp.new_tokens / sum(ntp.seconds))
-        if self.stats is not None:
-            s = self.stats
-            steps = max(1, s.backbone_forwards - len(self.outputs))  # decode steps, prefills excluded
-            out["tokens_per_forward"] = s.tokens_per_forward
-            out["acceptance_per_position"] = s.acceptance_per_position
-            out["cumulative_acceptance"] = s.cumulative_acceptance
-            out["draft_ms_per_step"] = 1000 * s.draft_seconds / steps
-            out["verify_ms_per_step"] = 1000 * s.verify_seconds / steps
-        out["accuracy"] = None
-        if answers is not None and tokenizer is not None:
-            from lightning_mtp.data.tiny_math import answer_accuracy
-
-            texts = tokenizer.batch_decode(self.outputs, skip_special_tokens=True)
-            out["accuracy"] = answer_accuracy(texts, answers)
-        return out
+# ---------------------------------------------------------------------------------------------- prompts
 
 
 def load_prompts(spec: str, n: int) -> tuple[list[str], list[int] | None]:
@@ -73,6 +52,7 @@ def load_prompts(spec: str, n: int) -> tuple[list[str], list[int] | None]:
     if not path.is_file():
         raise ValueError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file")
     prompts: list[str] = []
+    answers: list[int] = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -83,73 +63,355 @@ def load_prompts(spec: str, n: int) -> tuple[list[str], list[int] | None]:
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(f"{spec}:{lineno} has no string 'prompt' field")
         prompts.append(record["prompt"])
+        if isinstance(record.get("answer"), int):
+            answers.append(record["answer"])
         if len(prompts) == n:
             break
     if not prompts:
         raise ValueError(f"{spec} holds no prompts")
-    return prompts, None
+    return prompts, (answers if len(answers) == len(prompts) else None)
 
 
-def run_bench(module, prompts: list[str], answers: list[int] | None = None, *, max_new_tokens: int = 128,
-              repeats: int = 1, warmup: int = 2, progress: bool = True) -> list[dict]:
-    """Time ``hf_greedy``, ``ntp`` and the module's method on every prompt, interleaved; return JSON rows."""
-    from rich.progress import Progress
+# ---------------------------------------------------------------------------------------------- decoders
 
-    tok = module.tokenizer
-    if tok is None:
-        raise ValueError("the model has no tokenizer to encode the prompts with")
-    module.eval()
-    backbone = module.backbone
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    encoded = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(module.device) for p in prompts]
 
-    def hf(ids):
-        seq = backbone.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                attention_mask=torch.ones_like(ids))
-        return seq, None
+@dataclass
+class Decoder:
+    """One bench entry: ``run(ids, mask)`` decodes a (B, n) batch and returns each row's new tokens, our
+    decoder's stats (None for HF's) and the number of backbone forwards it made."""
 
-    def ours(**options):
-        def run(ids):
-            out = module.generate(ids, max_new_tokens=max_new_tokens, **options)
-            return out.sequences, out.stats
-        return run
+    name: str
+    batch_size: int
+    run: Callable[[torch.Tensor, torch.Tensor | None], tuple[list[list[int]], object | None, int]]
+    reference: int  # index of the model whose backbone's greedy output this entry must reproduce
+    kind: str  # "baseline", "peer" or "method"
+    seconds: list[float] = field(default_factory=list)  # per prompt or batch, median over repeats
+    outputs: list[list[int]] = field(default_factory=list)  # per prompt
+    forwards: int = 0
+    stats: object | None = None  # merged DecodeStats of our decoders
+    peak_memory_mb: float | None = None
 
-    decoders = {"hf_greedy": hf, "ntp": ours(num_draft_tokens=0)}
-    if module.method is not None:
-        decoders.update({name: ours(**options) for name, options in module.method.bench_entries()})
-    entries = {name: BenchEntry(name) for name in decoders}
-    for ids in encoded[:warmup]:
-        for fn in decoders.values():
-            fn(ids)
-    names = list(decoders)
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("bench", total=len(encoded) * repeats * len(names))
-        for i, ids in enumerate(encoded):
-            times: dict[str, list[float]] = {n: [] for n in names}
-            for r in range(repeats):
-                order = names[(i + r) % len(names):] + names[: (i + r) % len(names)]  # rotate who goes first
-                for name in order:
-                    t0 = time.perf_counter()
-                    seq, stats = decoders[name](ids)
-                    times[name].append(time.perf_counter() - t0)
-                    bar.advance(task)
-                    if r == 0:
-                        e = entries[name]
-                        new = seq[0, ids.shape[1]:].tolist()
-                        e.outputs.append(new)
-                        e.new_tokens += len(new)
-                        e.forwards += stats.backbone_forwards if stats is not None else len(new)
-                        if stats is not None:
-                            e.stats = stats if e.stats is None else e.stats.merge(stats)
-            for name in names:
-                entries[name].seconds.append(statistics.median(times[name]))
-    base, ntp = entries["hf_greedy"], entries["ntp"]
-    rows = [e.as_dict(base, ntp, answers, tok) for e in entries.values()]
-    for row in rows:
-        if row["name"] == "hf_greedy":
-            row["tokens_per_forward"] = 1.0
+
+def _cut(sequences: torch.Tensor, width: int, eos: set[int]) -> list[list[int]]:
+    """Each row's new tokens, up to and including its first EOS (what follows is padding)."""
+    rows = []
+    for row in sequences[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
     return rows
 
+
+class _CountForwards:
+    """Counts calls of a module's forward (how many target-model forwards an HF decoding made) until closed."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.calls += 1
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def _hf_decoder(backbone, counter: _CountForwards, eos: set[int], pad: int, max_new_tokens: int, **kwargs):
+    def run(ids: torch.Tensor, mask: torch.Tensor | None):
+        before = counter.calls
+        seq = backbone.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **kwargs)
+        return _cut(seq, ids.shape[1], eos), None, counter.calls - before
+    return run
+
+
+def _our_decoder(module, eos: set[int], max_new_tokens: int, **options):
+    def run(ids: torch.Tensor, mask: torch.Tensor | None):
+        out = module.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **options)
+        return _cut(out.sequences, ids.shape[1], eos), out.stats, out.stats.backbone_forwards
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+class _PeakMemory:
+    """Peak memory of the code inside the ``with`` block, in MB above where it started (None if unknown)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mb = device, None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.used = _heap_in_use()
+            if self.used is not None:
+                self.start = self.peak = self.used()
+                self.stop = False
+                self.thread = threading.Thread(target=self._poll, daemon=True)
+                self.thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self.stop:
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+        elif self.used is not None:
+            self.stop = True
+            self.thread.join()
+            self.peak_mb = (max(self.peak, self.used()) - self.start) / 2**20
+
+
+def _heap_in_use() -> Callable[[], int] | None:
+    """Bytes the C heap has handed out (glibc ``mallinfo2``), where torch's CPU tensors live; None elsewhere."""
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def used() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd  # small blocks in use + large (mmap'd) blocks
+
+    return used
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _load_models(specs: list[str]):
+    """Load every ``--model``; artefacts on the same untouched base share one backbone object."""
+    from lightning_mtp.artifacts import MTP_CONFIG, read_mtp_config
+    from lightning_mtp.backbone import resolve_model_path
+    from lightning_mtp.module import MTPModule
+
+    modules = []
+    for spec in specs:
+        backbone = None
+        path = Path(resolve_model_path(spec))
+        if modules and (path / MTP_CONFIG).is_file():
+            config = read_mtp_config(path / MTP_CONFIG)
+            first = modules[0]
+            same_base = config.get("weights") == "method" and not config.get("lora")
+            if same_base and first.lora is None and config["base_model"]["name_or_path"] == first.backbone_ref:
+                backbone = first.backbone
+        modules.append(MTPModule.from_pretrained(spec, backbone=backbone))
+    return modules
+
+
+def _is_tiny_math(module) -> bool:
+    return Path(str(module.backbone_ref)).name == TINY_MATH_BASE
+
+
+def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool, draft_model: str | None,
+                   prompt_lookup_tokens: int, counter: _CountForwards) -> list[Decoder]:
+    from lightning_mtp.decoding.speculative import _eos_ids, pad_token_id
+
+    base = modules[0]
+    backbone = base.backbone
+    eos, pad = _eos_ids(backbone), pad_token_id(backbone)
+    decoders = [Decoder("hf_greedy", 1, _hf_decoder(backbone, counter, eos, pad, max_new_tokens), 0, "baseline")]
+    if peers:
+        decoders.append(Decoder("hf_prompt_lookup", 1, _hf_decoder(
+            backbone, counter, eos, pad, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens), 0, "peer"))
+        if draft_model is not None:
+            from lightning_mtp.backbone import load_backbone
+
+            assistant, _ = load_backbone(draft_model)
+            assistant.eval().to(base.device)
+            decoders.append(Decoder("hf_assisted", 1, _hf_decoder(
+                backbone, counter, eos, pad, max_new_tokens, assistant_model=assistant), 0, "peer"))
+    decoders.append(Decoder("ntp", 1, _our_decoder(base, eos, max_new_tokens, num_draft_tokens=0), 0, "baseline"))
+    method_entries = []
+    for i, module in enumerate(modules):
+        if module.method is None:
+            continue
+        for name, options in module.method.bench_entries():
+            method_entries.append((name, i, module, options))
+    names = [e[0] for e in method_entries]
+    for name, i, module, options in method_entries:
+        label = name if names.count(name) == 1 else f"{name}[{i}]"  # two models of one method: say which
+        decoders.append(Decoder(label, 1, _our_decoder(module, eos, max_new_tokens, **options), i, "method"))
+    if batch_size > 1:
+        at = f"@b{batch_size}"
+        decoders.append(Decoder("hf_greedy" + at, batch_size, _hf_decoder(backbone, counter, eos, pad, max_new_tokens),
+                                0, "baseline"))
+        decoders.append(Decoder("ntp" + at, batch_size, _our_decoder(base, eos, max_new_tokens, num_draft_tokens=0), 0,
+                                "baseline"))
+        for d in [d for d in decoders if d.kind == "method" and d.batch_size == 1]:
+            decoders.append(Decoder(d.name + at, batch_size, d.run, d.reference, "method"))
+    return decoders
+
+
+def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, max_new_tokens: int = 128,
+              repeats: int = 1, warmup: int = 2, batch_size: int = 8, peers: bool | None = None,
+              draft_model: str | None = None, prompt_lookup_tokens: int = 10, progress: bool = True) -> list[dict]:
+    """Time every decoder on ``prompts`` in one process, interleaved; return one JSON-ready row per entry.
+
+    ``modules`` are MTPModules (or a single one); the first one's backbone is the baseline's. ``peers`` (HF
+    prompt lookup and assisted generation) default to on for tiny-math models, whose draft model ships in
+    the zoo; ``batch_size`` > 1 adds batched entries.
+    """
+    modules = modules if isinstance(modules, (list, tuple)) else [modules]
+    base = modules[0]
+    tok = base.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer to encode the prompts with")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if peers is None:
+        peers = _is_tiny_math(base)
+    if peers and draft_model is None and _is_tiny_math(base):
+        draft_model = TINY_MATH_DRAFT
+    for m in modules:
+        m.eval()
+    counter = _CountForwards(base.backbone)
+    try:
+        decoders = build_decoders(modules, max_new_tokens=max_new_tokens, batch_size=batch_size, peers=peers,
+                                  draft_model=draft_model, prompt_lookup_tokens=prompt_lookup_tokens, counter=counter)
+        _time(decoders, base, tok, prompts, batch_size, repeats, warmup, progress)
+        references = _reference_outputs(modules, decoders, max_new_tokens, tok, prompts)
+    finally:
+        counter.close()
+    return [_row(d, decoders, references, answers, tok) for d in decoders]
+
+
+def _time(decoders: list[Decoder], base, tok, prompts: list[str], batch_size: int, repeats: int, warmup: int,
+          progress: bool) -> None:
+    from rich.progress import Progress
+
+    device = base.device
+    singles = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device) for p in prompts]
+    batches = []
+    if batch_size > 1:
+        side = tok.padding_side
+        tok.padding_side = "left"
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batches.append((enc["input_ids"].to(device), enc["attention_mask"].to(device)))
+        tok.padding_side = side
+    units = {1: [(ids, None) for ids in singles]}
+    if batch_size > 1:
+        units[batch_size] = batches
+
+    # warm-up (also drops decoders whose method cannot decode batches)
+    for d in list(decoders):
+        for ids, mask in units[d.batch_size][: max(1, warmup)]:
+            try:
+                d.run(ids, mask)
+            except ValueError:
+                if d.batch_size == 1:
+                    raise
+                decoders.remove(d)  # e.g. a lossy method mode that decodes one row at a time
+                break
+
+    with Progress(disable=not progress, transient=True) as bar:
+        for size in sorted({d.batch_size for d in decoders}):
+            group = [d for d in decoders if d.batch_size == size]
+            task = bar.add_task(f"bench (batch {size})", total=len(units[size]) * repeats * len(group))
+            for u, (ids, mask) in enumerate(units[size]):
+                times: dict[str, list[float]] = {d.name: [] for d in group}
+                for r in range(repeats):
+                    shift = (u + r) % len(group)
+                    for d in group[shift:] + group[:shift]:  # rotate who goes first
+                        t0 = time.perf_counter()
+                        rows, stats, forwards = d.run(ids, mask)
+                        times[d.name].append(time.perf_counter() - t0)
+                        bar.advance(task)
+                        if r == 0:
+                            d.outputs.extend(rows)
+                            d.forwards += forwards
+                            if stats is not None:
+                                d.stats = stats if d.stats is None else d.stats.merge(stats)
+                for d in group:
+                    d.seconds.append(statistics.median(times[d.name]))
+        task = bar.add_task("peak memory", total=len(decoders))
+        for d in decoders:
+            ids, mask = units[d.batch_size][0]
+            with _PeakMemory(device) as mem:
+                d.run(ids, mask)
+            d.peak_memory_mb = mem.peak_mb
+            bar.advance(task)
+
+
+def _reference_outputs(modules, decoders, max_new_tokens, tok, prompts) -> dict[int, list[list[int]]]:
+    """Each model's own backbone greedy output per prompt: what its lossless entries must reproduce."""
+    from lightning_mtp.decoding.speculative import _eos_ids
+
+    refs = {0: next(d for d in decoders if d.name == "hf_greedy").outputs}
+    singles = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
+    for i, module in enumerate(modules):
+        if i == 0 or module.backbone is modules[0].backbone:
+            refs[i] = refs[0]
+            continue
+        eos = _eos_ids(module.backbone)
+        refs[i] = [
+            _cut(module.generate(ids.to(module.device), max_new_tokens=max_new_tokens, num_draft_tokens=0).sequences,
+                 ids.shape[1], eos)[0]
+            for ids in singles
+        ]
+    return refs
+
+
+def _row(d: Decoder, decoders: list[Decoder], references, answers, tokenizer) -> dict:
+    def tps(entry: Decoder) -> float:
+        total = sum(entry.seconds)
+        return sum(len(o) for o in entry.outputs) / total if total else 0.0
+
+    hf = next(e for e in decoders if e.kind == "baseline" and e.name.startswith("hf_greedy") and e.batch_size == d.batch_size)
+    ntp = next(e for e in decoders if e.kind == "baseline" and e.name.startswith("ntp") and e.batch_size == d.batch_size)
+    new_tokens = sum(len(o) for o in d.outputs)
+    reference = references[d.reference]
+    row = {
+        "name": d.name,
+        "kind": d.kind,
+        "batch_size": d.batch_size,
+        "tokens_per_forward": 1.0,
+        "acceptance_per_position": None,
+        "cumulative_acceptance": None,
+        "tokens_per_second": tps(d),
+        "speedup_vs_hf": tps(d) / tps(hf) if tps(hf) else 0.0,
+        "speedup_vs_ntp": tps(d) / tps(ntp) if tps(ntp) else 0.0,
+        "accuracy": None,
+        "identical_to_ntp": sum(a == b for a, b in zip(d.outputs, reference, strict=True)) / max(1, len(d.outputs)),
+        "peak_memory_mb": d.peak_memory_mb,
+        "new_tokens": new_tokens,
+        "seconds": sum(d.seconds),
+    }
+    if d.stats is not None:
+        s = d.stats
+        steps = max(1, s.row_forwards - s.sequences)  # decode steps per row, prefills excluded
+        row.update(
+            tokens_per_forward=s.tokens_per_forward,
+            acceptance_per_position=s.acceptance_per_position,
+            cumulative_acceptance=s.cumulative_acceptance,
+            draft_ms_per_step=1000 * s.draft_seconds / steps,
+            verify_ms_per_step=1000 * s.verify_seconds / steps,
+        )
+    elif d.batch_size == 1 and d.forwards > len(d.outputs):  # HF entries: target forwards counted by a hook
+        row["tokens_per_forward"] = (new_tokens - len(d.outputs)) / (d.forwards - len(d.outputs))
+    if answers is not None and tokenizer is not None:
+        from lightning_mtp.data.tiny_math import answer_accuracy
+
+        row["accuracy"] = answer_accuracy(tokenizer.batch_decode(d.outputs, skip_special_tokens=True), answers)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- output
 
 COLUMNS = {  # JSON key: table header
     "name": "name",
@@ -162,7 +424,16 @@ COLUMNS = {  # JSON key: table header
     "acceptance_per_position": "AR per position",
     "draft_ms_per_step": "draft ms",
     "verify_ms_per_step": "verify ms",
+    "peak_memory_mb": "peak MB",
 }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return " ".join(f"{x:.2f}" for x in v) or "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -172,46 +443,111 @@ def print_table(rows: list[dict]) -> None:
     table = Table(title="lightning-mtp bench")
     for key, header in COLUMNS.items():
         table.add_column(header, justify="left" if key == "name" else "right", no_wrap=True)
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, list):
-            return " ".join(f"{x:.2f}" for x in v)
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
     for row in rows:
-        table.add_row(*[fmt(row.get(key)) for key in COLUMNS])
+        table.add_row(*[_fmt(row.get(key)) for key in COLUMNS])
     console = Console()
     if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
         console = Console(width=200)
     console.print(table)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(row.get(key)) for key in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(rows: list[dict], directory: str | Path) -> list[Path]:
+    """``speedup_vs_accuracy.png`` and ``acceptance.png`` (acceptance per draft position per entry)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        acc = row["accuracy"] if row["accuracy"] is not None else row["identical_to_ntp"]
+        marker = {"baseline": "s", "peer": "^", "method": "o"}[row["kind"]]
+        ax.scatter(row["speedup_vs_hf"], acc, marker=marker, s=40)
+        ax.annotate(row["name"], (row["speedup_vs_hf"], acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("speed-up over HF greedy (same batch size)")
+    ax.set_ylabel("task accuracy" if any(r["accuracy"] is not None for r in rows) else "identical to greedy")
+    ax.set_title("speed vs accuracy")
+    written = [_save(fig, directory / "speedup_vs_accuracy.png")]
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        ar = row.get("acceptance_per_position")
+        if ar:
+            ax.plot(range(1, len(ar) + 1), ar, marker="o", label=f"{row['name']} (tau {row['tokens_per_forward']:.2f})")
+    ax.set_xlabel("draft position j")
+    ax.set_ylabel("acceptance rate AR_j")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("acceptance per draft position")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    written.append(_save(fig, directory / "acceptance.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    """Write a figure through a temporary file and a rename, then close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="lightning-mtp bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="artefact directory or zoo name")
+    parser.add_argument("--model", action="append", required=True,
+                        help="artefact directory or zoo name; repeat to bench several models against one baseline "
+                             "(the first model's backbone)")
     parser.add_argument("--prompts", default="tiny-math", help="'tiny-math' or a JSONL file with a 'prompt' field")
     parser.add_argument("--n", type=int, default=50, help="number of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and decoder (median kept)")
+    parser.add_argument("--warmup", type=int, default=2, help="prompts decoded by every decoder before timing")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the batched entries (1: none)")
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument("--peers", dest="peers", action="store_true", default=None,
+                       help="run HF prompt lookup and assisted generation (default: on for tiny-math models)")
+    peers.add_argument("--no-peers", dest="peers", action="store_false")
+    parser.add_argument("--draft-model", default=None, help="draft model of hf_assisted (default for tiny-math: "
+                        f"{TINY_MATH_DRAFT})")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    parser.add_argument("--markdown", default=None, help="write the table to this Markdown file")
+    parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for flag, value, low in (("--repeats", args.repeats, 1), ("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1),
+                             ("--prompt-lookup-tokens", args.prompt_lookup_tokens, 1)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
     prompts, answers = load_prompts(args.prompts, args.n)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lightning_mtp.module import MTPModule
-
-    module = MTPModule.from_pretrained(args.model)
-    rows = run_bench(module, prompts, answers, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+    modules = _load_models(args.model)
+    rows = run_bench(modules, prompts, answers, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
+                     warmup=args.warmup, batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
+                     prompt_lookup_tokens=args.prompt_lookup_tokens)
     print_table(rows)
-    if args.json:
-        from lightning_mtp.artifacts import atomic_write_text
+    from lightning_mtp.artifacts import atomic_write_text
 
+    if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), markdown_table(rows))
+    if args.plots:
+        write_plots(rows, args.plots)
     return rows
