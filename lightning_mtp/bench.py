@@ -218,7 +218,7 @@ def _is_tiny_math(module) -> bool:
 
 
 def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool, draft_model: str | None,
-                   prompt_lookup_tokens: int, counter: _CountForwards) -> list[Decoder]:
+                   prompt_lookup_tokens: int, counter: _CountForwards, sweep: bool = False) -> list[Decoder]:
     from lightning_mtp.decoding.speculative import _eos_ids, pad_token_id
 
     base = modules[0]
@@ -240,7 +240,7 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
     for i, module in enumerate(modules):
         if module.method is None:
             continue
-        for name, options in module.method.bench_entries():
+        for name, options in module.method.bench_entries(sweep=sweep):
             method_entries.append((name, i, module, options))
     names = [e[0] for e in method_entries]
     for name, i, module, options in method_entries:
@@ -259,7 +259,8 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
 
 def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, max_new_tokens: int = 128,
               repeats: int = 1, warmup: int = 2, batch_size: int = 8, peers: bool | None = None,
-              draft_model: str | None = None, prompt_lookup_tokens: int = 10, progress: bool = True) -> list[dict]:
+              draft_model: str | None = None, prompt_lookup_tokens: int = 10, sweep: bool = False,
+              progress: bool = True) -> list[dict]:
     """Time every decoder on ``prompts`` in one process, interleaved; return one JSON-ready row per entry.
 
     ``modules`` are MTPModules (or a single one); the first one's backbone is the baseline's. ``peers`` (HF
@@ -282,7 +283,8 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     counter = _CountForwards(base.backbone)
     try:
         decoders = build_decoders(modules, max_new_tokens=max_new_tokens, batch_size=batch_size, peers=peers,
-                                  draft_model=draft_model, prompt_lookup_tokens=prompt_lookup_tokens, counter=counter)
+                                  draft_model=draft_model, prompt_lookup_tokens=prompt_lookup_tokens, counter=counter,
+                                  sweep=sweep)
         _time(decoders, base, tok, prompts, batch_size, repeats, warmup, progress)
         references = _reference_outputs(modules, decoders, max_new_tokens, tok, prompts)
     finally:
@@ -524,6 +526,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--draft-model", default=None, help="draft model of hf_assisted (default for tiny-math: "
                         f"{TINY_MATH_DRAFT})")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also run each method's speed/accuracy sweep (e.g. ConfAdapt thresholds, static draft lengths)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--markdown", default=None, help="write the table to this Markdown file")
@@ -540,7 +544,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     modules = _load_models(args.model)
     rows = run_bench(modules, prompts, answers, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                      warmup=args.warmup, batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
-                     prompt_lookup_tokens=args.prompt_lookup_tokens)
+                     prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep)
     print_table(rows)
     from lightning_mtp.artifacts import atomic_write_text
 

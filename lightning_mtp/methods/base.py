@@ -244,10 +244,12 @@ class MTPMethod(nn.Module):
         """Decode with one of the method's own modes (any of :attr:`decodings` but ``"speculative"``)."""
         raise ValueError(f"method {self.config.name!r} has no decoding {decoding!r}; choose one of {list(self.decodings)}")
 
-    def bench_entries(self) -> list[tuple[str, dict[str, Any]]]:
+    def bench_entries(self, sweep: bool = False) -> list[tuple[str, dict[str, Any]]]:
         """``(entry name, generate options)`` for each decoder ``lightning-mtp bench`` runs for this method.
 
-        Names start with the method's registered name; the default is its lossless speculative decoding.
+        Names start with the method's registered name (``mask_token/confadapt@0.9``); the default is its
+        lossless speculative decoding. ``sweep`` (``lightning-mtp bench --sweep``) asks for the method's
+        speed/accuracy curve too, e.g. several thresholds or draft lengths.
         """
         return [(self.config.name, {"decoding": "speculative"})]
 
