@@ -1,18 +1,26 @@
 """The artefact format: what ``MTPModule.save_pretrained`` writes and ``from_pretrained`` reads.
 
-Only what was trained is saved, next to ``mtp_config.json``::
+Only what was trained is saved, next to ``mtp_config.json`` and a model card::
 
-    mtp_config.json          method and its config, LoRA config, base model (name, vocab and hidden size),
-                             what the weights are, decoding defaults, metrics, library version
+    mtp_config.json          method and its config, LoRA config, what the weights are, base model (name, revision,
+                             vocab and hidden size, model type), decoding defaults (keyword arguments of
+                             ``MTPModule.generate``), metrics, library version
     mtp_method.safetensors   the method's own parameters (heads), when it has any
     adapter/                 the PEFT LoRA adapter, when one was trained
     config.json, model.safetensors, tokenizer files
                              the whole backbone, only when its own weights trained (full fine-tuning); the
                              artefact is then a loadable Hugging Face model directory too
+    README.md                the model card (``huggingface_hub.ModelCard``; see :mod:`lightning_mtp.hub`)
 
+``weights`` in ``mtp_config.json`` says which of these hold the model: ``"method"``, ``"method+adapter"``,
+``"full"``, or ``"native"`` (a model directory with a native MTP layer, see :mod:`lightning_mtp.convert`).
 A backbone trained with no method and no LoRA (``method=None``) is saved as a plain Hugging Face model
 directory, with no ``mtp_config.json``. Every write goes to a temporary sibling directory that replaces
 the target only when complete.
+
+Loading takes a local directory, a zoo name (:mod:`lightning_mtp.zoo`) or a Hub repo id (fetched through the
+cache, offline aware: :func:`lightning_mtp.hub.fetch`). A base model named by a Hub id is fetched the same way,
+at the revision the artefact recorded.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_mtp.backbone import ZOO_DIR, resolve_model_path
+from lightning_mtp.backbone import resolve_model_path
 
 __all__ = [
     "METHOD_WEIGHTS",
@@ -45,6 +54,10 @@ __all__ = [
 MTP_CONFIG = "mtp_config.json"
 METHOD_WEIGHTS = "mtp_method.safetensors"
 ADAPTER_DIR = "adapter"
+_KNOWN_KEYS = frozenset(
+    {"library", "library_version", "method", "lora", "weights", "native_layout", "base_model", "decoding", "metrics"}
+)
+_HUB_KWARGS = ("revision", "token", "endpoint", "cache_dir", "local_files_only")
 
 
 @contextlib.contextmanager
@@ -70,11 +83,17 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def _is_zoo_name(name: str) -> bool:
+    from lightning_mtp import zoo
+
+    return zoo.has(name)
+
+
 def resolve_base_reference(backbone_ref: str, save_dir: Path) -> str:
     """How a saved artefact names its base: a zoo name, a path relative to the artefact, or a Hub id."""
     if not backbone_ref:
         return backbone_ref
-    if (ZOO_DIR / backbone_ref).is_dir() and not os.path.isdir(backbone_ref):
+    if _is_zoo_name(backbone_ref) and not os.path.isdir(backbone_ref):
         return backbone_ref  # already a zoo name
     if os.path.isdir(backbone_ref):
         base = Path(backbone_ref).resolve()
@@ -86,13 +105,22 @@ def resolve_base_reference(backbone_ref: str, save_dir: Path) -> str:
 
 
 def read_mtp_config(path: Path) -> dict:
+    """Parse ``mtp_config.json``; warn by name about fields a newer lightning-mtp wrote that this one ignores."""
     try:
         config = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
     for key in ("method", "base_model"):
         if key not in config:
-            raise ValueError(f"{path} lacks the {key!r} field; is it an lightning-mtp artefact?")
+            raise ValueError(f"{path} lacks the {key!r} field; is it a lightning-mtp artefact?")
+    unknown = sorted(set(config) - _KNOWN_KEYS)
+    if unknown:
+        from lightning_mtp import __version__
+
+        warnings.warn(f"{path} has field(s) {unknown} unknown to lightning-mtp {__version__} (written by "
+                      f"{config.get('library_version', 'an unknown version')}); they are ignored", stacklevel=2)
     return config
 
 
@@ -131,9 +159,28 @@ def _save_backbone(module, directory: Path, dtype: torch.dtype | None) -> None:
         module.tokenizer.save_pretrained(directory)
 
 
-def save_artifact(module, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,
-                  metrics: dict | None = None) -> Path:
-    """Write ``module`` (an MTPModule) to ``save_directory``; see the module docstring for the layout."""
+def _base_revision(module) -> str | None:
+    """The commit the base was loaded at: recorded by zoo/Hub loading, or the one transformers read from the cache."""
+    revision = getattr(module, "base_revision", None)
+    if revision:
+        return revision
+    return getattr(module._base_model.config, "_commit_hash", None) or None
+
+
+def save_artifact(
+    module,
+    save_directory: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    metrics: dict | None = None,
+    *,
+    decoding: dict | None = None,
+    card: bool = True,
+) -> Path:
+    """Write ``module`` (an MTPModule) to ``save_directory``; see the module docstring for the layout.
+
+    ``metrics``: measured numbers to keep with the weights (e.g. ``{"rows": <bench --json rows>, "command": ...}``);
+    ``decoding``: generate keyword arguments to record as defaults (merged over the module's own).
+    """
     from lightning_mtp import __version__
 
     target = Path(save_directory)
@@ -150,6 +197,10 @@ def save_artifact(module, save_directory: str | os.PathLike, dtype: torch.dtype 
         if module.lora is not None:
             module.backbone.save_pretrained(tmp / ADAPTER_DIR)
         base = module._base_model
+        base_ref = resolve_base_reference(module.backbone_ref, target)
+        defaults = {"decoding": "speculative", "num_draft_tokens": module.num_draft_tokens}
+        defaults.update(getattr(module, "decoding_defaults", None) or {})
+        defaults.update(decoding or {})
         config = {
             "library": "lightning-mtp",
             "library_version": __version__,
@@ -157,52 +208,135 @@ def save_artifact(module, save_directory: str | os.PathLike, dtype: torch.dtype 
             "lora": module.lora,
             "weights": "full" if full else ("method+adapter" if module.lora is not None else "method"),
             "base_model": {
-                "name_or_path": resolve_base_reference(module.backbone_ref, target),
+                "name_or_path": base_ref,
+                "revision": _base_revision(module) if not os.path.isdir(str(module.backbone_ref)) else None,
                 "vocab_size": module.parts.vocab_size,
                 "hidden_size": module.parts.hidden_size,
                 "model_type": base.config.model_type,
             },
-            "decoding": {"num_draft_tokens": module.num_draft_tokens},
+            "decoding": defaults,
             "metrics": metrics or {},
         }
         (tmp / MTP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if card:
+            from lightning_mtp.hub import model_card
+
+            (tmp / "README.md").write_text(str(model_card(tmp, config=config, repo_id=target.name)))
     return target
 
 
-def load_artifact(cls, directory: str | os.PathLike, *, backbone=None, **kwargs: Any):
-    """Build ``cls`` (MTPModule) from an artefact directory or a plain Hugging Face model directory."""
-    path = Path(resolve_model_path(str(directory)))
+def _locate(directory: str | os.PathLike, hub: dict[str, Any]) -> tuple[Path, str | None]:
+    """The local directory of an artefact given as a path or a Hub id, and the Hub id when it came from the Hub."""
+    from lightning_mtp import hub as hub_mod
+
+    name = str(directory)
+    if os.path.isdir(name):
+        return Path(name), None
+    if hub_mod.is_hub_id(name):
+        return hub_mod.fetch(name, **hub), name
+    path = resolve_model_path(name)  # a zoo directory, or a clear error for a missing local path
+    if not os.path.isdir(path):
+        import difflib
+
+        from lightning_mtp import zoo
+
+        close = difflib.get_close_matches(name, zoo.names(), n=3, cutoff=0.5)
+        hint = f"; did you mean the zoo entr{'y' if len(close) == 1 else 'ies'} {close}?" if close else ""
+        raise ValueError(f"{name!r} is not a local directory, a zoo name or a Hub repo id ('namespace/name'){hint}")
+    return Path(path), None
+
+
+def _resolve_base(path: Path, base_ref: str, base_rev: str | None, hub: dict[str, Any]):
+    """The backbone argument for an artefact's base: a local directory, a zoo name, or a loaded native-MTP model."""
+    from lightning_mtp import convert
+    from lightning_mtp import hub as hub_mod
+
+    if base_ref and (path / base_ref).is_dir():
+        local = (path / base_ref).resolve()
+    elif _is_zoo_name(base_ref):
+        from lightning_mtp import zoo
+
+        local = zoo.weights_path(base_ref, **hub)
+    elif hub_mod.is_hub_id(base_ref):
+        local = hub_mod.fetch(base_ref, **{**hub, "revision": base_rev or hub.get("revision")})
+    else:
+        return base_ref  # a path that no longer exists: MTPModule says so
+    if convert.detect_native_layout(local) is not None:
+        return convert.load_native_backbone(local)
+    return str(local)
+
+
+def load_artifact(
+    cls,
+    directory: str | os.PathLike,
+    *,
+    backbone=None,
+    method_overrides: dict | None = None,
+    **kwargs: Any,
+):
+    """Build ``cls`` (MTPModule) from an artefact or a plain Hugging Face model (directory, zoo name or Hub id).
+
+    ``backbone`` replaces the base the artefact names; ``method_overrides`` changes method options that leave
+    the weights' shapes alone (e.g. fast_mtp ``num_steps``). Hub options (``revision``, ``token``, ``endpoint``,
+    ``cache_dir``, ``local_files_only``) apply to the artefact and its base; other ``kwargs`` go to ``cls``.
+    """
+    from lightning_mtp import convert, zoo
+
+    hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    name = str(directory)
+    if not os.path.isdir(name) and zoo.has(name):
+        return zoo.load_entry(zoo.info(name), method_overrides=method_overrides, backbone=backbone, **hub, **kwargs)
+    path, hub_id = _locate(directory, hub)
+    hub = {k: v for k, v in hub.items() if k != "revision"}  # the artefact's revision does not apply to its base
     if not (path / MTP_CONFIG).is_file():
-        if not path.is_dir():
-            raise ValueError(f"{str(directory)!r} is not a local directory; download it first or give a zoo name")
-        return cls(backbone=backbone or str(path), method=None, **kwargs)
+        if convert.detect_native_layout(path) is not None:
+            return convert.load_native_mtp(path, method=method_overrides or None, name_or_path=hub_id, **kwargs)
+        module = cls(backbone=backbone or str(path), method=None, **kwargs)
+        if hub_id is not None and backbone is None:
+            module.backbone_ref = hub_id
+        return module
     config = read_mtp_config(path / MTP_CONFIG)
-    base_ref = config["base_model"]["name_or_path"]
-    full = config.get("weights") == "full"
+    method = config["method"]
+    if method_overrides:
+        if method is None:
+            raise ValueError(f"{path} has no method; method options {sorted(method_overrides)} do not apply")
+        method = {**method, **method_overrides}
+    base = config["base_model"]
+    base_ref = base.get("name_or_path") or ""
+    weights = config.get("weights")
+    if weights == "native":
+        module = convert.load_native_mtp(path, method=method, name_or_path=hub_id, **kwargs)
+        module.decoding_defaults = dict(config.get("decoding") or {})
+        return module
+    full = weights == "full"
     if backbone is None:
-        if full:
-            backbone = str(path)
-        else:
-            backbone = str((path / base_ref).resolve()) if base_ref and (path / base_ref).is_dir() else base_ref
+        backbone = str(path) if full else _resolve_base(path, base_ref, base.get("revision"), hub)
+    tokenizer = None
+    if isinstance(backbone, tuple):  # a native-MTP base, loaded as its transformers architecture
+        backbone, tokenizer = backbone
     if full:
         kwargs.setdefault("freeze_backbone", False)
-    module = cls(backbone=backbone, method=config["method"], lora=config.get("lora"), **kwargs)
-    if isinstance(backbone, str):
+    module = cls(backbone=backbone, method=method, lora=config.get("lora"), **kwargs)
+    if tokenizer is not None:
+        module.tokenizer = tokenizer
+    if isinstance(backbone, str) or tokenizer is not None:
         module.backbone_ref = base_ref
-    want_v, want_h = config["base_model"]["vocab_size"], config["base_model"]["hidden_size"]
+    module.base_revision = base.get("revision")
+    module.decoding_defaults = dict(config.get("decoding") or {})
+    want_v, want_h = base["vocab_size"], base["hidden_size"]
     if (module.parts.vocab_size, module.parts.hidden_size) != (want_v, want_h):
         raise ValueError(
             f"{path} was trained on a base with vocab {want_v} and hidden size {want_h}, but the backbone "
             f"{base_ref!r} has vocab {module.parts.vocab_size} and hidden size {module.parts.hidden_size}"
         )
-    weights = path / METHOD_WEIGHTS
-    if module.method is not None and weights.is_file():
-        state = _read_safetensors(weights)
+    weights_file = path / METHOD_WEIGHTS
+    if module.method is not None and weights_file.is_file():
+        state = _read_safetensors(weights_file)
         own = module.method.state_dict()
         state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
         missing, unexpected = module.method.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{weights} does not fit method {config['method']['name']!r}: "
+            raise ValueError(f"{weights_file} does not fit method {config['method']['name']!r}: "
                              f"missing keys {missing}, unexpected keys {unexpected}")
     adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
     if module.lora is not None:

@@ -33,9 +33,14 @@ ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 
 
 def resolve_model_path(name: str) -> str:
-    """A local directory, a shipped zoo entry (``tiny-math-base`` -> ``zoo/tiny-math-base``), or a Hub id."""
+    """A local directory, a zoo entry (``tiny-math-base``: the directory of its weights, fetched through the Hub
+    cache for Hub entries; see :mod:`lightning_mtp.zoo`), or a Hub id."""
+    from lightning_mtp import zoo  # the zoo imports this module
+
     if os.path.isdir(name):
         return name
+    if zoo.has(name):
+        return str(zoo.weights_path(name))
     zoo_dir = ZOO_DIR / name
     if zoo_dir.is_dir():
         return str(zoo_dir)
@@ -43,7 +48,7 @@ def resolve_model_path(name: str) -> str:
     if looks_local or not name:
         raise ValueError(
             f"backbone {name!r} not found: no such directory, and it is not a zoo name "
-            f"(shipped: {sorted(p.name for p in ZOO_DIR.glob('*') if p.is_dir())}) or a Hub id"
+            f"(zoo: {zoo.names()}) or a Hub id"
         )
     return name  # a Hub id: from_pretrained resolves it (cache, or download when online)
 
@@ -55,21 +60,27 @@ def load_backbone(
     from_scratch: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    config_overrides: dict | None = None,
 ) -> tuple[PreTrainedModel, object | None]:
-    """Load ``(model, tokenizer)``. ``from_scratch`` builds random weights from the directory's config."""
+    """Load ``(model, tokenizer)``. ``from_scratch`` builds random weights from the directory's config;
+    ``config_overrides`` change config fields first (e.g. ``{"num_hidden_layers": 2}`` for a small draft model)."""
     path = resolve_model_path(name_or_path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        for key, value in (config_overrides or {}).items():
+            if not hasattr(config, key):
+                raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+            setattr(config, key, value)
         if from_scratch:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_config(config, **kwargs)
             if isinstance(torch_dtype, torch.dtype):
                 model = model.to(torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
     except OSError as err:
         raise ValueError(f"backbone {name_or_path!r} could not be loaded: {err}") from None
     try:

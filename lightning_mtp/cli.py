@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("lightning_mtp.cli:validate", "evaluate with a recipe: lightning-mtp validate --config RECIPE"),
     "generate": ("lightning_mtp.cli:generate", "stream a decode: lightning-mtp generate --model zoo/tiny-math-fastmtp --prompt TEXT"),
     "bench": ("lightning_mtp.bench:main", "compare decoders: lightning-mtp bench --model zoo/tiny-math-fastmtp --n 50"),
+    "distill": ("lightning_mtp.data.distill:main", "self-distil training data: lightning-mtp distill --model M --data D --out DIR"),
+    "zoo": ("lightning_mtp.zoo:main", "the model zoo: lightning-mtp zoo list | lightning-mtp zoo info NAME"),
+    "push": ("lightning_mtp.hub:main", "upload to the Hub in one commit: lightning-mtp push CKPT_OR_DIR --repo-id NAMESPACE/NAME"),
 }
 
 

@@ -32,8 +32,12 @@ class MTPModule(L.LightningModule):
             the method's parameters train) unless the method trains the backbone itself (mask_token), trained
             when ``method`` is None.
         from_scratch: build the backbone with random weights from the directory's ``config.json``
-            (used to train the tiny-math base model).
+            (used to train the tiny-math base and draft models).
+        config_overrides: fields of the backbone's config to change before building or loading it, e.g.
+            ``{"num_hidden_layers": 2}``.
         dtype: dtype the backbone is loaded in (``"auto"`` keeps the checkpoint's).
+        attn_implementation: transformers attention kernel (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``);
+            None lets transformers choose.
         trust_remote_code: passed to transformers; off unless you ask for it.
         learning_rate: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -49,7 +53,9 @@ class MTPModule(L.LightningModule):
         lora: dict | None = None,
         freeze_backbone: bool | None = None,
         from_scratch: bool = False,
+        config_overrides: dict | None = None,
         dtype: str = "auto",
+        attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.0,
@@ -68,7 +74,8 @@ class MTPModule(L.LightningModule):
             self.backbone_ref = getattr(backbone, "name_or_path", "") or ""
         else:
             model, self.tokenizer = load_backbone(
-                backbone, dtype=dtype, from_scratch=from_scratch, trust_remote_code=trust_remote_code
+                backbone, dtype=dtype, from_scratch=from_scratch, trust_remote_code=trust_remote_code,
+                config_overrides=config_overrides, attn_implementation=attn_implementation,
             )
             self.backbone_ref = backbone
         self.save_hyperparameters(
@@ -119,7 +126,8 @@ class MTPModule(L.LightningModule):
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask = batch.get("attention_mask")
         if self.method is None:
-            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=batch.get("position_ids"), labels=labels)
             loss = out.loss
             if stage == "val":
                 pred, tgt = out.logits[:, :-1].argmax(-1), labels[:, 1:]
@@ -268,6 +276,16 @@ class MTPModule(L.LightningModule):
         from lightning_mtp.artifacts import load_artifact
 
         return load_artifact(cls, directory, backbone=backbone, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None, **kwargs: Any):
+        """Save this module's artefact and upload it (with a model card) to ``repo_id`` as one commit.
+
+        The token comes from the usual ``huggingface_hub`` sources when None and is never printed; ``kwargs``
+        go to :func:`lightning_mtp.hub.push_to_hub` (``endpoint``, ``base_model``, ``metrics``, ...).
+        """
+        from lightning_mtp.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private=private, token=token, **kwargs)
 
 
 def _row_by_row(decode, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from helpers import REPO, save_tiny_math_shaped_model
 

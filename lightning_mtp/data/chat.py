@@ -170,7 +170,7 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], template: str, loss
         upto = render_chat(tokenizer, messages[: i + 1], template, where)
         if not (full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= pos):
             raise ValueError(
-                f"{where}: the chat template renders assistant turn {i} differently once later turns follow "
+                f"{where}: the chat template renders assistant message {i} differently once later turns follow "
                 "(it rewrites earlier turns, e.g. drops their reasoning), so the turn cannot be located in the "
                 "rendered chat; train on the final assistant turn only with loss_on='last_turn'"
             )

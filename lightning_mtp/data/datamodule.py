@@ -377,7 +377,8 @@ class SFTDataModule(L.LightningDataModule):
         enc = raw.map(encoder, batched=True, with_indices=True, remove_columns=raw.column_names, num_proc=self.num_proc,
                       desc=f"tokenizing {name}")
         counts = np.bincount(np.asarray(enc["status"], dtype=np.int64), minlength=len(STATUS_NAMES))
-        enc = enc.filter(lambda status: [s <= TRUNCATED for s in status], input_columns="status", batched=True)
+        enc = enc.filter(lambda status: [s <= TRUNCATED for s in status], input_columns="status", batched=True,
+                         desc=f"dropping unusable {name} records")
         stats = {STATUS_NAMES[k]: int(v) for k, v in enumerate(counts) if v}
         if len(enc) == 0:
             raise ValueError(f"{source}: no record left to train on ({stats}); check max_length, truncation and fields")

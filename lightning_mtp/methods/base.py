@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_mtp.backbone import BackboneParts
 
-__all__ = ["METHODS", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "register_method", "resolve_method"]
+__all__ = ["METHODS", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -128,6 +128,22 @@ def future_labels(labels: torch.Tensor, offset: int, position_ids: torch.Tensor 
     return out
 
 
+def main_head_metrics(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """The backbone's own next-token cross-entropy and accuracy on ``labels`` (logged as ``main_ce`` and
+    ``main_acc`` during validation, so joint training's effect on the main head shows)."""
+    with torch.no_grad():
+        target = future_labels(labels, 1, position_ids)  # (B, T) the token each position predicts
+        valid = target != -100
+        if not valid.any():
+            return {}
+        flat = logits[valid].float()  # (N, V)
+        return {
+            "main_ce": torch.nn.functional.cross_entropy(flat, target[valid]),
+            "main_acc": (flat.argmax(-1) == target[valid]).float().mean(),
+        }
+
+
 class Drafter:
     """Proposes draft tokens during decoding; one instance per generate call (it holds caches).
 
@@ -208,13 +224,15 @@ class MTPMethod(nn.Module):
             )
             hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm)
         loss, logs = self.loss(
-            module.parts, input_ids, labels, hidden, out.logits.argmax(-1),
+            module.parts, input_ids, labels, hidden, out.logits,
             attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None,
             position_ids=position_ids,
         )
         if trains_backbone and out.loss is not None:
             logs["ntp_loss"] = out.loss.detach()
             loss = loss + out.loss
+        if not module.training:  # the main head's own quality, to see whether joint training hurt it
+            logs.update(main_head_metrics(out.logits, labels, position_ids))
         return loss, logs
 
     def loss(
@@ -223,13 +241,14 @@ class MTPMethod(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         labels: torch.Tensor,  # (B, T), -100 where no loss
         hidden: torch.Tensor,  # (B, T, H) the backbone's final hidden states
-        backbone_pred: torch.Tensor,  # (B, T) the backbone's argmax next token at each position
+        backbone_logits: torch.Tensor,  # (B, T, V) the main head's logits (with gradient when the backbone trains)
         *,
         attention_mask: torch.Tensor | None = None,  # (B, 1, T, T) additive, only for non-causal layouts (packing)
         position_ids: torch.Tensor | None = None,  # (B, T), None means 0..T-1
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the training loss and, under ``"draft_correct"``, a (K, N) bool tensor of teacher-forced
-        matches with the backbone's greedy token (for acceptance metrics), plus anything else to log.
+        matches with the backbone's greedy token ``backbone_logits.argmax(-1)`` (for acceptance metrics), plus
+        anything else to log. Detach ``backbone_logits`` before using them as a teacher.
 
         Heads with attention must use ``attention_mask`` and ``position_ids`` when given, so that packed
         documents stay isolated as they are in the backbone. Labels are -100 wherever no loss belongs

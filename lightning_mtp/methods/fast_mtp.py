@@ -101,8 +101,9 @@ class FastMTPHead(MTPMethod):
         table[self.draft_ids] = torch.arange(len(self.draft_ids), device=ids.device)
         return torch.where(ids >= 0, table[ids.clamp(min=0)], ids)
 
-    def loss(self, parts, input_ids, labels, hidden, backbone_pred, *, attention_mask=None, position_ids=None):
+    def loss(self, parts, input_ids, labels, hidden, backbone_logits, *, attention_mask=None, position_ids=None):
         B, T = input_ids.shape
+        backbone_pred = backbone_logits.argmax(-1)  # (B, T) the backbone's greedy next token
         K, V = self.config.num_steps, parts.vocab_size
         positions = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device).expand(B, T)
         pad = 0

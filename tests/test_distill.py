@@ -1,0 +1,283 @@
+"""Self-distillation job: sharded and resumable, filtered, trainable, and through an OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import REPO, save_tiny_math_shaped_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_mtp import cli
+from lightning_mtp.data import tiny_math
+from lightning_mtp.data.datamodule import SelfDistill, SFTDataModule
+from lightning_mtp.data.distill import distill
+from lightning_mtp.data.files import load_source
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
+            "{% if add_generation_prompt %}Assistant:{% endif %}")
+PROMPTS = [f"Question: Ann has {i} pens and buys {i + 2} more. How many pens does she have?\nAnswer:" for i in range(10)]
+SAMPLING = SelfDistill(temperature=0.6, top_k=20, top_p=0.95, max_new_tokens=6, batch_size=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_math_shaped_model(tmp_path_factory.mktemp("distill") / "model")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def run(model, data, out, **kwargs):
+    kwargs = {"settings": SAMPLING, "shard_size": 3, "keep_unfinished": True, "progress": False, **kwargs}
+    return distill(str(model), data, out, **kwargs)
+
+
+def files(out: Path) -> dict[str, str]:
+    return {p.relative_to(out).as_posix(): p.read_text() for p in sorted(out.rglob("*.jsonl"))}
+
+
+def comparable(summary) -> dict:
+    return {k: v for k, v in vars(summary).items() if k not in ("out", "seconds")}
+
+
+class KillAtShard(L.Callback):
+    """Simulates a killed job: raises when the predict loop reaches shard number ``at`` of this run."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.at:
+            raise RuntimeError("killed")
+
+
+def test_killed_job_resumes_to_the_same_data_as_an_unbroken_run(model_dir, prompts_file, tmp_path):
+    full = run(model_dir, prompts_file, tmp_path / "full")
+    assert full.complete and (full.num_shards, full.generated, full.kept) == (4, 10, 10)
+
+    out = tmp_path / "part"
+    first = run(model_dir, prompts_file, out, max_shards=1)  # stop after one shard
+    assert not first.complete and (first.shards_done, first.num_shards) == (1, 4)
+    assert not (out / "data.jsonl").exists()
+    with pytest.raises(ValueError, match=r"distill job in '.*part' is not finished \(1/4 shards\); rerun"):
+        load_source(str(out))
+    with pytest.raises(RuntimeError, match="killed"):
+        run(model_dir, prompts_file, out, callbacks=[KillAtShard(1)])  # writes one more shard, dies in the next
+    assert sorted(p.name for p in (out / "shards").glob("shard-*")) == ["shard-000000.jsonl", "shard-000001.jsonl"]
+    stale = out / "shards" / ".shard-000002.jsonl.tmp-dead"
+    stale.write_text('{"id": 6, "prompt": "half a reco')  # what a kill during a write leaves behind
+
+    resumed = run(model_dir, prompts_file, out)
+    assert resumed.complete and comparable(resumed) == comparable(full)
+    assert files(out) == files(tmp_path / "full")  # every shard and the training data, byte for byte
+    assert not stale.exists()
+    data = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in data] == PROMPTS
+    assert sum(r["response_tokens"] for r in data) == resumed.response_tokens
+
+
+def test_a_different_job_in_the_same_directory_is_refused(model_dir, prompts_file, tmp_path):
+    run(model_dir, prompts_file, tmp_path / "job", max_shards=1)
+    other = SelfDistill(**{**vars(SAMPLING), "seed": 1})
+    with pytest.raises(ValueError, match=r"holds a different distill job \(differs in \['sampling'\]\).*overwrite"):
+        run(model_dir, prompts_file, tmp_path / "job", settings=other)
+    replaced = run(model_dir, prompts_file, tmp_path / "job", settings=other, overwrite=True)
+    assert replaced.complete and json.loads((tmp_path / "job" / "manifest.json").read_text())["job"]["sampling"]["seed"] == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"other exists and is not a distill job directory"):
+        run(model_dir, prompts_file, tmp_path / "other")
+
+
+def test_filters_summary_and_training_on_the_output(tmp_path):
+    """The shipped tiny-math base answers and stops: duplicates and length limits are filtered and counted."""
+    problems = [p.prompt for p in tiny_math.problems("validation", 4)]
+    base = REPO / "zoo" / "tiny-math-base"
+    greedy = SelfDistill(temperature=0.0, max_new_tokens=160, batch_size=8)
+    out = tmp_path / "job"
+    summary = distill(str(base), problems * 2, out, settings=greedy, shard_size=4, progress=False)
+    assert (summary.generated, summary.kept, summary.filtered) == (8, 4, {"duplicate": 4})
+    data = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in data] == problems and all(r["finish_reason"] == "stop" for r in data)
+    assert sum(r["response_tokens"] for r in data) == summary.response_tokens
+    assert sum(r["prompt_tokens"] for r in data) == summary.prompt_tokens
+    assert tiny_math.answer_accuracy([r["response"] for r in data], [p.answer for p in tiny_math.problems("validation", 4)]) >= 0.75
+    assert json.loads((out / "summary.json").read_text())["kept"] == 4
+
+    # the same finished job, filtered again without generating: a length cap drops the longest answers
+    cap = sorted(r["response_tokens"] for r in data)[1]
+    again = distill(str(base), problems * 2, out, settings=greedy, shard_size=4, progress=False, max_response_tokens=cap)
+    assert again.filtered["too_long"] == 2 * sum(r["response_tokens"] > cap for r in data) and again.kept < 4
+
+    dm = SFTDataModule(train=str(out), tokenizer=str(base), val_size=0, cache_dir=str(tmp_path / "cache"))
+    dm.setup("fit")
+    assert len(dm.train_set) == again.kept
+
+    cut = SelfDistill(temperature=0.0, max_new_tokens=8, batch_size=8)
+    with pytest.raises(ValueError, match=r"kept no record of 4 \(\{'unfinished': 4\}\); raise max_new_tokens"):
+        distill(str(base), problems, tmp_path / "short", settings=cut, progress=False)
+
+
+def test_tiny_math_self_distillation_is_generated_once_and_cached(tmp_path):
+    from lightning_mtp.backbone import load_backbone
+    from lightning_mtp.data.distill import cached_self_distill
+
+    model, tok = load_backbone("tiny-math-base")
+    problems = tiny_math.problems("validation", 4)
+    prompts = [p.prompt for p in problems] * 2
+    greedy = SelfDistill(temperature=0.0, max_new_tokens=160, batch_size=3)
+    kept_prompts, responses = cached_self_distill(model, tok, prompts, greedy, cache_dir=str(tmp_path))
+    (cache,) = tmp_path.glob("*.jsonl")
+    assert len(cache.read_text().splitlines()) == 8 and kept_prompts == prompts[:4]  # duplicates dropped
+    assert tiny_math.answer_accuracy(responses, [p.answer for p in problems]) >= 0.75
+    written = cache.stat().st_mtime_ns
+    assert cached_self_distill(model, tok, prompts, greedy, cache_dir=str(tmp_path)) == (kept_prompts, responses)
+    assert cache.stat().st_mtime_ns == written and len(list(tmp_path.glob("*.jsonl"))) == 1
+
+
+def test_chat_prompts_are_answered_after_the_last_user_message(model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    chats = [[{"role": "user", "content": "Add 2 and 3"}, {"role": "assistant", "content": "old answer"}],
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sum 4 5"}]]
+    greedy = SelfDistill(temperature=0.0, max_new_tokens=5, batch_size=1)
+    run(model_dir, [{"messages": c} for c in chats], tmp_path / "job", settings=greedy, chat_template=TEMPLATE,
+        system_prompt="Be brief")
+    data = [json.loads(line) for line in (tmp_path / "job" / "data.jsonl").read_text().splitlines()]
+    for chat, rec in zip(chats, data, strict=True):
+        history = [{"role": "system", "content": "Be brief"}, *[m for m in chat if m["content"] != "old answer"]]
+        assert rec["messages"][:-1] == history and rec["messages"][-1]["role"] == "assistant"
+        text = tok.apply_chat_template(history, chat_template=TEMPLATE, tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        new = model.generate(ids, do_sample=False, max_new_tokens=5)[0, ids.shape[1]:]
+        assert rec["messages"][-1]["content"] == tok.decode(new, skip_special_tokens=True)
+        assert rec["prompt_tokens"] == ids.shape[1]
+    with pytest.raises(ValueError, match=r"chat prompts\) needs a chat template, but tokenizer .* has none"):
+        run(model_dir, [{"messages": c} for c in chats], tmp_path / "no-template", settings=greedy)
+
+
+def test_cli_distill_and_its_errors(model_dir, prompts_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["distill", "--model", str(model_dir), "--data", prompts_file, "--out", str(out), "--max-new-tokens", "4",
+            "--batch-size", "4", "--shard-size", "5", "--keep-unfinished", "--no-progress"]
+    cli.main(args)
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    assert len((out / "data.jsonl").read_text().splitlines()) == 10
+    for extra, message in ((["--temperature", "-1"], "temperature must be >= 0"),
+                           (["--seed", "3"], "holds a different distill job (differs in ['sampling'])"),
+                           (["--prompt-field", "question", "--fields", "prompt_response"], "has no field 'question'")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(args + extra)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- server
+class TinyOpenAIServer:
+    """A loopback OpenAI-compatible server (``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``) that
+    answers with a tiny local model, seeded per request like vLLM; it records every request it served."""
+
+    def __init__(self, model_dir: Path, name: str = "tiny") -> None:
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.name, self.lock, self.requests = name, threading.Lock(), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
+                else:
+                    self._send(404, {"error": "not found"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path not in ("/v1/completions", "/v1/chat/completions") or body.get("model") != server.name:
+                    self._send(404, {"error": f"no {self.path} for model {body.get('model')!r}"})
+                    return
+                self._send(200, server.answer(self.path.endswith("chat/completions"), body))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def answer(self, chat: bool, body: dict) -> dict:
+        tok = self.tok
+        text = (tok.apply_chat_template(body["messages"], chat_template=TEMPLATE, tokenize=False, add_generation_prompt=True)
+                if chat else body["prompt"])
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        sample = body["temperature"] > 0
+        kwargs = dict(temperature=body["temperature"], top_k=body.get("top_k"), top_p=body["top_p"]) if sample else {}
+        with self.lock, torch.no_grad():
+            torch.manual_seed(body["seed"])
+            new = self.model.generate(ids, do_sample=sample, max_new_tokens=body["max_tokens"], pad_token_id=tok.pad_token_id,
+                                      **kwargs)[0, ids.shape[1]:].tolist()
+        finished = tok.eos_token_id in new
+        new = new[: new.index(tok.eos_token_id)] if finished else new
+        content = tok.decode(new, skip_special_tokens=True)
+        self.requests.append({"chat": chat, "body": body, "response": content})
+        choice = {"index": 0, "finish_reason": "stop" if finished else "length"}
+        choice.update({"message": {"role": "assistant", "content": content}} if chat else {"text": content})
+        return {"id": "x", "choices": [choice], "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new)}}
+
+    def __enter__(self) -> TinyOpenAIServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_generation_through_an_openai_compatible_server(model_dir, prompts_file, tmp_path):
+    with TinyOpenAIServer(model_dir) as server:
+        kw = {"server": server.url, "concurrency": 4}
+        full = run("tiny", prompts_file, tmp_path / "full", **kw)
+        assert full.complete and full.generated == 10 and len(server.requests) == 10
+        data = [json.loads(line) for line in (tmp_path / "full" / "data.jsonl").read_text().splitlines()]
+        served = {r["body"]["prompt"]: r for r in server.requests}
+        assert sorted(served) == sorted(PROMPTS) and not any(r["chat"] for r in server.requests)
+        for rec in data:  # what the server answered is what the job wrote
+            assert rec["response"] == served[rec["prompt"]]["response"]
+        body = server.requests[0]["body"]
+        assert (body["temperature"], body["top_k"], body["top_p"], body["max_tokens"]) == (0.6, 20, 0.95, 6)
+        assert len({r["body"]["seed"] for r in server.requests}) == 10  # one seed per prompt
+
+        part = run("tiny", prompts_file, tmp_path / "part", max_shards=2, **kw)  # resumes like local generation
+        assert not part.complete
+        assert comparable(run("tiny", prompts_file, tmp_path / "part", **kw)) == comparable(full)
+        assert files(tmp_path / "part") == files(tmp_path / "full")
+
+        chats = [{"messages": [{"role": "user", "content": "Sum 4 5"}, {"role": "assistant", "content": "old"}]}]
+        run("tiny", chats, tmp_path / "chat", system_prompt="Be brief", **kw)
+        assert server.requests[-1]["chat"]
+        assert server.requests[-1]["body"]["messages"] == [{"role": "system", "content": "Be brief"},
+                                                           {"role": "user", "content": "Sum 4 5"}]
+        rec = json.loads((tmp_path / "chat" / "data.jsonl").read_text())
+        assert rec["messages"][-1] == {"role": "assistant", "content": server.requests[-1]["response"]}
+
+        with pytest.raises(ValueError, match=r"serves \['tiny'\], not 'big'; pass one of them as model"):
+            run("big", prompts_file, tmp_path / "wrong", **kw)
+    with pytest.raises(ValueError, match=r"no OpenAI-compatible server answers at http://127\.0\.0\.1"):
+        run("tiny", prompts_file, tmp_path / "down", **kw)  # the server is gone
