@@ -323,6 +323,8 @@ def load_artifact(
         module.backbone_ref = base_ref
     module.base_revision = base.get("revision")
     module.decoding_defaults = dict(config.get("decoding") or {})
+    if method_overrides:  # the saved draft length belongs to the saved method config
+        module.decoding_defaults.pop("num_draft_tokens", None)
     want_v, want_h = base["vocab_size"], base["hidden_size"]
     if (module.parts.vocab_size, module.parts.hidden_size) != (want_v, want_h):
         raise ValueError(

@@ -65,6 +65,10 @@ def load_backbone(
     """Load ``(model, tokenizer)``. ``from_scratch`` builds random weights from the directory's config;
     ``config_overrides`` change config fields first (e.g. ``{"num_hidden_layers": 2}`` for a small draft model)."""
     path = resolve_model_path(name_or_path)
+    if not os.path.isdir(path):
+        from lightning_mtp.hub import fetch
+
+        path = str(fetch(path))  # a Hub id: through the cache, with one clear error when offline and not cached
     kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

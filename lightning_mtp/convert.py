@@ -15,10 +15,8 @@ the MTP layer onto :class:`~lightning_mtp.methods.mtp_block.MTPBlock`: ``enorm``
 of ``input_proj`` swap. Every tensor under the prefix is mapped and every head parameter is filled, or the
 conversion stops naming the key.
 
-Decoding note: the first draft token of the converted head equals MiMo's MTP layer exactly. MiMo (and
-SGLang/vLLM serving it) feed the *final-normed* MTP output back in for further draft steps, while FastMTPHead
-feeds the state before its final norm; later draft tokens can therefore differ slightly from the engines'.
-Verification keeps the output lossless either way; only acceptance can change.
+Decoding note: MiMo (and SGLang/vLLM serving it) feed the *final-normed* MTP output back in for further draft
+steps, so converted heads set ``recurse_on_normed=True`` and draft exactly as the engines do.
 
 :func:`export_native` goes the other way: a FastMTP head trained with lightning-mtp on a Qwen2-architecture
 base becomes a MiMo-layout model directory that vLLM and SGLang serve with their MTP speculative decoding.
@@ -101,7 +99,8 @@ NATIVE_LAYOUTS: dict[str, NativeLayout] = {
             ("mlp.", "block.layer.mlp."),
         ),
         swap_proj_halves=True,
-        default_method={"name": "fast_mtp", "num_steps": 1},  # MiMo's own layer was trained for one step ahead
+        # MiMo's own layer was trained for one step ahead; further steps recurse on its final-normed output
+        default_method={"name": "fast_mtp", "num_steps": 1, "recurse_on_normed": True},
         serving=_mimo_serving,
     ),
 }

@@ -111,6 +111,11 @@ class MTPModule(L.LightningModule):
             self.method.attach(self)
         k = 0 if self.method_config is None else self.method_config.num_draft_tokens
         self.val_acceptance = AcceptanceRate(max(k, 1))
+        self.decoding_defaults: dict[str, Any] = {}
+        """What :meth:`generate` uses for arguments the caller leaves out (``decoding``, ``num_draft_tokens`` and
+        the default mode's options); loaded artefacts and zoo entries fill it from their decoding config."""
+        self.base_revision: str | None = None
+        """The commit of the base model this module was loaded at, when known (recorded in saved artefacts)."""
 
     # ------------------------------------------------------------------ properties
     @property
@@ -196,7 +201,7 @@ class MTPModule(L.LightningModule):
         num_draft_tokens: int | None = None,
         generator: torch.Generator | None = None,
         streamer=None,
-        decoding: str = "speculative",
+        decoding: str | None = None,
         attention_mask: torch.Tensor | None = None,
         **options: Any,
     ):
@@ -205,13 +210,21 @@ class MTPModule(L.LightningModule):
         Rows of different lengths come left-padded with ``attention_mask`` (1 = token, 0 = padding), as from
         a tokenizer with ``padding_side="left"``; each row is decoded as it would be alone.
 
-        ``decoding="speculative"`` (the default) is lossless: the method drafts ``num_draft_tokens`` tokens
+        Arguments left out come from :attr:`decoding_defaults` (a loaded artefact's decoding config), else
+        ``decoding="speculative"``, which is lossless: the method drafts ``num_draft_tokens`` tokens
         (its configured K when None) and the backbone verifies them, so greedy output equals
         ``backbone.generate(do_sample=False)`` token for token and sampled output has the backbone's own
         distribution. ``num_draft_tokens=0`` decodes plain NTP through the same machinery (the fair
         baseline). Methods may offer modes of their own (see ``self.method.decodings``), which take
         their own ``options``.
         """
+        defaults = dict(self.decoding_defaults)
+        default_mode = defaults.pop("decoding", "speculative")
+        default_k = defaults.pop("num_draft_tokens", None)
+        if decoding is None:
+            decoding, options = default_mode, {**(defaults if default_mode != "speculative" else {}), **options}
+        if num_draft_tokens is None:
+            num_draft_tokens = default_k
         offered = ("speculative",) if self.method is None else self.method.decodings
         if decoding not in offered:
             raise ValueError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")

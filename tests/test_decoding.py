@@ -97,7 +97,10 @@ def test_greedy_matches_hf_with_trained_head(arch, trained_fast_mtp):
 
 
 @pytest.mark.parametrize(
-    "method", [FastMTP(num_steps=1), FastMTP(num_steps=2), FastMTP(num_steps=5), FastMTP(draft_vocab_size=16)], ids=str
+    "method",
+    [FastMTP(num_steps=1), FastMTP(num_steps=2), FastMTP(num_steps=5), FastMTP(draft_vocab_size=16),
+     FastMTP(recurse_on_normed=True)],
+    ids=str,
 )
 def test_greedy_matches_hf_for_any_method_config(method):
     model = make_backbone("mistral")

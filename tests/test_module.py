@@ -85,7 +85,8 @@ def test_save_and_load_round_trip(tmp_path):
     out_dir = module.save_pretrained(tmp_path / "art")
     config = json.loads((out_dir / "mtp_config.json").read_text())
     assert config["base_model"]["name_or_path"] == "../base"  # relative, never absolute
-    assert config["method"] == {"name": "fast_mtp", "num_steps": 2, "beta": 0.6, "draft_vocab_size": None}
+    assert config["method"] == {"name": "fast_mtp", "num_steps": 2, "beta": 0.6, "draft_vocab_size": None,
+                                "recurse_on_normed": False}
     assert not any(p.name.endswith(".tmp") or p.name.startswith(".") for p in tmp_path.iterdir())
     loaded = MTPModule.from_pretrained(out_dir)
     for (k, a), (k2, b) in zip(module.method.state_dict().items(), loaded.method.state_dict().items(), strict=True):
@@ -187,3 +188,16 @@ def test_fully_trained_backbone_is_saved_whole(tmp_path):
     loaded = MTPModule.from_pretrained(out)
     for (k, a), (_, b) in zip(module.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_generate_takes_left_out_arguments_from_the_decoding_defaults(tmp_path):
+    base = save_tiny_math_shaped_model(tmp_path / "base")
+    module = MTPModule(str(base), method="fast_mtp")  # K = 3
+    ids = module.tokenizer("Question: Ann has 4 pens.", return_tensors="pt")["input_ids"]
+    assert len(module.generate(ids, max_new_tokens=6).stats.accepted) == 3
+    module.decoding_defaults = {"decoding": "speculative", "num_draft_tokens": 1}
+    assert len(module.generate(ids, max_new_tokens=6).stats.accepted) == 1
+    assert len(module.generate(ids, max_new_tokens=6, num_draft_tokens=2).stats.accepted) == 2  # the caller wins
+    module.decoding_defaults = {"decoding": "confadapt"}
+    with pytest.raises(ValueError, match=r"unknown decoding 'confadapt'; this model offers \['speculative'\]"):
+        module.generate(ids, max_new_tokens=6)

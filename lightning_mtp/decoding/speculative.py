@@ -13,6 +13,19 @@ one rectangle: slots of rejected drafts that some other row still needs are kept
 (``valid``), each row carries its own position ids, and trailing slots no row needs are cropped. A row
 that finishes (EOS or its token budget) leaves the batch: its cache rows are dropped. With batch size 1
 there are never holes, so no masks or position ids are passed at all.
+
+Drafter hooks (see :class:`~lightning_mtp.methods.base.Drafter`):
+
+- shorter drafts: a drafter may propose fewer than K tokens, even none (fewer columns at batch size 1, a -1
+  tail per row in a batch). A step verifies each row's own drafts; when rows differ, the slots of a row's
+  missing drafts are hidden from it (masked out, and its later tokens take the positions right after its
+  own drafts).
+- appended tokens: a drafter may ask for tokens (``Drafter.appended_tokens``, e.g. K ``<MTP>`` mask tokens)
+  to ride along at the end of every forward, the prefill's included: ``[last token, d_1 .. d_k, a_1 .. a_A]``.
+  Their cache entries are cropped right after the forward, so they never reach a later step; their logits
+  and hidden states go to ``Drafter.draft`` as ``appended``, with ``complete`` marking the rows that accepted
+  every draft they verified (only there do the appended tokens sit right after the committed sequence). This
+  lets a model draft for the next step in the very forward that verifies this one.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
-from lightning_mtp.methods.base import Drafter
+from lightning_mtp.methods.base import AppendedOutputs, Drafter
 
 __all__ = ["DecodeStats", "GenerateOutput", "needs_row_by_row", "pad_token_id", "speculative_generate"]
 
@@ -154,9 +167,10 @@ def needs_row_by_row(model: PreTrainedModel) -> bool:
 _ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
-def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last_only: bool, attention_mask=None,
+def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
              position_ids=None):
-    """One backbone forward with the cache: logits, and the final hidden states when ``grab`` is given."""
+    """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
+    the final hidden states when ``grab`` is given."""
     kwargs = {"past_key_values": cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -164,8 +178,8 @@ def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last_only: bo
     cls = type(model)
     if cls not in _ACCEPTS_LOGITS_TO_KEEP:
         _ACCEPTS_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
-    if keep_last_only and _ACCEPTS_LOGITS_TO_KEEP[cls]:
-        kwargs["logits_to_keep"] = 1
+    if keep_last is not None and _ACCEPTS_LOGITS_TO_KEEP[cls]:
+        kwargs["logits_to_keep"] = keep_last
     out = model(input_ids=ids, **kwargs)
     return out.logits, (grab.get(out) if grab is not None else None)
 
@@ -230,6 +244,26 @@ def speculative_generate(
     return GenerateOutput(sequences=torch.cat([input_ids, tail], dim=1), stats=stats)
 
 
+def _split_appended(cache, logits: torch.Tensor, hidden: torch.Tensor | None, A: int):
+    """Drop the ``A`` appended tokens' cache entries and split their outputs off the forward's.
+
+    Returns ``(logits, hidden, appended)`` with ``appended.complete`` left for the caller to fill in.
+    """
+    if not A:
+        return logits, hidden, None
+    cache.crop(-A)  # a negative count removes that many trailing slots
+    appended = AppendedOutputs(logits[:, -A:], hidden[:, -A:] if hidden is not None else None, None)
+    return logits[:, :-A], (hidden[:, :-A] if hidden is not None else None), appended
+
+
+def _draft_lengths(drafts: torch.Tensor) -> list[int] | None:
+    """Each row's number of drafts when some row proposes fewer than the columns hold (a -1 tail), else None."""
+    missing = drafts < 0  # (b, k)
+    if drafts.shape[1] == 0 or not bool(missing.any()):
+        return None
+    return (~missing).long().cumprod(1).sum(1).tolist()
+
+
 def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
     """The (B, n) bool mask of real tokens, or None when every token is real. Padding must be on the left."""
     if attention_mask is None:
@@ -273,9 +307,18 @@ class _Decoder:
         valid = real
         pos = real.sum(1) if real is not None else None  # (b,) position id of the next token to feed
         position_ids = (real.long().cumsum(1) - 1).clamp(min=0) if real is not None else None  # like HF generate
+        append = self.drafter.appended_tokens(self.K) if self.K > 0 else None  # (A,) tokens riding along, or None
+        A = 0 if append is None else append.numel()
+        ids, mask = input_ids, (real.long() if real is not None else None)
+        if A:
+            append = append.to(device=device, dtype=input_ids.dtype)
+            ids = torch.cat([input_ids, append.expand(B, A)], dim=1)  # (B, n + A)
+            if real is not None:
+                mask = torch.cat([mask, mask.new_ones(B, A)], dim=1)
+                position_ids = torch.cat([position_ids, pos[:, None] + torch.arange(A, device=device)], dim=1)
         t0 = time.perf_counter()
-        logits, hidden = _forward(model, input_ids, cache, self.grab, True,
-                                  real.long() if real is not None else None, position_ids)
+        logits, hidden = _forward(model, ids, cache, self.grab, 1 + A, mask, position_ids)
+        logits, hidden, appended = _split_appended(cache, logits, hidden, A)
         stats.backbone_forwards += 1
         stats.row_forwards += B
         token = self.pick(logits[:, -1])  # (B,)
@@ -290,7 +333,9 @@ class _Decoder:
         if self.K > 0 and not all(done):
             t0 = time.perf_counter()
             next_ids = torch.cat([input_ids[:, 1:], token[:, None]], dim=1)  # (B, n): the token after each position
-            drafts, draft_probs = self.drafter.draft(hidden, next_ids, self.K, self.probs_fn, self.generator, real)
+            extra = {} if appended is None else {"appended": appended._replace(complete=token.new_ones(B, dtype=torch.bool))}
+            drafts, draft_probs = self.drafter.draft(hidden, next_ids, self.K, self.probs_fn, self.generator, real,
+                                                     **extra)
             stats.draft_seconds += time.perf_counter() - t0
 
         while True:
@@ -310,17 +355,41 @@ class _Decoder:
                     draft_probs = draft_probs[idx] if draft_probs is not None else None
             b = len(keep)
             remaining = [self.max_new_tokens - len(generated[r]) for r in rows.tolist()]
-            budget = [min(self.K, r - 1) for r in remaining] if drafts is not None else [0] * b  # per-row drafts
+            lengths = None  # each row's own number of drafts, None while every row fills all the columns
+            if drafts is None:
+                budget = [0] * b
+            else:
+                lengths = _draft_lengths(drafts)
+                if lengths is not None:
+                    drafts = drafts.clamp(min=0)  # the -1 tails become harmless ids in slots their rows never see
+                width = drafts.shape[1]
+                budget = [min(self.K, width if lengths is None else lengths[i], r - 1) for i, r in enumerate(remaining)]
             k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
+            # rows with fewer drafts than k must not see the other rows' extra slots
+            seen_drafts = [min(n, k) for n in lengths] if lengths is not None else None  # per row, or all k
+            short = seen_drafts is not None and min(seen_drafts) < k
 
-            # ---- verify: one forward over [token, d_1 .. d_k] for every row
+            # ---- verify: one forward over [token, d_1 .. d_k, appended] for every row
             t0 = time.perf_counter()
             step_ids = token[:, None] if k == 0 else torch.cat([token[:, None], drafts[:, :k]], dim=1)  # (b, 1 + k)
+            if A:
+                step_ids = torch.cat([step_ids, append.expand(b, A)], dim=1)  # (b, 1 + k + A)
+            seen = None  # (b, 1 + k + A) bool: the step's slots each row sees; None when every row sees all
+            if short:
+                seen = torch.ones(b, 1 + k + A, dtype=torch.bool, device=device)
+                seen[:, 1 : 1 + k] = torch.arange(k, device=device) < torch.tensor(seen_drafts, device=device)[:, None]
+                if valid is None:  # the first time rows differ: from now on every row carries its own positions
+                    slots = cache.get_seq_length()
+                    valid = torch.ones(b, slots, dtype=torch.bool, device=device)
+                    pos = torch.full((b,), slots, device=device)
             mask = step_pos = None
             if valid is not None:
-                mask = torch.cat([valid, valid.new_ones(b, 1 + k)], dim=1).long()  # (b, slots + 1 + k)
-                step_pos = pos[:, None] + torch.arange(1 + k, device=device)  # (b, 1 + k)
-            logits, hidden = _forward(model, step_ids, cache, self.grab, k == 0, mask, step_pos)
+                step = seen if seen is not None else valid.new_ones(b, 1 + k + A)
+                mask = torch.cat([valid, step], dim=1).long()  # (b, slots + 1 + k + A)
+                step_pos = pos[:, None] + step.long().cumsum(1) - 1  # (b, 1 + k + A); a hidden slot repeats one
+            logits, hidden = _forward(model, step_ids, cache, self.grab, 1 if k == 0 and A == 0 else None, mask,
+                                      step_pos)
+            logits, hidden, appended = _split_appended(cache, logits, hidden, A)
             stats.backbone_forwards += 1
             stats.row_forwards += b
             if k == 0:
@@ -394,8 +463,12 @@ class _Decoder:
                     m = torch.tensor(accepted, device=device)[:, None]  # (b, 1)
                     next_ids = next_ids.scatter(1, m, nxt[:, None])
                     cols = torch.arange(1 + kept, device=device) <= m
+                extra = {}
+                if appended is not None:  # they follow the row's last verified slot: usable where all were accepted
+                    verified = torch.tensor(seen_drafts if short else [k] * b, device=device)
+                    extra["appended"] = appended._replace(complete=torch.tensor(accepted, device=device) == verified)
                 drafts, draft_probs = self.drafter.draft(hidden[:, : kept + 1], next_ids, self.K, self.probs_fn,
-                                                         self.generator, cols)
+                                                         self.generator, cols, **extra)
                 stats.draft_seconds += time.perf_counter() - t0
 
         if self.streamer is not None:

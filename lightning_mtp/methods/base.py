@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import yaml
@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_mtp.backbone import BackboneParts
 
-__all__ = ["METHODS", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
+__all__ = ["METHODS", "AppendedOutputs", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -144,6 +144,14 @@ def main_head_metrics(logits: torch.Tensor, labels: torch.Tensor, position_ids: 
         }
 
 
+class AppendedOutputs(NamedTuple):
+    """What the backbone made of the tokens a drafter asked to append (:meth:`Drafter.appended_tokens`)."""
+
+    logits: torch.Tensor  # (B, a, V) the backbone's logits at the appended positions
+    hidden: torch.Tensor | None  # (B, a, H) their final hidden states (None when the decoder has none)
+    complete: torch.Tensor  # (B,) bool: the row committed every position before the appended tokens
+
+
 class Drafter:
     """Proposes draft tokens during decoding; one instance per generate call (it holds caches).
 
@@ -156,7 +164,20 @@ class Drafter:
     ``probs_fn`` is given (sampling), each draft's full probability row so the decoder can run rejection
     sampling. Drafts are sampled with ``generator`` (the one passed to ``generate``) so a seeded generator
     makes sampling reproducible. When rows finish, the decoder calls :meth:`select` with the rows that go on.
+
+    A drafter may propose fewer than ``k`` tokens, even none: at batch size 1 it returns fewer columns; in a
+    batch a shorter row fills its tail with -1. The decoder verifies each row's own drafts only.
+
+    A drafter that reads the backbone itself (mask-token MTP) asks, through :meth:`appended_tokens`, for tokens
+    to ride along at the end of every backbone forward (the prefill's too), after the drafts being verified.
+    They cost no extra forward: their cache entries are dropped right after it, and what the backbone made
+    of them reaches :meth:`draft` as ``appended``. Those outputs continue the committed sequence only in rows
+    whose every verified draft was accepted (``appended.complete``); other rows must draft without them.
     """
+
+    def appended_tokens(self, k: int) -> torch.Tensor | None:
+        """Token ids (a,) to append after the ``k`` drafts of every forward, or None (the default) for none."""
+        return None
 
     def draft(
         self,
@@ -166,7 +187,8 @@ class Drafter:
         probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
         valid: torch.Tensor | None = None,  # (B, m) bool: columns holding committed positions; None = all
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, k), (B, k, V) or None
+        appended: AppendedOutputs | None = None,  # passed only when appended_tokens() asks for tokens
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # (B, k), (B, k, V) or None; fewer columns allowed
         raise NotImplementedError
 
     def select(self, rows: torch.Tensor) -> None:

@@ -41,6 +41,9 @@ class FastMTP(MethodConfig):
     """Decay of the per-step loss weights a_k = beta^(k-1) / sum_j beta^(j-1)."""
     draft_vocab_size: int | None = None
     """Vocabulary compression: keep the N most frequent training tokens in the draft head (None = all)."""
+    recurse_on_normed: bool = False
+    """Feed step k+1 the head's output after its final norm (as MiMo's MTP layer and the serving engines do)
+    instead of before it (as DeepSeek-V3's MTP modules do)."""
 
     @property
     def num_draft_tokens(self) -> int:
@@ -93,6 +96,10 @@ class FastMTPHead(MTPMethod):
             bias = None if bias is None else bias[self.draft_ids]
         return F.linear(hn, weight, bias)
 
+    def recur(self, out: torch.Tensor) -> torch.Tensor:
+        """The state one application hands to the next: its output, final-normed if ``recurse_on_normed``."""
+        return self.block.final_norm(out) if self.config.recurse_on_normed else out
+
     def _to_draft_vocab(self, ids: torch.Tensor, V: int) -> torch.Tensor:
         """Map full-vocabulary target ids to draft-vocabulary indices; ids outside the subset become -100."""
         if self.draft_ids is None:
@@ -111,10 +118,11 @@ class FastMTPHead(MTPMethod):
         logs: dict[str, torch.Tensor] = {}
         correct = []
         chain_valid = future_labels(labels, K + 1, position_ids) != -100  # (B, T) positions where every step has a target
-        h = hidden
+        h = hidden  # (B, T, H) what step 1 consumes: the backbone's final hidden state
         for k, a_k in enumerate(self.config.loss_weights(), start=1):
-            h = self.block(parts, h, future_tokens(input_ids, k, pad), positions, attention_mask=attention_mask)  # (B, T, H)
-            logits = self.logits(parts, h).float()  # (B, T, V')
+            out = self.block(parts, h, future_tokens(input_ids, k, pad), positions, attention_mask=attention_mask)
+            logits = self.logits(parts, out).float()  # (B, T, V')
+            h = self.recur(out)  # (B, T, H) what step k + 1 consumes
             target = self._to_draft_vocab(future_labels(labels, k + 1, position_ids), V)  # (B, T)
             ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
             ce = torch.nan_to_num(ce)  # a batch with no valid target at this depth
@@ -208,7 +216,7 @@ class FastMTPDrafter(Drafter):
                     pos = (self.positions + j)[:, None]  # (B, 1)
                     seen = torch.cat([self.slots, self.slots.new_ones(B, j + 1)], dim=1)  # drafts so far + this one
                     mask = slot_mask(seen, 1, h.dtype)  # (B, 1, 1, slots + j + 1)
-                h = head.block(parts, h, tok[:, None], pos, self.cache, attention_mask=mask)  # (B, 1, H)
+                h = head.block(parts, head.recur(h), tok[:, None], pos, self.cache, attention_mask=mask)  # (B, 1, H)
                 self.speculative += 1
         draft = torch.stack(tokens, dim=1)  # (B, k)
         return draft, (torch.stack(probs, dim=1) if probs else None)  # (B, k), (B, k, V)

@@ -3,7 +3,8 @@
 ``h_out = layer(proj([enorm(embed(t)); hnorm(h)]))``, with logits ``lm_head(final_norm(h_out))``. The
 decoder layer is an instance of the backbone's own decoder-layer class, built from its config, and the
 embedding and output head are the backbone's (shared, frozen). The concatenation puts the embedding
-first, as DeepSeek-V3's and MiMo's released MTP weights do, so their ``eh_proj`` maps onto ``proj``.
+first, as DeepSeek-V3's released MTP weights do, so its ``eh_proj`` maps onto ``proj`` as is; MiMo puts the
+hidden state first, and :mod:`lightning_mtp.convert` swaps the two halves of its projection.
 """
 
 from __future__ import annotations
