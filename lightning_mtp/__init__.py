@@ -3,7 +3,26 @@
 __version__ = "0.1.0"
 
 from lightning_mtp import zoo  # noqa: E402
-from lightning_mtp.methods import METHODS, FastMTP, MethodConfig, register_method  # noqa: E402
+from lightning_mtp.methods import (  # noqa: E402
+    METHODS,
+    MTPD,
+    FastMTP,
+    MaskToken,
+    MethodConfig,
+    extend_heads,
+    register_method,
+)
 from lightning_mtp.module import MTPModule  # noqa: E402
 
-__all__ = ["METHODS", "FastMTP", "MTPModule", "MethodConfig", "register_method", "zoo", "__version__"]
+__all__ = [
+    "METHODS",
+    "MTPD",
+    "FastMTP",
+    "MaskToken",
+    "MTPModule",
+    "MethodConfig",
+    "extend_heads",
+    "register_method",
+    "zoo",
+    "__version__",
+]

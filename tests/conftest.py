@@ -69,9 +69,14 @@ def greedy_batch(model: PreTrainedModel, prompts: list[torch.Tensor], new_tokens
 
 def train_fast_mtp(model: PreTrainedModel, steps: int = 40, lr: float = 3e-3, **method):
     """An MTPModule whose FastMTP head was self-distilled for ``steps`` AdamW steps on ``model``'s greedy output."""
+    return train_method(model, {"name": "fast_mtp", **method}, steps=steps, lr=lr)
+
+
+def train_method(model: PreTrainedModel, method, steps: int = 40, lr: float = 3e-3):
+    """An MTPModule whose ``method`` was trained for ``steps`` AdamW steps on ``model``'s own greedy output."""
     from lightning_mtp import MTPModule
 
-    module = MTPModule(model, method={"name": "fast_mtp", **method})
+    module = MTPModule(model, method=method)
     batch = greedy_batch(model, training_prompts(), new_tokens=24)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
     torch.manual_seed(0)

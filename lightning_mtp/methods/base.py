@@ -105,17 +105,18 @@ def _coerce_strings(cls: type[MethodConfig], kwargs: dict[str, Any]) -> dict[str
     return out
 
 
-def future_tokens(ids: torch.Tensor, offset: int, fill: int) -> torch.Tensor:
+def future_tokens(ids: torch.Tensor, offset: int, fill: float) -> torch.Tensor:
     """``out[:, i] = ids[:, i + offset]``, and ``fill`` where ``i + offset`` runs past the end.
 
     The one place that says which token lies k positions ahead: a head at position i that is fed the
-    token ``future_tokens(ids, k)`` predicts ``future_tokens(labels, k + 1)``.
+    token ``future_tokens(ids, k)`` predicts ``future_tokens(labels, k + 1)``, and the main head's logits for
+    that same token are ``future_tokens(logits, k)``. ``ids`` is (B, T) or (B, T, ...).
     """
-    B, T = ids.shape  # (B, T)
-    out = ids.new_full((B, T), fill)
+    T = ids.shape[1]
+    out = ids.new_full(ids.shape, fill)  # (B, T, ...)
     if offset < T:
         out[:, : T - offset] = ids[:, offset:]
-    return out  # (B, T)
+    return out
 
 
 def future_labels(labels: torch.Tensor, offset: int, position_ids: torch.Tensor | None = None) -> torch.Tensor:

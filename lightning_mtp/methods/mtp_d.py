@@ -1,0 +1,388 @@
+"""MTP-D: K sequential MTP heads trained with self-distillation, and their looped extension.
+
+Zhao, Xie et al., "Self-Distillation for Multi-Token Prediction", arXiv 2603.23911 (no public code; this is
+a library implementation from the paper's description, with the open choices below made configurable).
+
+Heads. Head k (k = 1..K) is a DeepSeek-V3-style :class:`MTPBlock` (the backbone's own decoder-layer class)
+with weights of its own. At position i it takes head k-1's state h^{k-1}_i (h^0 = the backbone's final
+hidden state) and the embedding of the token k positions ahead, and predicts the token k + 1 ahead through
+the backbone's shared, frozen output head.
+
+Loss. ``sum_k alpha_k * CE(head_k, ground truth) + sum_k beta_k * KL_k``. The teacher of head k at position
+i is the main head's distribution for the same token (the backbone's logits at position i + k), detached
+(stop-gradient: the main head gets no gradient from distillation). Our choices where the paper is silent:
+
+- the KL runs over the teacher's ``top_n`` logits (default: 10,000 as in the paper, or the whole vocabulary
+  if smaller), both distributions renormalised over that set, at ``temperature`` (default 1), scaled by
+  ``temperature**2`` as in Hinton et al. so its gradient does not shrink with the temperature;
+- ``kl_direction="forward"`` is KL(teacher || student) (classic distillation: the student covers the
+  teacher's mass); ``"reverse"`` is KL(student || teacher) (mode seeking);
+- ``alpha_k = 1`` (the paper's CE weights are unknown) and ``beta_k = 1`` (the paper's value);
+  ``beta = 0`` is plain multi-head MTP, the paper's baseline.
+
+Looped extension. :func:`extend_heads` turns a trained K-head model into one with more heads: new head
+K + i starts as a copy of head i (cyclically), the backbone and the K trained heads are frozen
+(``frozen_heads``), and only the new heads train. Without training it is the paper's training-free loop.
+Recipes do the same with ``init_from`` (a trained mtp_d artefact or zoo name) and ``frozen_heads``.
+
+Decoding. The heads draft a chain, head k proposing draft token k, verified by the shared lossless decoder.
+Each head keeps its own KV cache over committed positions. Head k at position i needs the token i + k, so
+its committed entries lag one position behind head k-1's: after every verify step head k ingests the new
+positions it can now see (fed by head k-1's outputs, the first of them carried over from the previous step),
+and in the same call runs its k-1 speculative chain rows (positions L-k+2..L, fed the drafts so far),
+whose last row proposes draft k. The speculative entries are dropped at the next step. One head call per
+head per step, as FastMTP's one call per application.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from lightning_mtp.backbone import BackboneParts, slot_mask
+from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_labels, future_tokens, register_method
+from lightning_mtp.methods.mtp_block import MTPBlock
+
+__all__ = ["MTPD", "MTPDHeads", "MTPDDrafter", "distillation_kl", "extend_heads"]
+
+PAPER_TOP_N = 10_000
+
+
+@register_method("mtp_d")
+@dataclass
+class MTPD(MethodConfig):
+    """MTP-D: K sequential heads trained with CE and self-distillation from the main head."""
+
+    num_heads: int = 4
+    """K: sequential MTP heads, and draft tokens per decoding step."""
+    alpha: float | list[float] = 1.0
+    """CE weight of each head (one value for all, or one per head)."""
+    beta: float | list[float] = 1.0
+    """Distillation (KL) weight of each head; 0 gives plain multi-head MTP."""
+    top_n: int | None = None
+    """KL over the teacher's top-N logits; None: the paper's 10,000, or the whole vocabulary if smaller."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions in the KL (the KL is scaled by temperature**2)."""
+    kl_direction: str = "forward"
+    """"forward": KL(teacher || student); "reverse": KL(student || teacher)."""
+    frozen_heads: int = 0
+    """The first N heads do not train (the looped extension trains only the new heads)."""
+    init_from: str | None = None
+    """A trained mtp_d artefact directory or zoo name whose heads initialise these, copied cyclically (head
+    i <- head i mod K_trained). Used once, when the module is built; saved artefacts hold the heads themselves."""
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self.num_heads
+
+    def validate(self) -> None:
+        if not isinstance(self.num_heads, int) or isinstance(self.num_heads, bool) or self.num_heads < 1:
+            raise ValueError(f"mtp_d num_heads (K) must be an integer >= 1, got {self.num_heads!r}")
+        for name in ("alpha", "beta"):
+            values = self.per_head(name)
+            if any(not isinstance(v, (int, float)) or v < 0 for v in values):
+                raise ValueError(f"mtp_d {name} must be >= 0 (one number or one per head), got {getattr(self, name)!r}")
+        if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
+            raise ValueError(f"mtp_d top_n must be an integer >= 1 or None, got {self.top_n!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"mtp_d temperature must be > 0, got {self.temperature!r}")
+        if self.kl_direction not in ("forward", "reverse"):
+            raise ValueError(f"mtp_d kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
+        if not isinstance(self.frozen_heads, int) or not 0 <= self.frozen_heads < self.num_heads:
+            raise ValueError(f"mtp_d frozen_heads must be in [0, num_heads={self.num_heads}), got {self.frozen_heads!r}")
+
+    def per_head(self, name: str) -> list[float]:
+        """``alpha`` or ``beta`` as one weight per head."""
+        value = getattr(self, name)
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.num_heads:
+                raise ValueError(f"mtp_d {name} has {len(value)} values for {self.num_heads} heads: give one or "
+                                 f"{self.num_heads}")
+            return list(value)
+        return [value] * self.num_heads
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "init_from": None}  # the saved heads replace what init_from gave
+
+    def build(self, parts: BackboneParts) -> MTPDHeads:
+        return MTPDHeads(self, parts)
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, top_n: int, temperature: float = 1.0,
+                    direction: str = "forward") -> torch.Tensor:
+    """Mean KL between (N, V) logit rows over the teacher's ``top_n`` entries, both renormalised there.
+
+    ``teacher`` must already be detached. Scaled by ``temperature**2``.
+    """
+    if top_n < teacher.shape[-1]:
+        idx = teacher.topk(top_n, dim=-1).indices  # (N, n)
+        teacher, student = teacher.gather(-1, idx), student.gather(-1, idx)  # (N, n)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    if direction == "forward":
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    else:
+        kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+class MTPDHeads(MTPMethod):
+    def __init__(self, config: MTPD, parts: BackboneParts) -> None:
+        super().__init__(config)
+        V = parts.vocab_size
+        if config.top_n is not None and config.top_n > V:
+            raise ValueError(f"mtp_d top_n {config.top_n} exceeds the backbone's vocabulary ({V}); use at most {V}, "
+                             "or None for min(10000, vocabulary)")
+        self.top_n = config.top_n if config.top_n is not None else min(PAPER_TOP_N, V)
+        self.heads = nn.ModuleList([MTPBlock(parts) for _ in range(config.num_heads)])  # K separate modules
+        for head in self.heads[: config.frozen_heads]:
+            head.requires_grad_(False)
+
+    def attach(self, module) -> None:
+        if self.config.init_from:
+            self.copy_heads_from(_read_trained_heads(self.config.init_from, module.parts))
+
+    def copy_heads_from(self, state: dict[str, torch.Tensor]) -> None:
+        """Initialise head i from head ``i mod K_trained`` of a trained mtp_d state dict (``heads.<k>.*`` keys)."""
+        trained = sorted({int(key.split(".")[1]) for key in state if key.startswith("heads.")})
+        if not trained or trained != list(range(len(trained))):
+            raise ValueError(f"expected mtp_d head weights 'heads.0.*' .. 'heads.K-1.*', got heads {trained}")
+        with torch.no_grad():
+            for i, head in enumerate(self.heads):
+                source = i % len(trained)
+                prefix = f"heads.{source}."
+                own = head.state_dict()
+                sub = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+                if set(sub) != set(own):
+                    raise ValueError(f"trained head {source} does not fit: missing {sorted(set(own) - set(sub))}, "
+                                     f"unexpected {sorted(set(sub) - set(own))}")
+                head.load_state_dict({k: v.to(own[k].dtype) for k, v in sub.items()})
+
+    def logits(self, parts: BackboneParts, head: MTPBlock, out: torch.Tensor) -> torch.Tensor:
+        """(..., H) head output -> (..., V) logits through the shared output head."""
+        return parts.lm_head(head.final_norm(out))
+
+    def loss(self, parts, input_ids, labels, hidden, backbone_logits, *, attention_mask=None, position_ids=None):
+        cfg = self.config
+        B, T = input_ids.shape
+        positions = position_ids if position_ids is not None else torch.arange(T, device=input_ids.device).expand(B, T)
+        teacher_all = backbone_logits.detach()  # (B, T, V) stop-gradient: the main head is the teacher
+        backbone_pred = teacher_all.argmax(-1)  # (B, T)
+        chain_valid = future_labels(labels, cfg.num_heads + 1, position_ids) != -100  # (B, T) every head has a target
+        total = hidden.new_zeros((), dtype=torch.float32)
+        logs: dict[str, torch.Tensor] = {}
+        correct = []
+        h = hidden  # (B, T, H) what head 1 consumes
+        for k, (head, a_k, b_k) in enumerate(zip(self.heads, cfg.per_head("alpha"), cfg.per_head("beta"), strict=True),
+                                             start=1):
+            h = head(parts, h, future_tokens(input_ids, k, 0), positions, attention_mask=attention_mask)  # (B, T, H)
+            logits = self.logits(parts, head, h)  # (B, T, V): head k at i predicts token i + k + 1
+            target = future_labels(labels, k + 1, position_ids)  # (B, T)
+            valid = target != -100
+            if valid.any():
+                student = logits[valid].float()  # (N, V)
+                ce = F.cross_entropy(student, target[valid])
+                logs[f"ce_{k}"] = ce.detach()
+                total = total + a_k * ce
+                if b_k > 0:
+                    teacher = future_tokens(teacher_all, k, 0.0)[valid]  # (N, V) main head's logits for token i + k + 1
+                    kl = distillation_kl(student, teacher, self.top_n, cfg.temperature, cfg.kl_direction)
+                    logs[f"kl_{k}"] = kl.detach()
+                    total = total + b_k * kl
+            correct.append((logits.argmax(-1) == future_tokens(backbone_pred, k, -1))[chain_valid])  # (N,)
+        logs["draft_correct"] = torch.stack(correct)  # (K, N)
+        return total, logs
+
+    def drafter(self, parts: BackboneParts) -> MTPDDrafter:
+        return MTPDDrafter(self, parts)
+
+
+def _read_trained_heads(reference: str, parts: BackboneParts) -> dict[str, torch.Tensor]:
+    """The head weights of a trained mtp_d artefact (directory or zoo name), checked against this backbone."""
+    from lightning_mtp.artifacts import METHOD_WEIGHTS, MTP_CONFIG, _read_safetensors, read_mtp_config
+    from lightning_mtp.backbone import resolve_model_path
+
+    path = Path(resolve_model_path(reference))
+    if not (path / MTP_CONFIG).is_file():
+        raise ValueError(f"mtp_d init_from {reference!r} is not a saved lightning-mtp artefact (no {MTP_CONFIG})")
+    config = read_mtp_config(path / MTP_CONFIG)
+    method = config.get("method") or {}
+    if method.get("name") != "mtp_d":
+        raise ValueError(f"mtp_d init_from {reference!r} holds method {method.get('name')!r}, not 'mtp_d'")
+    base = config["base_model"]
+    if (base["vocab_size"], base["hidden_size"]) != (parts.vocab_size, parts.hidden_size):
+        raise ValueError(f"mtp_d init_from {reference!r} was trained on a base with vocab {base['vocab_size']} and "
+                         f"hidden size {base['hidden_size']}, but this backbone has vocab {parts.vocab_size} and "
+                         f"hidden size {parts.hidden_size}")
+    return _read_safetensors(path / METHOD_WEIGHTS)
+
+
+def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
+    """A new MTPModule with ``num_heads`` mtp_d heads: the trained ones kept, new head K + i copied from head i.
+
+    The backbone is shared with ``module``. With ``freeze_trained`` the old heads do not train (the looped
+    extension); decoding the result without training is the paper's training-free loop.
+    """
+    from lightning_mtp.module import MTPModule
+
+    cfg = module.method_config
+    if cfg is None or cfg.name != "mtp_d":
+        raise ValueError(f"extend_heads needs an mtp_d model, got method {None if cfg is None else cfg.name!r}")
+    if num_heads <= cfg.num_heads:
+        raise ValueError(f"extend_heads: the model has {cfg.num_heads} heads; extend to more than that, got {num_heads}")
+    if module.lora is not None:
+        raise ValueError("extend_heads: merge or drop the LoRA adapter first (the extension freezes the backbone)")
+    new_cfg = dataclasses.replace(cfg, num_heads=num_heads, frozen_heads=cfg.num_heads if freeze_trained else 0,
+                                  init_from=None)
+    hp = module.hparams
+    extended = MTPModule(module.backbone, method=new_cfg, freeze_backbone=True, learning_rate=hp.learning_rate,
+                         weight_decay=hp.weight_decay, betas=tuple(hp.betas), warmup_ratio=hp.warmup_ratio,
+                         min_lr_ratio=hp.min_lr_ratio)
+    extended.tokenizer, extended.backbone_ref = module.tokenizer, module.backbone_ref
+    extended.method.copy_heads_from(module.method.state_dict())
+    return extended
+
+
+class MTPDDrafter(Drafter):
+    """Chain drafting with K heads, each with its own KV cache (see the module docstring for the schedule).
+
+    Per head j (0-based; head j drafts token j + 1): ``carry[j]`` is its output at its last committed position
+    (``carry_valid[j]`` says, per row, whether it has one yet), ``committed[j]`` counts its committed cache
+    entries and ``spec[j]`` the speculative chain entries dropped at the next call. Everything is kept
+    column-aligned with the decoder's ``next_ids``: head j's column c sits one position before head j-1's.
+    Batches (B > 1) mask the entries a row cannot use (``slots[j]``) and carry per-row positions
+    (``positions[j]``), as the decoder does for the backbone; at batch size 1 the unusable columns are always
+    leading ones and are sliced off instead, so no masks are built.
+    """
+
+    def __init__(self, method: MTPDHeads, parts: BackboneParts) -> None:
+        self.method, self.parts = method, parts
+        K = len(method.heads)
+        self.caches = [DynamicCache() for _ in range(K)]
+        self.carry: list[torch.Tensor | None] = [None] * K  # (B, 1, H)
+        self.carry_valid: list[torch.Tensor | None] = [None] * K  # (B,) bool
+        self.committed = [0] * K
+        self.spec = [0] * K
+        self.slots: list[torch.Tensor | None] = [None] * K  # (B, committed) bool, batches only
+        self.positions: list[torch.Tensor | None] = [None] * K  # (B,) committed positions, batches only
+
+    def select(self, rows: torch.Tensor) -> None:
+        for j, cache in enumerate(self.caches):
+            cache.batch_select_indices(rows)
+            for state in (self.carry, self.carry_valid, self.slots, self.positions):
+                if state[j] is not None:
+                    state[j] = state[j][rows]
+
+    def draft(
+        self,
+        hidden: torch.Tensor,
+        next_ids: torch.Tensor,
+        k: int,
+        probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        method, parts = self.method, self.parts
+        K = len(method.heads)
+        if k > K:
+            raise ValueError(f"mtp_d has {K} heads, so it drafts at most {K} tokens per step; got num_draft_tokens={k}")
+        B, m = next_ids.shape
+        H = hidden.shape[-1]
+        device = next_ids.device
+        batched = B > 1
+        for j, cache in enumerate(self.caches):
+            if self.spec[j]:
+                cache.crop(-self.spec[j])  # a negative count removes that many trailing entries
+                self.spec[j] = 0
+        if batched and self.slots[0] is None:  # from the first batched call on, every head tracks slots
+            for j in range(K):
+                self.slots[j] = torch.ones(B, self.committed[j], dtype=torch.bool, device=device)
+                self.positions[j] = torch.full((B,), self.committed[j], device=device)
+        old_carry, old_valid = list(self.carry), list(self.carry_valid)  # before this call's commits
+        no = torch.zeros(B, dtype=torch.bool, device=device)
+
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        h_full = hidden  # (B, m, H) head j's input, column-aligned with next_ids (j = 0: the backbone's states)
+        cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m) committed
+        v_full = cols
+        chain_out = hidden[:, :0]  # (B, rows, H) head j-1's chain outputs, positions L-j+2 .. L
+        for j, head in enumerate(method.heads):
+            if j:  # head j sees head j-1's committed outputs one position later: its old carry, then the new ones
+                carry = old_carry[j - 1] if old_carry[j - 1] is not None else hidden.new_zeros(B, 1, H)
+                carry_ok = old_valid[j - 1] if old_valid[j - 1] is not None else no
+                h_full = torch.cat([carry, h_full], dim=1)[:, :m]  # (B, m, H)
+                v_full = torch.cat([carry_ok[:, None], v_full], dim=1)[:, :m] & cols  # (B, m) within the new columns
+            # committed rows: at batch size 1 the unusable columns lead, and are cut off
+            start = 0 if batched else (int(v_full[0].long().argmax()) if bool(v_full.any()) else m)
+            h_in, ids_in, v_in = h_full[:, start:], next_ids[:, start:], v_full[:, start:]
+            n_in = m - start
+
+            # chain rows (only while drafts are wanted): positions L-j+1 .. L, fed head j-1's new carry and
+            # chain outputs, and drafts 1..j; rows at negative positions (short prompts) do not exist
+            rows = j if j < k else 0
+            if not batched:  # at batch size 1 drop the rows at negative positions: L + 1 = head 0's entries
+                rows = min(rows, self.committed[0])
+            if rows:
+                carry = self.carry[j - 1] if self.carry[j - 1] is not None else hidden.new_zeros(B, 1, H)
+                chain_h = torch.cat([carry, chain_out], dim=1)[:, -rows:]  # (B, rows, H)
+                chain_ids = torch.stack(tokens[-rows:], dim=1)  # (B, rows)
+            else:
+                chain_h, chain_ids = h_in[:, :0], ids_in[:, :0]
+
+            if batched:
+                pos_in = self.positions[j][:, None] + (v_in.long().cumsum(1) - 1).clamp(min=0)  # (B, n_in)
+                self.slots[j] = torch.cat([self.slots[j], v_in], dim=1)
+                self.positions[j] = self.positions[j] + v_in.sum(1)
+                last = self.positions[0] - 1  # (B,) L: each row's last committed position
+                pos_chain = last[:, None] - j + 1 + torch.arange(rows, device=device)  # (B, rows)
+                chain_ok = pos_chain >= 0
+                pos = torch.cat([pos_in, pos_chain.clamp(min=0)], dim=1)  # (B, n_in + rows)
+                mask = slot_mask(torch.cat([self.slots[j], chain_ok], dim=1), n_in + rows, hidden.dtype)
+            else:
+                first = self.committed[j]
+                pos = torch.arange(first, first + n_in + rows, device=device).expand(B, -1)
+                mask = None
+            x_h = torch.cat([h_in, chain_h], dim=1)  # (B, n_in + rows, H)
+            x_ids = torch.cat([ids_in, chain_ids], dim=1)  # (B, n_in + rows)
+            if x_h.shape[1]:
+                out = head(parts, x_h, x_ids, pos, self.caches[j], attention_mask=mask)  # (B, n_in + rows, H)
+            else:  # nothing this head can see yet (a prompt shorter than its lag) and no draft wanted from it
+                out = x_h
+            self.committed[j] += n_in
+            self.spec[j] = x_h.shape[1] - n_in
+
+            # head j's committed outputs, column-aligned again, and its new carry
+            committed = out[:, :n_in]
+            if start:
+                committed = torch.cat([committed.new_zeros(B, start, H), committed], dim=1)  # (B, m, H)
+            if bool(v_full.any()):
+                last_col = (v_full.long() * torch.arange(m, device=device)).argmax(1)  # (B,) last usable column
+                new = committed[torch.arange(B, device=device), last_col][:, None]  # (B, 1, H)
+                has = v_full.any(1)  # (B,)
+                if self.carry[j] is None:
+                    self.carry[j], self.carry_valid[j] = new, has
+                else:
+                    self.carry[j] = torch.where(has[:, None, None], new, self.carry[j])
+                    self.carry_valid[j] = has | self.carry_valid[j]
+            h_full, chain_out = committed, out[:, n_in:]
+
+            if j < k:  # draft token j + 1: head j's output at position L (its last chain row; head 0: its carry)
+                h_last = out[:, -1:] if j else self.carry[0]  # (B, 1, H)
+                logits = method.logits(parts, head, h_last)[:, -1]  # (B, V)
+                if probs_fn is None:
+                    tokens.append(logits.argmax(-1))  # (B,)
+                else:
+                    p = probs_fn(logits)  # (B, V)
+                    tokens.append(sample(p, generator))
+                    probs.append(p)
+        drafts = torch.stack(tokens, dim=1)  # (B, k)
+        return drafts, (torch.stack(probs, dim=1) if probs else None)
