@@ -7,11 +7,24 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO, save_tiny_math_shaped_model
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_mtp.module import MTPModule
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+class CPUTrainer(Trainer):
+    """A Trainer that builds a recipe's GPU-only strategy (FSDP, DeepSpeed) as given, keeps it as
+    ``gpu_strategy``, and runs on this CPU machine with the default strategy instead."""
+
+    def __init__(self, *args, strategy="auto", accelerator="auto", devices="auto", **kwargs):
+        gpu_strategy = None
+        if not isinstance(strategy, str) and type(strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy"):
+            gpu_strategy, strategy, accelerator, devices = strategy, "auto", "cpu", 1
+        super().__init__(*args, strategy=strategy, accelerator=accelerator, devices=devices, **kwargs)
+        self.gpu_strategy = gpu_strategy
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +44,13 @@ def test_recipe_parses_and_instantiates(recipe, tiny_dir, tmp_path, monkeypatch)
     args = ["--config", str(recipe), "--model.backbone", str(tiny_dir)]
     if "init_from:" in recipe.read_text():  # heads trained on the real base do not fit the tiny one
         args += ["--model.method.init_from", "null"]
-    cli = LightningCLI(MTPModule, run=False, args=args)
+    cli = LightningCLI(MTPModule, run=False, args=args, trainer_class=CPUTrainer)
     assert isinstance(cli.model, MTPModule)
     assert cli.datamodule is not None
     assert cli.trainer.max_steps > 0
+    if "FSDPStrategy" in recipe.read_text():  # built from the recipe, then swapped for this CPU machine
+        assert type(cli.trainer.gpu_strategy).__name__ == "FSDPStrategy"
+        assert cli.trainer.gpu_strategy.kwargs["use_orig_params"]  # frozen backbone next to trained heads
 
 
 def test_unknown_recipe_key_is_an_error(tiny_dir, tmp_path, monkeypatch, capsys):
