@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is named in the same pip call so pip takes the CPU wheel instead of pulling CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint bench base clean
+.PHONY: install demo test lint docs bench base clean
 
 $(BIN)/lightning-mtp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,22 @@ demo: install
 		--trainer.logger.init_args.save_dir runs/demo --trainer.callbacks.init_args.dirpath runs/demo/tiny-math-fastmtp
 	$(BIN)/lightning-mtp bench --model runs/demo/tiny-math-fastmtp --prompts tiny-math --n 50 --json runs/demo/bench.json
 
+# mkdocs --strict: a broken link, a missing page or an API reference that no longer resolves fails the build.
+# (Not --quiet: it hides the warnings that --strict counts.) Its log is shown only when the build fails.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+MKDOCS_QUIET := log=$$($(MKDOCS) 2>&1) || { echo "$$log"; exit 1; }
+
 test: install
 	$(BIN)/ruff check lightning_mtp tests
+	@$(MKDOCS_QUIET)
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check lightning_mtp tests
+
+# The documentation site (MkDocs Material, API reference from the docstrings) in site/.
+docs: install
+	$(MKDOCS)
 
 # Re-create the shipped tiny-math base from scratch (about an hour on 2 CPU cores).
 base: install
@@ -34,7 +44,9 @@ base: install
 	$(BIN)/lightning-mtp fit --config recipes/tiny-math/base.yaml
 
 bench: install
-	$(BIN)/lightning-mtp bench --model zoo/tiny-math-fastmtp --prompts tiny-math --n 50 --repeats 3 --json benchmarks/tiny-math-fastmtp.json
+	$(BIN)/lightning-mtp bench --model tiny-math-fastmtp --model tiny-math-mtpd --model tiny-math-mtpd-loop8 \
+		--model tiny-math-mask-token --n 50 --repeats 3 --threads 1 \
+		--json benchmarks/tiny-math.json --markdown benchmarks/tiny-math.md --plots benchmarks/plots
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

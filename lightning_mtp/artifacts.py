@@ -191,11 +191,16 @@ def save_artifact(
         full = module.trains_backbone_weights
         if full:
             _save_backbone(module, tmp, dtype)
-        tensors = {} if module.method is None else {k: v.detach().contiguous() for k, v in module.method.state_dict().items()}
+        tensors = {} if module.method is None else {k: v.detach().contiguous()
+                                                     for k, v in module.method.artifact_state_dict().items()}
         if tensors:
             save_file(_cast(tensors, dtype), str(tmp / METHOD_WEIGHTS), metadata={"format": "pt"})
         if module.lora is not None:
             module.backbone.save_pretrained(tmp / ADAPTER_DIR)
+            (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # PEFT's blank card: ours is the top-level one
+            if dtype is not None:  # PEFT writes the adapter in its training dtype
+                adapter = tmp / ADAPTER_DIR / "adapter_model.safetensors"
+                save_file(_cast(_read_safetensors(adapter), dtype), str(adapter), metadata={"format": "pt"})
         base = module._base_model
         base_ref = resolve_base_reference(module.backbone_ref, target)
         defaults = {"decoding": "speculative", "num_draft_tokens": module.num_draft_tokens}
@@ -336,7 +341,9 @@ def load_artifact(
         state = _read_safetensors(weights_file)
         own = module.method.state_dict()
         state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-        missing, unexpected = module.method.load_state_dict(state, strict=False)
+        module.method.load_state_dict(state, strict=False)
+        missing = sorted(set(module.method.artifact_state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"{weights_file} does not fit method {config['method']['name']!r}: "
                              f"missing keys {missing}, unexpected keys {unexpected}")

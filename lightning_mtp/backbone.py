@@ -165,6 +165,30 @@ def slot_mask(valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tens
 _LAYER_KWARGS: dict[type, frozenset[str]] = {}
 
 
+_CACHE_KWARG: dict[type, str] = {}
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside PEFT, FSDP and activation-checkpoint wrappers (which take ``**kwargs``)."""
+    if hasattr(module, "get_base_model"):
+        module = module.get_base_model()
+    while (nxt := getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "_checkpoint_wrapped_module", None)) \
+            is not None:
+        module = nxt
+    return module
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The keyword a model's or decoder layer's ``forward`` takes its KV cache under: ``cache`` (transformers >= 5.24),
+    else ``past_key_values`` (or a layer's older ``past_key_value``)."""
+    cls = type(_unwrap(module))
+    if cls not in _CACHE_KWARG:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KWARG[cls] = next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
+                                 "past_key_values")
+    return _CACHE_KWARG[cls]
+
+
 def call_decoder_layer(
     layer: nn.Module,
     parts: BackboneParts,
@@ -180,7 +204,7 @@ def call_decoder_layer(
     block-diagonal mask of packed documents; without it an explicit causal mask is passed for several
     query rows (correct for eager and sdpa alike) and none for one row (it sees every cached key).
     """
-    cls = type(layer)
+    cls = type(_unwrap(layer))  # FSDP and activation-checkpoint wrappers take **kwargs: read the layer inside
     if cls not in _LAYER_KWARGS:
         sig = inspect.signature(cls.forward).parameters
         _LAYER_KWARGS[cls] = frozenset(sig)
@@ -196,8 +220,7 @@ def call_decoder_layer(
     if "position_embeddings" in accepted and parts.rotary_emb is not None:
         kwargs["position_embeddings"] = parts.rotary_emb(hidden, position_ids)
     if cache is not None:
-        key = "past_key_values" if "past_key_values" in accepted else "past_key_value"
-        kwargs[key] = cache
+        kwargs[cache_kwarg(layer)] = cache
         kwargs["use_cache"] = True
         if "cache_position" in accepted:
             kwargs["cache_position"] = torch.arange(past, past + q_len, device=hidden.device)

@@ -18,7 +18,6 @@ extra untimed run per entry (CUDA: the allocator's peak; CPU with glibc: the pea
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import statistics
@@ -194,7 +193,8 @@ def _heap_in_use() -> Callable[[], int] | None:
 
 
 def _load_models(specs: list[str]):
-    """Load every ``--model``; artefacts on the same untouched base share one backbone object."""
+    """Load every ``--model``; artefacts on the same untouched base share one backbone object, LoRA adapters are
+    merged into their backbone (:meth:`MTPModule.merge_lora`)."""
     from lightning_mtp.artifacts import MTP_CONFIG, read_mtp_config
     from lightning_mtp.backbone import resolve_model_path
     from lightning_mtp.module import MTPModule
@@ -210,7 +210,7 @@ def _load_models(specs: list[str]):
             if same_base and first.lora is None and config["base_model"]["name_or_path"] == first.backbone_ref:
                 backbone = first.backbone
         modules.append(MTPModule.from_pretrained(spec, backbone=backbone))
-    return modules
+    return [m.merge_lora() for m in modules]  # decode LoRA models as they are served: merged
 
 
 def _is_tiny_math(module) -> bool:
@@ -260,12 +260,13 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
 def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, max_new_tokens: int = 128,
               repeats: int = 1, warmup: int = 2, batch_size: int = 8, peers: bool | None = None,
               draft_model: str | None = None, prompt_lookup_tokens: int = 10, sweep: bool = False,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, model_names: list[str] | None = None) -> list[dict]:
     """Time every decoder on ``prompts`` in one process, interleaved; return one JSON-ready row per entry.
 
     ``modules`` are MTPModules (or a single one); the first one's backbone is the baseline's. ``peers`` (HF
     prompt lookup and assisted generation) default to on for tiny-math models, whose draft model ships in
-    the zoo; ``batch_size`` > 1 adds batched entries.
+    the zoo; ``batch_size`` > 1 adds batched entries. ``model_names`` (one per module, e.g. the ``--model``
+    arguments) fill each method row's ``model`` field.
     """
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
     base = modules[0]
@@ -289,7 +290,10 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
         references = _reference_outputs(modules, decoders, max_new_tokens, tok, prompts)
     finally:
         counter.close()
-    return [_row(d, decoders, references, answers, tok) for d in decoders]
+    rows = [_row(d, decoders, references, answers, tok) for d in decoders]
+    for d, row in zip(decoders, rows, strict=True):
+        row["model"] = model_names[d.reference] if model_names and d.kind == "method" else None
+    return rows
 
 
 def _time(decoders: list[Decoder], base, tok, prompts: list[str], batch_size: int, repeats: int, warmup: int,
@@ -442,7 +446,7 @@ def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="lightning-mtp bench")
+    table = Table(title="lightning-mtp bench", caption=_legend(rows))
     for key, header in COLUMNS.items():
         table.add_column(header, justify="left" if key == "name" else "right", no_wrap=True)
     for row in rows:
@@ -456,7 +460,20 @@ def print_table(rows: list[dict]) -> None:
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row.get(key)) for key in COLUMNS) + " |" for row in rows]
+    if legend := _legend(rows):
+        lines += ["", legend]
     return "\n".join(lines) + "\n"
+
+
+def _legend(rows: list[dict]) -> str | None:
+    """Entries named ``method[i]`` (several models of one method): which model ``i`` is."""
+    models = {}
+    for row in rows:
+        if row.get("model") and "[" in row["name"]:
+            models.setdefault(int(row["name"].split("[", 1)[1].split("]", 1)[0]), row["model"])
+    if not models:
+        return None
+    return "[i] is the i-th --model: " + ", ".join(f"[{i}] {m}" for i, m in sorted(models.items()))
 
 
 def write_plots(rows: list[dict], directory: str | Path) -> list[Path]:
@@ -509,7 +526,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="lightning-mtp bench", description=__doc__.splitlines()[0])
+    from lightning_mtp.cli import CommandParser
+    parser = CommandParser(prog="lightning-mtp bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True,
                         help="artefact directory or zoo name; repeat to bench several models against one baseline "
                              "(the first model's backbone)")
@@ -544,7 +562,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     modules = _load_models(args.model)
     rows = run_bench(modules, prompts, answers, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                      warmup=args.warmup, batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
-                     prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep)
+                     prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep, model_names=args.model)
     print_table(rows)
     from lightning_mtp.artifacts import atomic_write_text
 

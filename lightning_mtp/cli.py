@@ -1,17 +1,23 @@
 """The ``lightning-mtp`` command: ``fit`` / ``validate`` (LightningCLI), ``generate``, ``bench``.
 
-Each subcommand is a function ``main(argv)`` in some module, listed once in :data:`COMMANDS`. A
-``ValueError`` from any of them becomes one line on stderr and exit code 2 (``--debug`` shows the
-traceback instead).
+Each subcommand is a function ``main(argv)`` in some module, listed once in :data:`COMMANDS`. An expected user
+error becomes one line on stderr, no traceback (``--debug`` shows the traceback instead):
+
+- exit code 2, bad input: a ``ValueError`` from any command; a bad argument or recipe (jsonargparse's errors for
+  ``fit``/``validate``, :class:`CommandParser`'s for the others); a missing file (``FileNotFoundError``, e.g. a
+  ``--ckpt_path``); a checkpoint that ``torch.load(weights_only=True)`` refuses (``pickle.UnpicklingError``); a
+  Trainer setting this machine cannot honour (Lightning's ``MisconfigurationException``);
+- exit code 1, training failed: :class:`~lightning_mtp.callbacks.NonFiniteLossError` (the loss stayed NaN/inf).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pickle  # only for its UnpicklingError: nothing here unpickles
 import sys
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "CommandParser", "main"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
@@ -25,14 +31,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors raise instead of printing the usage and exiting, so that
+    :func:`main` reports them as one line like every other bad input."""
+
+    def error(self, message: str):
+        raise argparse.ArgumentError(None, message)
+
+
 def _lightning_cli(args: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_mtp.module import MTPModule
 
     argv, sys.argv = sys.argv, [sys.argv[0], *args]  # LightningCLI reads sys.argv; keep the two in agreement
-    try:
-        LightningCLI(MTPModule, save_config_kwargs={"overwrite": True})
+    try:  # exit_on_error=False: a bad argument or recipe raises argparse.ArgumentError instead of printing the usage
+        LightningCLI(MTPModule, save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     finally:
         sys.argv = argv
 
@@ -46,7 +60,7 @@ def validate(argv: list[str]) -> None:
 
 
 def generate(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-mtp generate", description="Stream a lossless speculative decode.")
+    parser = CommandParser(prog="lightning-mtp generate", description="Stream a lossless speculative decode.")
     parser.add_argument("--model", required=True, help="an artefact directory, zoo name or model directory")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -63,7 +77,7 @@ def generate(argv: list[str]) -> None:
 
     from lightning_mtp.module import MTPModule
 
-    module = MTPModule.from_pretrained(args.model)
+    module = MTPModule.from_pretrained(args.model).merge_lora()  # decoding only: no adapter overhead per forward
     if module.tokenizer is None:
         raise ValueError(f"{args.model!r} has no tokenizer to encode the prompt with")
     ids = module.tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -102,11 +116,29 @@ def main(argv: list[str] | None = None) -> None:
     module_name, func_name = COMMANDS[command][0].split(":")
     try:
         getattr(importlib.import_module(module_name), func_name)(rest)
-    except ValueError as err:
-        if debug:
+    except Exception as err:
+        code = _exit_code(err)
+        if debug or code is None:
             raise
-        print(f"lightning-mtp {command}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        message = " ".join(str(err).split())  # jsonargparse's messages span lines: keep the report to one
+        if isinstance(err, argparse.ArgumentError):
+            message += f" (see lightning-mtp {command} --help)"
+        print(f"lightning-mtp {command}: error: {message}", file=sys.stderr)
+        sys.exit(code)
+
+
+def _exit_code(err: Exception) -> int | None:
+    """2 for bad input, 1 for a training run that failed as expected, None for a bug (shown with its traceback)."""
+    if isinstance(err, (ValueError, argparse.ArgumentError, FileNotFoundError, pickle.UnpicklingError)):
+        return 2  # UnpicklingError: torch.load(weights_only=True) refused a file that is not plain tensors and data
+    # modules an error can only come from once they are imported: no import cost for commands that skip them
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
+    if lightning_errors is not None and isinstance(err, lightning_errors.MisconfigurationException):
+        return 2
+    callbacks = sys.modules.get("lightning_mtp.callbacks")
+    if callbacks is not None and isinstance(err, callbacks.NonFiniteLossError):
+        return 1
+    return None
 
 
 if __name__ == "__main__":

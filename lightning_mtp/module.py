@@ -13,6 +13,13 @@ from transformers import PreTrainedModel
 
 import lightning_mtp.methods  # noqa: F401  (registers the built-in methods)
 from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone
+from lightning_mtp.checkpoint import (
+    IDENTITY_KEY,
+    check_identity,
+    install_on_wrapper,
+    install_trained_state_dict,
+    run_identity,
+)
 from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
 
@@ -65,7 +72,7 @@ class MTPModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.method_config = resolve_method(method)  # validates before any loading
-        if learning_rate <= 0:
+        if not learning_rate > 0:  # NaN too
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         if not 0 <= warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
@@ -116,6 +123,7 @@ class MTPModule(L.LightningModule):
         the default mode's options); loaded artefacts and zoo entries fill it from their decoding config."""
         self.base_revision: str | None = None
         """The commit of the base model this module was loaded at, when known (recorded in saved artefacts)."""
+        install_trained_state_dict(self)  # state_dict() and so checkpoints hold only what trains
 
     # ------------------------------------------------------------------ properties
     @property
@@ -165,6 +173,7 @@ class MTPModule(L.LightningModule):
         self.val_acceptance.reset()
 
     def on_fit_start(self) -> None:
+        install_on_wrapper(self, self.trainer.strategy.model)  # FSDP checkpoints hold only what trains too
         if self.method is not None and self.method.needs_token_counts:
             dm = self.trainer.datamodule
             counts = dm.token_counts(self.parts.vocab_size) if dm is not None and hasattr(dm, "token_counts") else None
@@ -187,6 +196,21 @@ class MTPModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints (see lightning_mtp.checkpoint)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the base model, method and LoRA set-up, so a resume into a different module is refused."""
+        checkpoint[IDENTITY_KEY] = run_identity(self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another base model, method or LoRA set-up before any weight is loaded."""
+        check_identity(self, checkpoint)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """:class:`~lightning_mtp.callbacks.ExactResume`: checkpoints carry the random state, so resumes are exact."""
+        from lightning_mtp.callbacks import ExactResume
+
+        return [ExactResume()]
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -262,6 +286,34 @@ class MTPModule(L.LightningModule):
         finally:
             for mod, mode in modes.items():
                 mod.training = mode
+
+    def merge_lora(self) -> MTPModule:
+        """Fold the LoRA adapter into the backbone's weights (PEFT's ``merge_and_unload``), for decoding.
+
+        A LoRA backbone pays the adapter's extra calls on every forward (and PEFT re-assembles the embedding
+        matrix when tokens train, as mask_token's ``<MTP>`` row does); merged, a forward costs what the base's
+        does, and the outputs are the same up to floating-point rounding. The module then holds a fine-tuned
+        backbone whose own weights carry the adaptation: ``save_pretrained`` writes them whole. Without LoRA
+        this does nothing. Returns the module.
+        """
+        if self.lora is None:
+            return self
+        base = self._base_model
+        out = base.get_output_embeddings()
+        trains_tokens = any("trainable_tokens_delta" in name for name, _ in self.backbone.named_parameters())
+        tied = out is not None and any(out.weight is p for p in base.get_input_embeddings().parameters())
+        if trains_tokens and tied:
+            # PEFT's trainable tokens change only the input rows: the output layer keeps the base rows. Merging them
+            # into a tied matrix would change the output rows too, so the output layer gets its own copy first.
+            out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+            for config in (base.config, getattr(base.config, "text_config", None)):
+                if config is not None and hasattr(config, "tie_word_embeddings"):
+                    config.tie_word_embeddings = False
+        self.backbone = self.backbone.merge_and_unload()
+        self.lora = None
+        self.freeze_backbone = False  # the backbone's own weights now hold what was trained
+        self.parts = backbone_parts(self.backbone)
+        return self
 
     # ------------------------------------------------------------------ artefacts
     @property

@@ -374,9 +374,12 @@ def validate(name_or_entry: str | ZooEntry) -> ZooEntry:
             cfg = json.loads((base_dir / "config.json").read_text())
             cfg = cfg.get("text_config", cfg)
             want = (saved["base_model"]["vocab_size"], saved["base_model"]["hidden_size"])
-            if (cfg.get("vocab_size"), cfg.get("hidden_size")) != want:
+            have = (cfg.get("vocab_size"), cfg.get("hidden_size"))
+            if theirs is not None and have[0] is not None:  # e.g. mask_token adds its <MTP> row to the base
+                have = (theirs.vocab_size_after_prepare(have[0]), have[1])
+            if have != want:
                 raise ValueError(f"{entry.origin}: the artefact was trained on vocab/hidden {want}, but base "
-                                 f"{base_dir} has {(cfg.get('vocab_size'), cfg.get('hidden_size'))}")
+                                 f"{base_dir} gives {have}")
     return entry
 
 
@@ -604,9 +607,9 @@ def _summary(entry: ZooEntry) -> tuple[str, str, str]:
 
 def main(argv: builtins.list[str]) -> None:
     """``lightning-mtp zoo list`` / ``lightning-mtp zoo info NAME``."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="lightning-mtp zoo", description="List and describe the model zoo.")
+    from lightning_mtp.cli import CommandParser
+    parser = CommandParser(prog="lightning-mtp zoo", description="List and describe the model zoo.")
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="every entry with its method, weights and base")
     p_info = sub.add_parser("info", help="one entry in full (YAML)")

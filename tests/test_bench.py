@@ -52,8 +52,10 @@ def test_bench_runs_every_entry_with_every_field(models, tmp_path, capsys):
     assert len(by_name["fast_mtp[0]"]["acceptance_per_position"]) == 3
     assert len(by_name["fast_mtp[1]@b2"]["cumulative_acceptance"]) == 2
     assert by_name["fast_mtp[0]"]["draft_ms_per_step"] > 0
+    assert by_name["fast_mtp[1]@b2"]["model"] == str(models["fastmtp2"]) and by_name["ntp"]["model"] is None
     table = (out / "bench.md").read_text()
-    assert table.count("\n") == 2 + len(rows) and "| fast_mtp[1]@b2 |" in table
+    assert table.count("\n") == 2 + len(rows) + 2 and "| fast_mtp[1]@b2 |" in table
+    assert table.endswith(f"[i] is the i-th --model: [0] {models['fastmtp']}, [1] {models['fastmtp2']}\n")
     for png in ("speedup_vs_accuracy.png", "acceptance.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lightning-mtp bench" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from conftest import ARCHS, EOS, VOCAB, make_backbone, training_prompts
 from transformers import DynamicCache
 
 from lightning_mtp import FastMTP, MTPModule
+from lightning_mtp.backbone import cache_kwarg
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept
 from lightning_mtp.decoding.speculative import speculative_generate
 from lightning_mtp.methods.base import Drafter, future_labels, future_tokens
@@ -309,10 +310,10 @@ def test_cache_crop_after_verify_matches_a_full_forward(arch, tiny_backbone):
     seq = torch.randint(4, VOCAB, (1, 10), generator=g)  # longer than mistral's window of 8
     cache = library_cache(model)
     with torch.no_grad():
-        model(seq, past_key_values=cache, use_cache=True)
+        model(seq, **{cache_kwarg(model): cache}, use_cache=True)
         for rejected in [1, 0, 3, 2, 0, 0, 1, 3, 2, 1]:  # 0: every draft accepted, no crop
             step = torch.randint(4, VOCAB, (1, K + 1), generator=g)  # (1, K + 1) token + K drafts
-            cached = model(step, past_key_values=cache, use_cache=True).logits[0]  # (K + 1, V)
+            cached = model(step, **{cache_kwarg(model): cache}, use_cache=True).logits[0]  # (K + 1, V)
             full = model(torch.cat([seq, step], dim=1)).logits[0, -(K + 1) :]  # (K + 1, V)
             torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
             if rejected:

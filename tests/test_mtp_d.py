@@ -322,3 +322,48 @@ def test_heads_for_a_different_hidden_size_are_refused(tmp_path):
     other = make_backbone("llama", hidden_size=48, vocab_size=len(MTPModule(str(base), method=None).tokenizer))
     with pytest.raises(ValueError, match=r"trained on a base with vocab \d+ and hidden size 32, but the backbone"):
         MTPModule.from_pretrained(art, backbone=other)
+
+
+def test_a_looped_extension_of_a_zoo_entry_stores_only_its_trained_heads(tmp_path, monkeypatch):
+    """init_from a zoo name: the frozen heads are that entry's, read again on load and checked by checksum."""
+    from lightning_mtp import zoo
+
+    base = save_tiny_math_shaped_model(tmp_path / "base")
+    four = MTPModule(str(base), method="mtp_d")
+    with torch.no_grad():
+        for p in four.method.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    art = four.save_pretrained(tmp_path / "mtpd4")
+    monkeypatch.setattr(zoo, "_registered", {})
+    zoo.register({"name": "my-mtpd4", "description": "test", "base_model": {"path": str(base)},
+                  "method": {"name": "mtp_d"}, "weights": {"format": "artifact", "path": str(art)},
+                  "license": "apache-2.0", "source": {"notes": "test"}})
+    eight = MTPModule(str(base), method={"name": "mtp_d", "num_heads": 8, "frozen_heads": 4, "init_from": "my-mtpd4"})
+    with torch.no_grad():  # stands in for training the new heads
+        for p in eight.method.heads[4:].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    saved = eight.save_pretrained(tmp_path / "mtpd8")
+    config = json.loads((saved / "mtp_config.json").read_text())["method"]
+    assert config["init_from"] == "my-mtpd4" and len(config["init_from_sha256"]) == 64
+    from safetensors import safe_open
+
+    with safe_open(saved / "mtp_method.safetensors", "pt") as f:
+        assert {int(k.split(".")[1]) for k in f.keys()} == {4, 5, 6, 7}
+    loaded = MTPModule.from_pretrained(saved)
+    for (name, a), b in zip(eight.method.state_dict().items(), loaded.method.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.tensor([PROMPTS[2]])
+    assert loaded.generate(ids, max_new_tokens=MAX_NEW).sequences.tolist() == hf_greedy(loaded.backbone, ids).tolist()
+
+    with torch.no_grad():  # the entry's heads change: the saved model no longer holds its frozen heads
+        for p in four.method.parameters():
+            p.add_(1.0)
+    four.save_pretrained(art)
+    with pytest.raises(ValueError, match=r"init_from 'my-mtpd4': its head weights changed since this model was saved"):
+        MTPModule.from_pretrained(saved)
+
+    by_path = MTPModule(str(base), method={"name": "mtp_d", "num_heads": 8, "frozen_heads": 4, "init_from": str(art)})
+    saved = by_path.save_pretrained(tmp_path / "by-path")  # a directory is not portable: every head is stored
+    assert json.loads((saved / "mtp_config.json").read_text())["method"]["init_from"] is None
+    with safe_open(saved / "mtp_method.safetensors", "pt") as f:
+        assert {int(k.split(".")[1]) for k in f.keys()} == set(range(8))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,18 @@ class SelfDistill:
     """Seed of the sampling RNG (the cache key includes it)."""
     deduplicate: bool = True
     """Drop exact duplicate (prompt, response) pairs."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "temperature": (self.temperature, self.temperature >= 0, ">= 0 (0 is greedy)"),
+            "top_k": (self.top_k, self.top_k >= 0, ">= 0 (0 disables)"),
+            "top_p": (self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables)"),
+            "max_new_tokens": (self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            "batch_size": (self.batch_size, self.batch_size >= 1, ">= 1"),
+        }
+        for name, (value, ok, valid) in checks.items():
+            if not ok:
+                raise ValueError(f"SelfDistill {name} must be {valid}, got {value!r}")
 
 
 class PromptResponseDataset(Dataset):
@@ -176,7 +189,14 @@ class TinyMathDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        # the seed of seed_everything orders the data, as Lightning's own distributed sampler does
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return _resumable_loader(self, self.train_set, self.batch_size, seed, self.num_workers,
+                                 functools.partial(collate_right_padded, pad_id=self._pad_id()))
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -414,12 +434,7 @@ class SFTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise ValueError("call setup() before train_dataloader()")
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        # a seeded DistributedSampler on one device too: the order depends on seed and epoch only, and
-        # Lightning calls set_epoch on it every epoch (and keeps it as it is when training is distributed)
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=self._collate())
+        return _resumable_loader(self, self.train_set, self.batch_size, self.seed, self.num_workers, self._collate())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -451,6 +466,29 @@ class SFTDataModule(L.LightningDataModule):
             flat = flat[(flat >= 0) & (flat < vocab_size)]
             counts += np.bincount(flat, minlength=vocab_size)
         return torch.from_numpy(counts)
+
+
+def _resumable_loader(datamodule: L.LightningDataModule, dataset: Dataset, batch_size: int, seed: int,
+                      num_workers: int, collate_fn) -> DataLoader:
+    """The training loader: shuffled by a seeded ``DistributedSampler`` (on one device too), in a torchdata
+    ``StatefulDataLoader``.
+
+    The order is a function of ``seed`` and the epoch alone, on one device or many: Lightning calls ``set_epoch``
+    every epoch and keeps this sampler as it is when training is distributed. The loader is stateful, so Lightning
+    checkpoints its position inside the epoch and a resumed fit continues with the next batch instead of
+    restarting the epoch (Lightning's mid-epoch resume). The sampler starts at the trainer's current epoch because
+    a resumed loader fast-forwards as soon as it is iterated, before Lightning's ``set_epoch`` call. Its own
+    generator keeps the loader from drawing on the global random state that training uses.
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    trainer = datamodule.trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    if trainer is not None:
+        sampler.set_epoch(trainer.current_epoch)
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                              collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
 def _compute_dtype(trainer: L.Trainer) -> torch.dtype:

@@ -24,7 +24,6 @@ Layout of a job directory::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -264,23 +263,32 @@ def distill(
             deduplication); default FastMTP's sampling (temperature 0.6, top-k 20, top-p 0.95).
         tokenizer: a tokenizer or its directory; default the model's. With ``server`` it is optional, and
             needed only to render chats for ``api="completions"``.
-        split, dataset_config, data_format: how to read ``data`` (see ``load_source``).
-        fields, prompt_field, messages_field, text_field: which field holds the prompt (``auto``: messages, then
-            prompt, then text).
+        split: the split of a Hub dataset (or ``DatasetDict``) to read.
+        dataset_config: the configuration (subset) of a Hub dataset.
+        data_format: ``auto`` (file suffix, or a Hub id), ``json``, ``parquet``, ``text``, ``disk``, ``hub``
+            (see ``load_source``).
+        fields: which kind of record holds the prompt: ``messages``, ``prompt_response``, ``text``, or ``auto``
+            (messages, then prompt, then text).
+        prompt_field: field of a plain prompt.
+        messages_field: field of a chat.
+        text_field: field of plain text.
         use_chat_template: render plain prompts as a one-turn chat (the output records are then chats).
         chat_template: a Jinja template used instead of the tokenizer's.
         system_prompt: put first in every chat without a system message.
         max_prompts: use only the first N prompts.
         shard_size: prompts per shard (the unit of resumption and of work per device).
         max_shards: generate at most this many new shards in this run, then stop (the rest on a later run).
-        min_response_tokens, max_response_tokens: keep responses within these lengths (None: no upper bound).
+        min_response_tokens: drop responses shorter than this many tokens.
+        max_response_tokens: drop responses longer than this many tokens (None: no upper bound).
         keep_unfinished: keep responses cut at ``max_new_tokens`` (dropped by default: they teach no ending).
         server: base URL of an OpenAI-compatible server (``http://host:8000``); None generates locally.
         api: ``completions``, ``chat``, or ``auto`` (chat endpoint for chats, completions for plain prompts).
         concurrency: requests in flight at once (the server batches them).
         request_timeout: seconds one request may take.
-        accelerator, devices, strategy: the Lightning ``Trainer`` of local generation (``devices=4`` generates
-            on four GPUs with DDP, one shard per step each).
+        accelerator: the Lightning ``Trainer`` accelerator of local generation.
+        devices: the ``Trainer`` devices of local generation (``devices=4`` generates on four GPUs with DDP,
+            one shard per step each).
+        strategy: the ``Trainer`` strategy of local generation.
         dtype: dtype the model is loaded in (``bfloat16`` on GPUs).
         callbacks: extra Lightning callbacks for the predict loop.
         progress: progress bars and the final summary on stderr.
@@ -702,7 +710,8 @@ def main(argv: list[str]) -> None:
     from lightning_mtp.data.datamodule import SelfDistill
 
     d = SelfDistill()
-    p = argparse.ArgumentParser(prog="lightning-mtp distill",
+    from lightning_mtp.cli import CommandParser
+    p = CommandParser(prog="lightning-mtp distill",
                                 description="Let a model answer prompts (resumable, sharded) and write training data.")
     p.add_argument("--model", required=True, help="model directory, zoo name or Hub id; with --server the served name")
     p.add_argument("--data", required=True, help="prompts: JSONL/Parquet/text file, glob, directory, or Hub dataset id")

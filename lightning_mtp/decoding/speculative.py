@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts
+from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts, cache_kwarg
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.methods.base import AppendedOutputs, Drafter
 
@@ -171,7 +171,7 @@ def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | N
              position_ids=None):
     """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
     the final hidden states when ``grab`` is given."""
-    kwargs = {"past_key_values": cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = position_ids
@@ -244,14 +244,13 @@ def speculative_generate(
     return GenerateOutput(sequences=torch.cat([input_ids, tail], dim=1), stats=stats)
 
 
-def _split_appended(cache, logits: torch.Tensor, hidden: torch.Tensor | None, A: int):
-    """Drop the ``A`` appended tokens' cache entries and split their outputs off the forward's.
+def _split_appended(logits: torch.Tensor, hidden: torch.Tensor | None, A: int):
+    """Split the outputs of the ``A`` appended tokens off a forward's (the caller crops their cache entries).
 
     Returns ``(logits, hidden, appended)`` with ``appended.complete`` left for the caller to fill in.
     """
     if not A:
         return logits, hidden, None
-    cache.crop(-A)  # a negative count removes that many trailing slots
     appended = AppendedOutputs(logits[:, -A:], hidden[:, -A:] if hidden is not None else None, None)
     return logits[:, :-A], (hidden[:, :-A] if hidden is not None else None), appended
 
@@ -318,7 +317,9 @@ class _Decoder:
                 position_ids = torch.cat([position_ids, pos[:, None] + torch.arange(A, device=device)], dim=1)
         t0 = time.perf_counter()
         logits, hidden = _forward(model, ids, cache, self.grab, 1 + A, mask, position_ids)
-        logits, hidden, appended = _split_appended(cache, logits, hidden, A)
+        logits, hidden, appended = _split_appended(logits, hidden, A)
+        if A:
+            cache.crop(-A)  # a negative count removes that many trailing slots
         stats.backbone_forwards += 1
         stats.row_forwards += B
         token = self.pick(logits[:, -1])  # (B,)
@@ -389,7 +390,7 @@ class _Decoder:
                 step_pos = pos[:, None] + step.long().cumsum(1) - 1  # (b, 1 + k + A); a hidden slot repeats one
             logits, hidden = _forward(model, step_ids, cache, self.grab, 1 if k == 0 and A == 0 else None, mask,
                                       step_pos)
-            logits, hidden, appended = _split_appended(cache, logits, hidden, A)
+            logits, hidden, appended = _split_appended(logits, hidden, A)
             stats.backbone_forwards += 1
             stats.row_forwards += b
             if k == 0:
@@ -421,10 +422,11 @@ class _Decoder:
                     for j in range(m_i):
                         stats.accepted[j] += 1
 
-            # ---- cache: drop the slots no row kept; mask the ones only some rows kept
+            # ---- cache: drop the appended slots and those no row kept (in one crop: a sliding-window layer
+            # trims itself to its window at every crop); mask the ones only some rows kept
             kept = max(accepted)
-            if kept < k:
-                cache.crop(-(k - kept))  # a negative count removes that many trailing slots
+            if kept < k or A:
+                cache.crop(-(k - kept + A))  # a negative count removes that many trailing slots
             if b > 1 or valid is not None:
                 new_valid = torch.arange(1 + kept, device=device) <= torch.tensor(accepted, device=device)[:, None]
                 if valid is not None or not bool(new_valid.all()):

@@ -50,6 +50,11 @@ class MethodConfig:
         so that it is saved and reused on load.
         """
 
+    def vocab_size_after_prepare(self, vocab_size: int) -> int:
+        """The embedding rows :meth:`prepare_backbone` leaves on a backbone with ``vocab_size`` rows (default: the
+        same); lets a zoo entry be checked against its base without loading it."""
+        return vocab_size
+
     def build(self, parts: BackboneParts) -> MTPMethod:
         raise NotImplementedError
 
@@ -222,6 +227,10 @@ class MTPMethod(nn.Module):
 
     def attach(self, module) -> None:
         """Called once the owning MTPModule is built (default: nothing); e.g. to set up a teacher."""
+
+    def artifact_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters a saved artefact stores (default: all of the method's state)."""
+        return self.state_dict()
 
     def training_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch for ``module`` (an MTPModule).

@@ -37,6 +37,7 @@ head per step, as FastMTP's one call per application.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,11 @@ class MTPD(MethodConfig):
     """The first N heads do not train (the looped extension trains only the new heads)."""
     init_from: str | None = None
     """A trained mtp_d artefact directory or zoo name whose heads initialise these, copied cyclically (head
-    i <- head i mod K_trained). Used once, when the module is built; saved artefacts hold the heads themselves."""
+    i <- head i mod K_trained). Used once, when the module is built. Saved artefacts hold the heads themselves,
+    except the frozen ones when ``init_from`` is a zoo name: those are read from the zoo entry again on load."""
+    init_from_sha256: str | None = None
+    """Set when ``init_from`` is read: the SHA-256 of its weights file. Loading an artefact that shares frozen
+    heads with a zoo entry refuses an entry whose weights changed since."""
 
     @property
     def num_draft_tokens(self) -> int:
@@ -109,8 +114,20 @@ class MTPD(MethodConfig):
             return list(value)
         return [value] * self.num_heads
 
+    @property
+    def shares_frozen_heads(self) -> bool:
+        """Whether artefacts store only the trained heads: the frozen ones are copies of a zoo entry's heads
+        (``init_from`` names one), read from it again on load and checked against ``init_from_sha256``."""
+        if not (self.frozen_heads and self.init_from and self.init_from_sha256) or Path(self.init_from).is_dir():
+            return False
+        from lightning_mtp import zoo
+
+        return zoo.has(self.init_from)
+
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "init_from": None}  # the saved heads replace what init_from gave
+        if self.shares_frozen_heads:
+            return super().to_dict()
+        return {**super().to_dict(), "init_from": None, "init_from_sha256": None}  # the saved heads replace them
 
     def build(self, parts: BackboneParts) -> MTPDHeads:
         return MTPDHeads(self, parts)
@@ -147,8 +164,23 @@ class MTPDHeads(MTPMethod):
             head.requires_grad_(False)
 
     def attach(self, module) -> None:
-        if self.config.init_from:
-            self.copy_heads_from(_read_trained_heads(self.config.init_from, module.parts))
+        cfg = self.config
+        if cfg.init_from:
+            state, sha = _read_trained_heads(cfg.init_from, module.parts)
+            if cfg.init_from_sha256 is not None and cfg.init_from_sha256 != sha:
+                raise ValueError(f"mtp_d init_from {cfg.init_from!r}: its head weights changed since this model was "
+                                 f"saved (sha256 {sha[:12]}..., expected {cfg.init_from_sha256[:12]}...); the frozen "
+                                 "heads 1.." f"{cfg.frozen_heads} are its heads. Restore that version of the entry, or "
+                                 "load an artefact that stores every head")
+            cfg.init_from_sha256 = sha
+            self.copy_heads_from(state)
+
+    def artifact_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every head, or only the trained ones when the frozen heads are a zoo entry's (see ``init_from``)."""
+        state = self.state_dict()
+        if self.config.shares_frozen_heads:
+            state = {k: v for k, v in state.items() if int(k.split(".")[1]) >= self.config.frozen_heads}
+        return state
 
     def copy_heads_from(self, state: dict[str, torch.Tensor]) -> None:
         """Initialise head i from head ``i mod K_trained`` of a trained mtp_d state dict (``heads.<k>.*`` keys)."""
@@ -205,8 +237,9 @@ class MTPDHeads(MTPMethod):
         return MTPDDrafter(self, parts)
 
 
-def _read_trained_heads(reference: str, parts: BackboneParts) -> dict[str, torch.Tensor]:
-    """The head weights of a trained mtp_d artefact (directory or zoo name), checked against this backbone."""
+def _read_trained_heads(reference: str, parts: BackboneParts) -> tuple[dict[str, torch.Tensor], str]:
+    """The head weights of a trained mtp_d artefact (directory or zoo name), checked against this backbone, and
+    the SHA-256 of their file."""
     from lightning_mtp.artifacts import METHOD_WEIGHTS, MTP_CONFIG, _read_safetensors, read_mtp_config
     from lightning_mtp.backbone import resolve_model_path
 
@@ -222,7 +255,8 @@ def _read_trained_heads(reference: str, parts: BackboneParts) -> dict[str, torch
         raise ValueError(f"mtp_d init_from {reference!r} was trained on a base with vocab {base['vocab_size']} and "
                          f"hidden size {base['hidden_size']}, but this backbone has vocab {parts.vocab_size} and "
                          f"hidden size {parts.hidden_size}")
-    return _read_safetensors(path / METHOD_WEIGHTS)
+    weights = path / METHOD_WEIGHTS
+    return _read_safetensors(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
@@ -241,7 +275,7 @@ def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
     if module.lora is not None:
         raise ValueError("extend_heads: merge or drop the LoRA adapter first (the extension freezes the backbone)")
     new_cfg = dataclasses.replace(cfg, num_heads=num_heads, frozen_heads=cfg.num_heads if freeze_trained else 0,
-                                  init_from=None)
+                                  init_from=None, init_from_sha256=None)
     hp = module.hparams
     extended = MTPModule(module.backbone, method=new_cfg, freeze_backbone=True, learning_rate=hp.learning_rate,
                          weight_decay=hp.weight_decay, betas=tuple(hp.betas), warmup_ratio=hp.warmup_ratio,
