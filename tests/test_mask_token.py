@@ -10,8 +10,9 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import EOS, VOCAB, greedy_batch, make_backbone, training_prompts
+from conftest import EOS, VOCAB, greedy_batch, make_backbone, train_method, training_prompts
 from helpers import TOKENIZER_DIR, save_tiny_math_shaped_model
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lightning_mtp import MaskToken, MTPModule
@@ -31,17 +32,7 @@ def hf_greedy(model, ids: torch.Tensor, max_new_tokens: int = MAX_NEW) -> torch.
 def train_mask_token(model, steps: int = 40, lr: float = 3e-3, **method) -> MTPModule:
     """An MTPModule whose backbone learned to fill masks for ``steps`` AdamW steps on its own greedy output."""
     options = {"k_max": 4, "num_speculative_tokens": 3, "regions_per_sequence": 8, **method}
-    module = MTPModule(model, method={"name": "mask_token", **options})
-    batch = greedy_batch(model, training_prompts(), new_tokens=24)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
-    torch.manual_seed(0)
-    module.train()
-    for i in range(steps):
-        loss = module.training_step(batch, i)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return module.eval()
+    return train_method(model, {"name": "mask_token", **options}, steps=steps, lr=lr)
 
 
 @pytest.fixture(scope="module")
@@ -396,15 +387,20 @@ def test_full_fine_tuning_artefact_round_trips_the_added_token(tmp_path):
                            module.generate(prompt, max_new_tokens=12, **mode).sequences)
 
 
-def test_lora_artefact_round_trips_the_adapter_and_the_mask_row(tmp_path):
+def lora_module_with_a_trained_adapter(tmp_path) -> tuple[MTPModule, int]:
+    """A LoRA mask-token module on a tiny-math-shaped base whose adapter and mask row moved off their init."""
     base = save_tiny_math_shaped_model(tmp_path / "base")
     module = MTPModule(str(base), method={"name": "mask_token", "k_max": 4}, lora=LORA)
-    mask_id = module.method_config.mask_token_id
     torch.manual_seed(0)
     with torch.no_grad():
         for p in module.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
+    return module, module.method_config.mask_token_id
+
+
+def test_lora_artefact_round_trips_the_adapter_and_the_mask_row(tmp_path):
+    module, mask_id = lora_module_with_a_trained_adapter(tmp_path)
     out = module.save_pretrained(tmp_path / "art")
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     loaded = MTPModule.from_pretrained(out)
@@ -418,16 +414,9 @@ def test_lora_artefact_round_trips_the_adapter_and_the_mask_row(tmp_path):
 
 
 def test_merged_lora_decodes_as_the_adapter_does_and_saves_as_a_full_model(tmp_path):
-    base = save_tiny_math_shaped_model(tmp_path / "base")
-    module = MTPModule(str(base), method={"name": "mask_token", "k_max": 4}, lora=LORA)
-    mask_id = module.method_config.mask_token_id
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
+    module, mask_id = lora_module_with_a_trained_adapter(tmp_path)
     art = module.save_pretrained(tmp_path / "art", dtype=torch.bfloat16)
-    with __import__("safetensors").safe_open(art / "adapter" / "adapter_model.safetensors", "pt") as f:
+    with safe_open(art / "adapter" / "adapter_model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # the adapter is stored in bf16 too
     ids = torch.tensor([[5, 17, 40, mask_id, mask_id, 8]])
     prompt = module.tokenizer("Question: Ann has 4 pens.", return_tensors="pt")["input_ids"]

@@ -282,13 +282,18 @@ def test_extension_copies_heads_and_trains_only_the_new_ones(trained_mtpd):
         assert eight.generate(ids, max_new_tokens=MAX_NEW).sequences.tolist() == hf_greedy(eight.backbone, ids).tolist()
 
 
-def test_recipe_style_extension_from_a_saved_artefact(tmp_path):
+def saved_four_heads(tmp_path):
+    """A tiny-math-shaped base, a 4-head mtp_d module whose heads moved off their init, and its saved artefact."""
     base = save_tiny_math_shaped_model(tmp_path / "base")
     four = MTPModule(str(base), method="mtp_d")
     with torch.no_grad():
         for p in four.method.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    art = four.save_pretrained(tmp_path / "mtpd4")
+    return base, four, four.save_pretrained(tmp_path / "mtpd4")
+
+
+def test_recipe_style_extension_from_a_saved_artefact(tmp_path):
+    base, four, art = saved_four_heads(tmp_path)
     eight = MTPModule(str(base), method={"name": "mtp_d", "num_heads": 8, "frozen_heads": 4, "init_from": str(art)})
     expected = extend_heads(four, 8)
     for a, b in zip(eight.method.state_dict().values(), expected.method.state_dict().values(), strict=True):
@@ -328,12 +333,7 @@ def test_a_looped_extension_of_a_zoo_entry_stores_only_its_trained_heads(tmp_pat
     """init_from a zoo name: the frozen heads are that entry's, read again on load and checked by checksum."""
     from lightning_mtp import zoo
 
-    base = save_tiny_math_shaped_model(tmp_path / "base")
-    four = MTPModule(str(base), method="mtp_d")
-    with torch.no_grad():
-        for p in four.method.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    art = four.save_pretrained(tmp_path / "mtpd4")
+    base, four, art = saved_four_heads(tmp_path)
     monkeypatch.setattr(zoo, "_registered", {})
     zoo.register({"name": "my-mtpd4", "description": "test", "base_model": {"path": str(base)},
                   "method": {"name": "mtp_d"}, "weights": {"format": "artifact", "path": str(art)},
