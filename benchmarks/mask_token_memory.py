@@ -18,6 +18,7 @@ student with a frozen copy as teacher: isolates what the copy costs).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -49,7 +50,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     dm = TinyMathDataModule(num_train=args.batch_size * args.steps, num_val=1, batch_size=args.batch_size,
                             tokenizer="zoo/tiny-math-base")
     dm.setup("fit")
-    batches = [b for _, b in zip(range(args.steps), dm.train_dataloader(), strict=False)]
+    batches = list(itertools.islice(dm.train_dataloader(), args.steps))
     base = _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

@@ -162,31 +162,34 @@ def slot_mask(valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tens
     return mask[:, None]  # (B, 1, q, kv)
 
 
-_LAYER_KWARGS: dict[type, frozenset[str]] = {}
+_SIGNATURES: dict[type, frozenset[str] | None] = {}  # forward's keyword names; None: a wrapper, look inside
 
 
-_CACHE_KWARG: dict[type, str] = {}
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside PEFT, FSDP and activation-checkpoint wrappers (which take ``**kwargs``)."""
+def _inner(module: nn.Module) -> nn.Module | None:
+    """The module a PEFT, FSDP or activation-checkpoint wrapper (whose forward takes ``**kwargs``) wraps, or None."""
     if hasattr(module, "get_base_model"):
-        module = module.get_base_model()
-    while (nxt := getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "_checkpoint_wrapped_module", None)) \
-            is not None:
-        module = nxt
-    return module
+        return module.get_base_model()
+    return getattr(module, "_fsdp_wrapped_module", None) or getattr(module, "_checkpoint_wrapped_module", None)
+
+
+def forward_params(module: nn.Module) -> frozenset[str]:
+    """The keyword names ``module.forward`` takes, read through wrappers; a dict lookup per call once known."""
+    while True:
+        cls = type(module)
+        params = _SIGNATURES.get(cls, ...)
+        if params is ...:  # first sight of this type
+            inner = _inner(module)
+            params = _SIGNATURES[cls] = None if inner is not None else frozenset(inspect.signature(cls.forward).parameters)
+        if params is not None:
+            return params
+        module = _inner(module)
 
 
 def cache_kwarg(module: nn.Module) -> str:
     """The keyword a model's or decoder layer's ``forward`` takes its KV cache under: ``cache`` (transformers >= 5.24),
     else ``past_key_values`` (or a layer's older ``past_key_value``)."""
-    cls = type(_unwrap(module))
-    if cls not in _CACHE_KWARG:
-        params = inspect.signature(cls.forward).parameters
-        _CACHE_KWARG[cls] = next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
-                                 "past_key_values")
-    return _CACHE_KWARG[cls]
+    params = forward_params(module)
+    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params), "past_key_values")
 
 
 def call_decoder_layer(
@@ -204,11 +207,7 @@ def call_decoder_layer(
     block-diagonal mask of packed documents; without it an explicit causal mask is passed for several
     query rows (correct for eager and sdpa alike) and none for one row (it sees every cached key).
     """
-    cls = type(_unwrap(layer))  # FSDP and activation-checkpoint wrappers take **kwargs: read the layer inside
-    if cls not in _LAYER_KWARGS:
-        sig = inspect.signature(cls.forward).parameters
-        _LAYER_KWARGS[cls] = frozenset(sig)
-    accepted = _LAYER_KWARGS[cls]
+    accepted = forward_params(layer)  # FSDP and activation-checkpoint wrappers take **kwargs: the layer's inside
     q_len = hidden.shape[1]
     past = cache.get_seq_length() if cache is not None else 0
     # one query row sees every cached key: no mask needed (and None means "no mask" to every implementation)

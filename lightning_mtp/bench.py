@@ -527,6 +527,7 @@ def _save(fig, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from lightning_mtp.cli import CommandParser
+
     parser = CommandParser(prog="lightning-mtp bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True,
                         help="artefact directory or zoo name; repeat to bench several models against one baseline "

@@ -471,8 +471,8 @@ def _is_zoo_name(name: str) -> bool:
 
 def main(argv: list[str]) -> None:
     """``lightning-mtp push CKPT_OR_DIR --repo-id NAMESPACE/NAME``: upload in one commit, print the commit URL."""
-
     from lightning_mtp.cli import CommandParser
+
     parser = CommandParser(prog="lightning-mtp push", description=main.__doc__.splitlines()[0])
     parser.add_argument("source", help="an artefact directory (save_pretrained output) or a Lightning .ckpt")
     parser.add_argument("--repo-id", required=True, help="the Hub repo to create or update, 'namespace/name'")

@@ -607,8 +607,8 @@ def _summary(entry: ZooEntry) -> tuple[str, str, str]:
 
 def main(argv: builtins.list[str]) -> None:
     """``lightning-mtp zoo list`` / ``lightning-mtp zoo info NAME``."""
-
     from lightning_mtp.cli import CommandParser
+
     parser = CommandParser(prog="lightning-mtp zoo", description="List and describe the model zoo.")
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="every entry with its method, weights and base")

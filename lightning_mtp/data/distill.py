@@ -707,12 +707,12 @@ def _finish(out: Path, manifest: dict, settings, min_tokens: int, max_tokens: in
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str]) -> None:
     """``lightning-mtp distill --model M --data D --out DIR [options]``."""
+    from lightning_mtp.cli import CommandParser
     from lightning_mtp.data.datamodule import SelfDistill
 
     d = SelfDistill()
-    from lightning_mtp.cli import CommandParser
     p = CommandParser(prog="lightning-mtp distill",
-                                description="Let a model answer prompts (resumable, sharded) and write training data.")
+                      description="Let a model answer prompts (resumable, sharded) and write training data.")
     p.add_argument("--model", required=True, help="model directory, zoo name or Hub id; with --server the served name")
     p.add_argument("--data", required=True, help="prompts: JSONL/Parquet/text file, glob, directory, or Hub dataset id")
     p.add_argument("--out", required=True, help="job directory (rerun the same command to resume)")

@@ -16,13 +16,12 @@ the prefill (which yields one token, as in every other decoder).
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from lightning_mtp.backbone import cache_kwarg
+from lightning_mtp.backbone import cache_kwarg, forward_params
 from lightning_mtp.decoding.sampling import make_probs_fn, sample
 from lightning_mtp.decoding.speculative import DecodeStats, GenerateOutput, _context_length, _eos_ids
 
@@ -40,11 +39,6 @@ def confident_prefix_length(confidence: torch.Tensor, tau: float | None) -> int:
         return k
     run = int((confidence >= tau).long().cumprod(0).sum())
     return max(1, run)
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @torch.no_grad()
@@ -82,7 +76,7 @@ def conf_adapt_generate(
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     eos = _eos_ids(model)
     device = input_ids.device
-    keep_logits = _accepts_logits_to_keep(model)
+    keep_logits = "logits_to_keep" in forward_params(model)
     stats = DecodeStats(sequences=1, reached=[0] * (k - 1), accepted=[0] * (k - 1))
     t_start = time.perf_counter()
 

@@ -31,14 +31,13 @@ Drafter hooks (see :class:`~lightning_mtp.methods.base.Drafter`):
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts, cache_kwarg
+from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts, cache_kwarg, forward_params
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.methods.base import AppendedOutputs, Drafter
 
@@ -164,9 +163,6 @@ def needs_row_by_row(model: PreTrainedModel) -> bool:
     return any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", []))
 
 
-_ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
-
-
 def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
              position_ids=None):
     """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
@@ -175,10 +171,7 @@ def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | N
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
         kwargs["position_ids"] = position_ids
-    cls = type(model)
-    if cls not in _ACCEPTS_LOGITS_TO_KEEP:
-        _ACCEPTS_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
-    if keep_last is not None and _ACCEPTS_LOGITS_TO_KEEP[cls]:
+    if keep_last is not None and "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = keep_last
     out = model(input_ids=ids, **kwargs)
     return out.logits, (grab.get(out) if grab is not None else None)

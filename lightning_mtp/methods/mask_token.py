@@ -53,7 +53,6 @@ Decoding (:attr:`MaskTokenMTP.decodings`):
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_mtp.backbone import BackboneParts
+from lightning_mtp.backbone import BackboneParts, forward_params
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.methods.base import (
     AppendedOutputs,
@@ -276,18 +275,12 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[:, None]
 
 
-_ACCEPTS_LOGITS_TO_KEEP: dict[type, bool] = {}
-
-
-def _logits_at(model, base_model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, first: int
+def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, first: int
                ) -> torch.Tensor:
     """Logits (B, L - first, V) of ``model`` at columns ``first..L-1`` only (what the regions predict)."""
-    cls = type(base_model)
-    if cls not in _ACCEPTS_LOGITS_TO_KEEP:
-        _ACCEPTS_LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(base_model.forward).parameters
     L = ids.shape[1]
     kwargs = {"attention_mask": mask, "position_ids": positions, "use_cache": False}
-    if _ACCEPTS_LOGITS_TO_KEEP[cls]:
+    if "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = L - first  # the regions sit at the end
     logits = model(input_ids=ids, **kwargs).logits
     return logits[:, -(L - first):]
@@ -365,20 +358,19 @@ class MaskTokenMTP(MTPMethod):
         kind = self._teacher_kind(module)
         with torch.no_grad():
             if kind == "self":
-                return _logits_at(module.backbone, module._base_model, ids, mask, positions, first)
+                return _logits_at(module.backbone, ids, mask, positions, first)
             if kind == "adapter":
                 with module.backbone.disable_adapter():
-                    return _logits_at(module.backbone, module._base_model, ids, mask, positions, first)
+                    return _logits_at(module.backbone, ids, mask, positions, first)
             self._snapshot_teacher(module)
             teacher = self._teacher
             device = ids.device
             if next(teacher.parameters()).device != device:
                 teacher.to(device)  # lazily: the module's .to() does not reach it
-            base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
             if hasattr(teacher, "disable_adapter"):
                 with teacher.disable_adapter():
-                    return _logits_at(teacher, base, ids, mask, positions, first)
-            return _logits_at(teacher, base, ids, mask, positions, first)
+                    return _logits_at(teacher, ids, mask, positions, first)
+            return _logits_at(teacher, ids, mask, positions, first)
 
     # ------------------------------------------------------------------ training
     def training_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -416,7 +408,7 @@ class MaskTokenMTP(MTPMethod):
         trains = training and any(p.requires_grad for p in module.backbone.parameters())
         first = 0 if cfg.ntp_weight > 0 else T  # the real tokens' logits only feed the optional NTP term
         with torch.set_grad_enabled(trains):
-            student_all = _logits_at(module.backbone, module._base_model, student_ids, mask, packed_pos, first)
+            student_all = _logits_at(module.backbone, student_ids, mask, packed_pos, first)
         student = student_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         rollout = student.detach().argmax(-1)  # (B, R, k): y'_1 .. y'_k
 

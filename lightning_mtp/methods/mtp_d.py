@@ -170,7 +170,7 @@ class MTPDHeads(MTPMethod):
             if cfg.init_from_sha256 is not None and cfg.init_from_sha256 != sha:
                 raise ValueError(f"mtp_d init_from {cfg.init_from!r}: its head weights changed since this model was "
                                  f"saved (sha256 {sha[:12]}..., expected {cfg.init_from_sha256[:12]}...); the frozen "
-                                 "heads 1.." f"{cfg.frozen_heads} are its heads. Restore that version of the entry, or "
+                                 f"heads 1..{cfg.frozen_heads} are its heads. Restore that version of the entry, or "
                                  "load an artefact that stores every head")
             cfg.init_from_sha256 = sha
             self.copy_heads_from(state)
