@@ -437,8 +437,8 @@ COLUMNS = {  # JSON key: table header
 def _fmt(v) -> str:
     if v is None:
         return "-"
-    if isinstance(v, list):
-        return " ".join(f"{x:.2f}" for x in v) or "-"
+    if isinstance(v, list):  # acceptance per position: the first 8 in a table (the JSON keeps them all)
+        return " ".join(f"{x:.2f}" for x in v[:8]) + (f" .. ({len(v)})" if len(v) > 8 else "") or "-"
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 

@@ -69,6 +69,8 @@ def generate(argv: list[str]) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--num-draft-tokens", type=int, default=None, help="draft length (0 = plain NTP)")
+    parser.add_argument("--draft-confidence-threshold", type=float, default=None,
+                        help="end a draft chain where the most likely draft has less probability (0 to 1)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -90,6 +92,7 @@ def generate(argv: list[str]) -> None:
         top_p=args.top_p,
         top_k=args.top_k,
         num_draft_tokens=args.num_draft_tokens,
+        draft_confidence_threshold=args.draft_confidence_threshold,
         streamer=streamer,
     )
     print(file=sys.stderr)

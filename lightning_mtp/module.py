@@ -227,6 +227,7 @@ class MTPModule(L.LightningModule):
         streamer=None,
         decoding: str | None = None,
         attention_mask: torch.Tensor | None = None,
+        draft_confidence_threshold: float | None = None,
         **options: Any,
     ):
         """Decode ``input_ids`` (B, n); returns ``GenerateOutput(sequences, stats)`` like HF generate.
@@ -239,16 +240,23 @@ class MTPModule(L.LightningModule):
         (its configured K when None) and the backbone verifies them, so greedy output equals
         ``backbone.generate(do_sample=False)`` token for token and sampled output has the backbone's own
         distribution. ``num_draft_tokens=0`` decodes plain NTP through the same machinery (the fair
-        baseline). Methods may offer modes of their own (see ``self.method.decodings``), which take
-        their own ``options``.
+        baseline). A chain ends early after EOS, and before a position where the method's most likely token
+        has less than ``draft_confidence_threshold`` probability (default 0: never), which lets a long
+        ``num_draft_tokens`` pay where the method is sure and cost little where it is not. Methods may offer modes of their own
+        (see ``self.method.decodings``), which take their own ``options``.
         """
         defaults = dict(self.decoding_defaults)
         default_mode = defaults.pop("decoding", "speculative")
         default_k = defaults.pop("num_draft_tokens", None)
+        default_threshold = defaults.pop("draft_confidence_threshold", 0.0)
         if decoding is None:
             decoding, options = default_mode, {**(defaults if default_mode != "speculative" else {}), **options}
         if num_draft_tokens is None:
             num_draft_tokens = default_k
+        if draft_confidence_threshold is not None and decoding != "speculative":
+            raise ValueError(f"draft_confidence_threshold applies to speculative decoding, not {decoding!r}")
+        if draft_confidence_threshold is None:
+            draft_confidence_threshold = default_threshold
         offered = ("speculative",) if self.method is None else self.method.decodings
         if decoding not in offered:
             raise ValueError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
@@ -277,6 +285,7 @@ class MTPModule(L.LightningModule):
                     max_new_tokens=max_new_tokens,
                     streamer=streamer,
                     attention_mask=mask,
+                    draft_confidence_threshold=draft_confidence_threshold,
                     **sampling,
                 )
 

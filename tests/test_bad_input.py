@@ -149,3 +149,15 @@ def test_bad_top_p_and_top_k(module):
         module.generate(PROMPT, max_new_tokens=4, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match=r"top_k must be >= 0 \(0 disables it\), got -1"):
         module.generate(PROMPT, max_new_tokens=4, do_sample=True, top_k=-1)
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_draft_confidence_threshold_outside_zero_to_one(module, threshold):
+    with pytest.raises(ValueError, match=rf"draft_confidence_threshold must be within \[0, 1\], got {threshold}"):
+        module.generate(PROMPT, max_new_tokens=4, draft_confidence_threshold=threshold)
+
+
+def test_draft_confidence_threshold_with_a_mode_that_does_not_draft_chains():
+    module = MTPModule(make_backbone("llama"), method="mask_token")
+    with pytest.raises(ValueError, match=r"draft_confidence_threshold applies to speculative decoding, not 'confadapt'"):
+        module.generate(PROMPT, max_new_tokens=4, decoding="confadapt", draft_confidence_threshold=0.5)

@@ -39,8 +39,9 @@ def test_bench_runs_every_entry_with_every_field(models, tmp_path, capsys):
                  "--plots", str(out / "plots")])
     rows = json.loads((out / "bench.json").read_text())
     by_name = {r["name"]: r for r in rows}
-    assert list(by_name) == ["hf_greedy", "hf_prompt_lookup", "hf_assisted", "ntp", "fast_mtp[0]", "fast_mtp[1]",
-                             "hf_greedy@b2", "ntp@b2", "fast_mtp[0]@b2", "fast_mtp[1]@b2"]
+    assert list(by_name) == ["hf_greedy", "hf_prompt_lookup", "hf_assisted", "ntp", "fast_mtp[0]",
+                             "fast_mtp/k64@0.4[0]", "fast_mtp[1]", "fast_mtp/k64@0.4[1]", "hf_greedy@b2", "ntp@b2",
+                             "fast_mtp[0]@b2", "fast_mtp/k64@0.4[0]@b2", "fast_mtp[1]@b2", "fast_mtp/k64@0.4[1]@b2"]
     for row in by_name.values():
         assert all(key in row for key in FIELDS), row["name"]
         assert row["identical_to_ntp"] == 1.0, row["name"]  # every entry here is lossless
@@ -50,6 +51,7 @@ def test_bench_runs_every_entry_with_every_field(models, tmp_path, capsys):
     assert by_name["hf_greedy"]["speedup_vs_hf"] == 1.0 and by_name["ntp@b2"]["speedup_vs_ntp"] == 1.0
     assert by_name["hf_greedy"]["tokens_per_forward"] == 1.0  # counted from the backbone's forward calls
     assert len(by_name["fast_mtp[0]"]["acceptance_per_position"]) == 3
+    assert len(by_name["fast_mtp/k64@0.4[0]"]["acceptance_per_position"]) == 64  # the JSON keeps every position
     assert len(by_name["fast_mtp[1]@b2"]["cumulative_acceptance"]) == 2
     assert by_name["fast_mtp[0]"]["draft_ms_per_step"] > 0
     assert by_name["fast_mtp[1]@b2"]["model"] == str(models["fastmtp2"]) and by_name["ntp"]["model"] is None
@@ -66,7 +68,7 @@ def test_bench_on_a_user_prompt_file(models, tmp_path):
     f.write_text('{"prompt": "Question: Tom has 3 apples."}\n\n{"prompt": "Question: Ann has 2 pens."}\n')
     rows = bench_main(["--model", str(models["fastmtp"]), "--prompts", str(f), "--n", "5", "--max-new-tokens", "6",
                        "--batch-size", "1"])
-    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp"]  # no peers: not a tiny-math base
+    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp", "fast_mtp/k64@0.4"]  # no peers: not tiny-math
     assert all(r["accuracy"] is None and r["identical_to_ntp"] == 1.0 for r in rows)
 
 

@@ -47,3 +47,12 @@ def test_fit_with_unknown_method_is_one_line(artefact, capsys, tmp_path, monkeyp
 def test_missing_model_directory(capsys):
     code, _, err = _exit_code(["generate", "--model", "/nonexistent/model", "--prompt", "x"], capsys)
     assert code == 2 and "'/nonexistent/model' not found" in err
+
+
+def test_generate_with_a_draft_confidence_threshold(artefact, capsys):
+    main(["generate", "--model", str(artefact), "--prompt", "Question: Tom has 3 apples.", "--max-new-tokens", "8",
+          "--num-draft-tokens", "16", "--draft-confidence-threshold", "0.5"])
+    assert "8 new tokens" in capsys.readouterr().err
+    code, _, err = _exit_code(["generate", "--model", str(artefact), "--prompt", "x", "--draft-confidence-threshold",
+                               "2"], capsys)
+    assert code == 2 and "draft_confidence_threshold must be within [0, 1], got 2.0" in err

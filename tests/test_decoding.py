@@ -14,7 +14,7 @@ from lightning_mtp import FastMTP, MTPModule
 from lightning_mtp.backbone import cache_kwarg
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept
 from lightning_mtp.decoding.speculative import speculative_generate
-from lightning_mtp.methods.base import Drafter, future_labels, future_tokens
+from lightning_mtp.methods.base import ChainStop, Drafter, future_labels, future_tokens
 from lightning_mtp.metrics import AcceptanceRate
 
 # prompts of several lengths, some longer than mistral's sliding window (8)
@@ -166,6 +166,86 @@ def test_always_wrong_drafter_is_lossless_at_one_token_per_forward(arch):
         assert out.stats.backbone_forwards == out.stats.new_tokens
 
 
+# ---------------------------------------------------------------- where a chain ends: EOS, confidence, budget
+
+
+def test_chain_stop_ends_rows_after_eos_and_before_unconfident_drafts():
+    drafter = Drafter()
+    drafter.stop_ids, drafter.min_confidence = torch.tensor([EOS]), 0.5
+    chain = ChainStop(drafter, 3, torch.device("cpu"))
+    sure, unsure = torch.full((3, VOCAB), 0.9), torch.full((3, VOCAB), 0.1)
+    column, more = chain.add(torch.tensor([EOS, 5, 6]), sure)
+    assert column.tolist() == [EOS, 5, 6] and more  # row 0 drafted EOS: its chain ends after it
+    probs = torch.stack([sure[0], sure[1], unsure[2]])
+    column, more = chain.add(torch.tensor([7, 8, 9]), probs)
+    assert column.tolist() == [-1, 8, -1] and more  # row 2's draft was unconfident: it ends before it
+    column, more = chain.add(torch.tensor([7, EOS, 9]), sure)
+    assert column.tolist() == [-1, EOS, -1] and not more
+    column, more = ChainStop(drafter, 1, torch.device("cpu")).add(torch.tensor([4]), unsure[:1])
+    assert column is None and not more  # no row takes the draft: no column at all
+    column = torch.tensor([3, EOS])
+    assert ChainStop(Drafter(), 2, torch.device("cpu")).add(column) == (column, True)  # no rules: passes through
+
+
+def _always_eos_logits(*args):
+    h = args[-1]  # (..., H)
+    return torch.nn.functional.one_hot(torch.full(h.shape[:-1], EOS), VOCAB).float()
+
+
+@pytest.mark.parametrize("method", ["fast_mtp", "mtp_d"])
+def test_drafters_stop_their_chain_after_eos(method, monkeypatch):
+    module = MTPModule(make_backbone("llama"), method=method)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    hidden = torch.randn(1, 5, module.parts.hidden_size)
+    monkeypatch.setattr(module.method, "logits", _always_eos_logits)
+    k = 3
+    drafter = module.method.drafter(module.parts)
+    assert drafter.draft(hidden, ids, k)[0].tolist() == [[EOS] * k]  # no stop ids: the whole chain
+    drafter = module.method.drafter(module.parts)
+    drafter.stop_ids = torch.tensor([EOS])
+    assert drafter.draft(hidden, ids, k)[0].tolist() == [[EOS]]
+
+
+class RecordingOracle(OracleDrafter):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: list[int] = []
+
+    def draft(self, hidden, next_ids, k, *args, **kwargs):
+        self.asked.append(k)
+        return super().draft(hidden, next_ids, k, *args, **kwargs)
+
+
+@pytest.mark.parametrize("max_new_tokens, asked", [(1, []), (2, []), (3, [1]), (5, [3]), (14, [8, 3])])
+def test_drafters_are_never_asked_for_more_than_the_budget_can_use(max_new_tokens, asked):
+    model = make_backbone("llama")
+    ids = torch.tensor([[7, 11, 13, 17, 19, 23]])
+    ref = hf_greedy(model, ids, max_new_tokens)
+    assert EOS not in ref[0].tolist()  # precondition: the budget ends the run
+    drafter = RecordingOracle(model, ids)
+    out = speculative_generate(model, ids, drafter=drafter, num_draft_tokens=8, max_new_tokens=max_new_tokens)
+    assert out.sequences.tolist() == ref.tolist()
+    assert drafter.asked == asked  # the prefill leaves max_new_tokens - 1; each verify keeps one token back
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_long_chains_with_a_confidence_threshold_stay_lossless(arch, trained_fast_mtp):
+    module = trained_fast_mtp(arch)  # trained for K = 3; drafts 16 recursively
+    model = module.backbone
+    reached = {}
+    for threshold in (0.0, 0.5, 1.0):
+        total = 0
+        for ids in [torch.tensor([p]) for p in PROMPTS] + training_prompts()[:4]:
+            out = module.generate(ids, max_new_tokens=MAX_NEW, num_draft_tokens=16, draft_confidence_threshold=threshold)
+            assert out.sequences.tolist() == hf_greedy(model, ids, MAX_NEW).tolist(), (threshold, ids)
+            check_stats(out, ids.shape[1])
+            total += sum(out.stats.reached)
+        reached[threshold] = total
+    # a higher threshold ends chains earlier; at 1.0 hardly any draft is confident enough to be verified
+    assert reached[0.0] > reached[0.5] >= reached[1.0]
+    assert reached[1.0] < reached[0.0] / 4, reached
+
+
 # ---------------------------------------------------------------- batches of prompts of different lengths
 
 
@@ -205,6 +285,11 @@ def test_batched_greedy_equals_each_row_decoded_alone(arch, trained_fast_mtp):
     assert all(a <= r for a, r in zip(s.accepted, s.reached, strict=True))
     assert s.tokens_per_forward > 1.2  # drafts were accepted, unevenly across rows, so the cache had holes
     assert 0 < s.accepted[0] < s.reached[0]
+    # long chains that end per row (EOS, unconfident positions): -1 tails of different lengths in the batch
+    short = module.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, num_draft_tokens=12,
+                            draft_confidence_threshold=0.6)
+    assert new_tokens_per_row(short.sequences, ids.shape[1]) == got
+    assert 0 < sum(short.stats.reached)
 
 
 def test_batched_decoding_matches_batched_hf_generate_layout():
@@ -411,7 +496,8 @@ def exact_two_token_distribution(model, ids: torch.Tensor, temperature: float) -
     return p1[:, None] * p2
 
 
-def test_sampling_with_drafts_matches_the_backbone_distribution():
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_sampling_with_drafts_matches_the_backbone_distribution(threshold):
     V, temperature, n = 6, 1.3, 1000
     model = make_backbone("llama", seed=2, vocab_size=V)
     model.config.eos_token_id = model.generation_config.eos_token_id = None  # every run emits two tokens
@@ -421,7 +507,8 @@ def test_sampling_with_drafts_matches_the_backbone_distribution():
     accepted = reached = 0
     g = torch.Generator().manual_seed(0)
     for _ in range(n):
-        out = module.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, generator=g)
+        out = module.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, generator=g,
+                              draft_confidence_threshold=threshold)
         t1, t2 = out.sequences[0, 3:5].tolist()
         counts[t1, t2] += 1
         accepted, reached = accepted + out.stats.accepted[0], reached + out.stats.reached[0]

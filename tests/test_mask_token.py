@@ -303,10 +303,13 @@ def test_batched_lossless_rows_equal_each_row_alone(arch, trained):
     prompts = [p[0].tolist() for p in training_prompts()[:3]] + PROMPTS[1:4]
     ids, mask = left_padded(prompts)
     out = module.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW)
-    for prompt, row in zip(prompts, out.sequences[:, ids.shape[1] :].tolist(), strict=True):
+    short = module.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, draft_confidence_threshold=0.6)
+    for i, prompt in enumerate(prompts):
         alone = hf_greedy(module.backbone, torch.tensor([prompt]))[0, len(prompt) :].tolist()
-        assert row[: len(alone)] == alone, prompt
+        assert out.sequences[i, ids.shape[1] :].tolist()[: len(alone)] == alone, prompt
+        assert short.sequences[i, ids.shape[1] :].tolist()[: len(alone)] == alone, prompt
     assert out.stats.draft_steps > 0 and sum(out.stats.accepted) > 0
+    assert sum(short.stats.reached) < sum(out.stats.reached)  # chains ended before unconfident masks
 
 
 def test_lossless_sampling_with_top_k_1_is_greedy(trained):

@@ -130,8 +130,21 @@ def test_vocabulary_compression_drafts_only_frequent_tokens_and_stays_lossless()
     drafts, _ = drafter.draft(hidden, torch.randint(4, 64, (1, 5)), 3)
     assert set(drafts.flatten().tolist()) <= set(frequent.tolist())
     for ids in training_prompts(3):
-        assert torch.equal(module.generate(ids, max_new_tokens=20).sequences,
-                           model.generate(ids, do_sample=False, max_new_tokens=20))
+        expected = model.generate(ids, do_sample=False, max_new_tokens=20)
+        assert torch.equal(module.generate(ids, max_new_tokens=20).sequences, expected)
+        # long chains ending at unconfident positions: the confidence is read over the draft vocabulary
+        long = module.generate(ids, max_new_tokens=20, num_draft_tokens=8, draft_confidence_threshold=0.1)
+        assert torch.equal(long.sequences, expected)
+
+
+def test_fast_mtp_bench_entries_are_the_trained_chain_and_long_confident_chains():
+    module = MTPModule(make_backbone("llama"), method="fast_mtp")
+    entries = module.method.bench_entries()
+    assert entries == [("fast_mtp", {"decoding": "speculative"}),
+                       ("fast_mtp/k64@0.4", {"decoding": "speculative", "num_draft_tokens": 64,
+                                             "draft_confidence_threshold": 0.4})]
+    sweep = dict(module.method.bench_entries(sweep=True))
+    assert [sweep[f"fast_mtp/k{n}@0.4"]["num_draft_tokens"] for n in (8, 16, 32)] == [8, 16, 32]
 
 
 def test_lightning_fit_logs_acceptance_metrics(tmp_path):
@@ -198,6 +211,9 @@ def test_generate_takes_left_out_arguments_from_the_decoding_defaults(tmp_path):
     module.decoding_defaults = {"decoding": "speculative", "num_draft_tokens": 1}
     assert len(module.generate(ids, max_new_tokens=6).stats.accepted) == 1
     assert len(module.generate(ids, max_new_tokens=6, num_draft_tokens=2).stats.accepted) == 2  # the caller wins
+    module.decoding_defaults = {"decoding": "speculative", "num_draft_tokens": 3, "draft_confidence_threshold": 1.0}
+    assert sum(module.generate(ids, max_new_tokens=6).stats.reached) == 0  # no position is that confident
+    assert sum(module.generate(ids, max_new_tokens=6, draft_confidence_threshold=0.0).stats.reached) > 0
     module.decoding_defaults = {"decoding": "confadapt"}
     with pytest.raises(ValueError, match=r"unknown decoding 'confadapt'; this model offers \['speculative'\]"):
         module.generate(ids, max_new_tokens=6)

@@ -243,11 +243,16 @@ def test_batched_greedy_equals_each_row_alone(trained_mtpd):
     ids = torch.tensor([[0] * (n - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
     out = module.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW)
+    # rows' chains ending at different heads (unconfident positions, EOS): -1 tails in the batch
+    short = module.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, draft_confidence_threshold=0.3)
     for row, prompt in enumerate(prompts):
         alone = hf_greedy(module.backbone, torch.tensor([prompt]))[0, len(prompt) :].tolist()
-        got = out.sequences[row, n:].tolist()[: len(alone)]
-        assert got == alone, prompt
+        assert out.sequences[row, n:].tolist()[: len(alone)] == alone, prompt
+        assert short.sequences[row, n:].tolist()[: len(alone)] == alone, prompt
     assert out.stats.tokens_per_forward > 1.3
+    assert 0 < sum(short.stats.reached) < sum(out.stats.reached)
+    # the heads' confidence predicts acceptance: the drafts still verified are accepted more often
+    assert short.stats.acceptance_per_position[0] > out.stats.acceptance_per_position[0]
 
 
 def test_more_drafts_than_heads_is_refused():

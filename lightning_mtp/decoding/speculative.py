@@ -192,10 +192,15 @@ def speculative_generate(
     streamer=None,
     parts: BackboneParts | None = None,
     attention_mask: torch.Tensor | None = None,
+    draft_confidence_threshold: float = 0.0,
 ) -> GenerateOutput:
     """Decode ``input_ids`` (B, n) with drafts from ``drafter`` verified by ``model``; see the module docstring.
 
     ``attention_mask`` (B, n) marks real tokens (1) and left padding (0) when rows differ in length.
+    ``num_draft_tokens`` is the longest chain a step verifies; a drafter that drafts one token at a time ends a
+    chain early after EOS and before a position where its most likely token has less than
+    ``draft_confidence_threshold`` probability (HF's ``assistant_confidence_threshold``); no drafter is asked for
+    more drafts than the token budget can use.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
@@ -206,6 +211,8 @@ def speculative_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    if not 0.0 <= draft_confidence_threshold <= 1.0:
+        raise ValueError(f"draft_confidence_threshold must be within [0, 1], got {draft_confidence_threshold}")
     real = _check_mask(attention_mask, input_ids)  # (B, n) bool, or None when there is no padding
     lengths = real.sum(1) if real is not None else torch.full((B,), n)
     context = _context_length(model)
@@ -224,6 +231,9 @@ def speculative_generate(
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     if K > 0 and parts is None:
         parts = backbone_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if K > 0:  # where chains end (see ChainStop)
+        drafter.stop_ids = torch.tensor(sorted(_eos_ids(model)), dtype=torch.long, device=input_ids.device)
+        drafter.min_confidence = float(draft_confidence_threshold)
     t_start = time.perf_counter()
     with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
         decoder = _Decoder(model, drafter, K, max_new_tokens, probs_fn, generator, streamer, grab)
@@ -324,11 +334,12 @@ class _Decoder:
         rows = torch.arange(B, device=device)  # original index of each active row
         done = [g[0] in self.eos or self.max_new_tokens == 1 for g in generated]
         drafts = draft_probs = None
-        if self.K > 0 and not all(done):
+        k_next = min(self.K, self.max_new_tokens - 2)  # the next step's drafts: the budget keeps one token back
+        if k_next > 0 and not all(done):
             t0 = time.perf_counter()
             next_ids = torch.cat([input_ids[:, 1:], token[:, None]], dim=1)  # (B, n): the token after each position
             extra = {} if appended is None else {"appended": appended._replace(complete=token.new_ones(B, dtype=torch.bool))}
-            drafts, draft_probs = self.drafter.draft(hidden, next_ids, self.K, self.probs_fn, self.generator, real,
+            drafts, draft_probs = self.drafter.draft(hidden, next_ids, k_next, self.probs_fn, self.generator, real,
                                                      **extra)
             stats.draft_seconds += time.perf_counter() - t0
 
@@ -448,8 +459,12 @@ class _Decoder:
             done = [done[i] for i in keep]
             token = nxt
 
-            # ---- draft the next chain for the rows that go on
-            if self.K > 0 and not all(done):
+            # ---- draft the next chain for the rows that go on, no longer than the largest budget left can use
+            left = [self.max_new_tokens - len(generated[r]) for r, d in zip(rows.tolist(), done, strict=True) if not d]
+            k_next = min(self.K, max(left, default=0) - 1)  # a step's budget keeps one token back for the verifier
+            if k_next <= 0:
+                drafts = draft_probs = None
+            elif not all(done):
                 t0 = time.perf_counter()
                 # next_ids[:, j] is the token after the position of hidden[:, j]: the kept drafts, then nxt
                 next_ids = torch.cat([drafts[:, :kept], nxt[:, None]], dim=1) if kept else nxt[:, None]  # (b, 1 + kept)
@@ -462,7 +477,7 @@ class _Decoder:
                 if appended is not None:  # they follow the row's last verified slot: usable where all were accepted
                     verified = torch.tensor(seen_drafts if short else [k] * b, device=device)
                     extra["appended"] = appended._replace(complete=torch.tensor(accepted, device=device) == verified)
-                drafts, draft_probs = self.drafter.draft(hidden[:, : kept + 1], next_ids, self.K, self.probs_fn,
+                drafts, draft_probs = self.drafter.draft(hidden[:, : kept + 1], next_ids, k_next, self.probs_fn,
                                                          self.generator, cols, **extra)
                 stats.draft_seconds += time.perf_counter() - t0
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_mtp.backbone import BackboneParts
 
-__all__ = ["METHODS", "AppendedOutputs", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
+__all__ = ["METHODS", "AppendedOutputs", "ChainStop", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -179,7 +179,16 @@ class Drafter:
     They cost no extra forward: their cache entries are dropped right after it, and what the backbone made
     of them reaches :meth:`draft` as ``appended``. Those outputs continue the committed sequence only in rows
     whose every verified draft was accepted (``appended.complete``); other rows must draft without them.
+
+    Where a chain ends: the decoder sets :attr:`stop_ids` (the backbone's EOS ids) and :attr:`min_confidence`
+    (``draft_confidence_threshold``) before the first call; a drafter that drafts one token at a time builds its
+    chain through :class:`ChainStop`, which ends it after a stop token and before an unconfident position.
     """
+
+    stop_ids: torch.Tensor | None = None
+    """(E,) token ids after which a chain ends: nothing after an EOS can be emitted, so drafting on is wasted."""
+    min_confidence: float = 0.0
+    """A chain ends before a position whose most likely draft has less probability than this (0: never)."""
 
     def appended_tokens(self, k: int) -> torch.Tensor | None:
         """Token ids (a,) to append after the ``k`` drafts of every forward, or None (the default) for none."""
@@ -200,6 +209,48 @@ class Drafter:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a LongTensor of indices into the current rows)."""
         raise NotImplementedError(f"{type(self).__name__} cannot drop finished rows of a batch")
+
+
+class ChainStop:
+    """One draft chain of a batch, grown a token at a time, that knows where each row's chain ends.
+
+    A row's chain ends after a stop token (EOS) and before a position where the drafter's most likely token has
+    less than ``min_confidence`` probability: the verifier would likely reject that draft, so drafting it and
+    the ones after it costs time for nothing (HF's ``assistant_confidence_threshold``, EAGLE-2's confidence-
+    guided drafting). The rule reads the drafter's distribution, never the token sampled from it, so rejection
+    sampling stays exact; and nothing after an EOS can be emitted. Rows whose chain ended hold -1 in later
+    columns, as :meth:`Drafter.draft` allows; with neither rule in force nothing is checked, so a chain costs
+    no host synchronisation per token.
+    """
+
+    def __init__(self, drafter: Drafter, batch: int, device: torch.device) -> None:
+        self.stop_ids = None if drafter.stop_ids is None else drafter.stop_ids.to(device)
+        self.min_confidence = drafter.min_confidence
+        self.open = torch.ones(batch, dtype=torch.bool, device=device)  # (B,) rows whose chain goes on
+        self.checks = self.min_confidence > 0 or (self.stop_ids is not None and self.stop_ids.numel() > 0)
+
+    @property
+    def needs_probs(self) -> bool:
+        """Whether :meth:`add` needs the drafter's probabilities (greedy drafters compute them only then)."""
+        return self.min_confidence > 0
+
+    def add(self, token: torch.Tensor, probs: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
+        """Offer each row's next draft ``token`` (B,), drawn from the drafter's distribution ``probs`` (B, V').
+
+        Returns the draft column (-1 where a row's chain has ended), or None when no row takes this draft, and
+        whether any row's chain may go on after it.
+        """
+        if not self.checks:
+            return token, True
+        keep = self.open
+        if self.min_confidence > 0:
+            if probs is None:
+                raise ValueError("ChainStop.add needs the drafter's probabilities when min_confidence > 0")
+            keep = keep & (probs.amax(-1) >= self.min_confidence)
+        self.open = keep if self.stop_ids is None else keep & ~torch.isin(token, self.stop_ids)
+        if not bool(keep.any()):
+            return None, False
+        return token.masked_fill(~keep, -1), bool(self.open.any())
 
 
 class MTPMethod(nn.Module):

@@ -10,13 +10,15 @@ frequent token ids of the training data; drafting computes logits over that subs
 outside it carry no loss. Verification always uses the full vocabulary, so decoding stays lossless.
 
 Decoding: the head keeps its own KV cache over committed positions; after each verify it ingests the
-committed rows in one call and then drafts K tokens recursively, one call each.
+committed rows in one call and then drafts up to ``num_draft_tokens`` tokens recursively, one call each (the
+trained K by default; any length at decode time), ending a chain early after EOS or an unconfident draft.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +26,24 @@ from transformers import DynamicCache
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
 from lightning_mtp.decoding.sampling import sample
-from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_labels, future_tokens, register_method
+from lightning_mtp.methods.base import (
+    ChainStop,
+    Drafter,
+    MethodConfig,
+    MTPMethod,
+    future_labels,
+    future_tokens,
+    register_method,
+)
 from lightning_mtp.methods.mtp_block import MTPBlock
 
 __all__ = ["FastMTP", "FastMTPHead", "FastMTPDrafter"]
+
+LONG_CHAIN = 64
+"""The longest chain of the bench's long-chain entry: the shared head applied up to 64 times per step."""
+LONG_CHAIN_CONFIDENCE = 0.4
+"""Its draft confidence threshold (HF assisted generation's default ``assistant_confidence_threshold``)."""
+SWEEP_CHAINS = (8, 16, 32)
 
 
 @register_method("fast_mtp")
@@ -138,6 +154,18 @@ class FastMTPHead(MTPMethod):
     def drafter(self, parts: BackboneParts) -> FastMTPDrafter:
         return FastMTPDrafter(self, parts)
 
+    def bench_entries(self, sweep: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """The trained K, and long chains that end at EOS or a draft below ``LONG_CHAIN_CONFIDENCE``; ``sweep``
+        adds the chain lengths of ``SWEEP_CHAINS``."""
+        def chain(n: int) -> tuple[str, dict[str, Any]]:
+            return (f"fast_mtp/k{n}@{LONG_CHAIN_CONFIDENCE:g}", {
+                "decoding": "speculative", "num_draft_tokens": n, "draft_confidence_threshold": LONG_CHAIN_CONFIDENCE})
+
+        entries = [("fast_mtp", {"decoding": "speculative"}), chain(LONG_CHAIN)]
+        if sweep:
+            entries += [chain(n) for n in SWEEP_CHAINS]
+        return entries
+
 
 class FastMTPDrafter(Drafter):
     """Chain drafting with the shared head and its own KV cache over committed positions.
@@ -194,29 +222,39 @@ class FastMTPDrafter(Drafter):
             self.positions = self.positions + cols.sum(1)
         self.committed += m
         tokens, probs = [], []
+        chain = ChainStop(self, B, device)
         for j in range(k):
             logits = head.logits(parts, h)[:, -1]  # (B, V')
             if probs_fn is None:
-                tok = logits.argmax(-1)  # (B,)
+                p = logits.softmax(-1) if chain.needs_probs else None
+                idx = logits.argmax(-1)  # (B,)
             else:
                 p = probs_fn(logits)  # (B, V')
-                tok = sample(p, generator)  # (B,)
+                idx = sample(p, generator)  # (B,)
+            tok = idx if head.draft_ids is None else head.draft_ids[idx]
+            tok, more = chain.add(tok, p)
+            if tok is None:  # no row takes this draft
+                break
+            tokens.append(tok)
+            if probs_fn is not None:
                 if head.draft_ids is not None:  # spread back over the full vocabulary for rejection sampling
                     full = p.new_zeros(B, parts.vocab_size)
                     full[:, head.draft_ids] = p
                     p = full
                 probs.append(p)
-            if head.draft_ids is not None:
-                tok = head.draft_ids[tok]
-            tokens.append(tok)
-            if j < k - 1:
+            if more and j < k - 1:
                 if self.slots is None:
                     pos, mask = torch.full((B, 1), self.committed + j, device=device), None
                 else:
                     pos = (self.positions + j)[:, None]  # (B, 1)
                     seen = torch.cat([self.slots, self.slots.new_ones(B, j + 1)], dim=1)  # drafts so far + this one
                     mask = slot_mask(seen, 1, h.dtype)  # (B, 1, 1, slots + j + 1)
-                h = head.block(parts, head.recur(h), tok[:, None], pos, self.cache, attention_mask=mask)  # (B, 1, H)
+                fed = tok.clamp(min=0)[:, None]  # rows whose chain ended (-1) go on harmlessly, unread
+                h = head.block(parts, head.recur(h), fed, pos, self.cache, attention_mask=mask)  # (B, 1, H)
                 self.speculative += 1
-        draft = torch.stack(tokens, dim=1)  # (B, k)
-        return draft, (torch.stack(probs, dim=1) if probs else None)  # (B, k), (B, k, V)
+            else:
+                break
+        if not tokens:
+            return next_ids.new_zeros(B, 0), (hidden.new_zeros(B, 0, parts.vocab_size) if probs_fn else None)
+        draft = torch.stack(tokens, dim=1)  # (B, k') with k' <= k, -1 after a row's chain ended
+        return draft, (torch.stack(probs, dim=1) if probs else None)  # (B, k'), (B, k', V)

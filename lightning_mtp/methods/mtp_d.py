@@ -49,7 +49,15 @@ from transformers import DynamicCache
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
 from lightning_mtp.decoding.sampling import sample
-from lightning_mtp.methods.base import Drafter, MethodConfig, MTPMethod, future_labels, future_tokens, register_method
+from lightning_mtp.methods.base import (
+    ChainStop,
+    Drafter,
+    MethodConfig,
+    MTPMethod,
+    future_labels,
+    future_tokens,
+    register_method,
+)
 from lightning_mtp.methods.mtp_block import MTPBlock
 
 __all__ = ["MTPD", "MTPDHeads", "MTPDDrafter", "distillation_kl", "extend_heads"]
@@ -345,6 +353,8 @@ class MTPDDrafter(Drafter):
 
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
+        chain = ChainStop(self, B, device)
+        wanted = k  # drafts still wanted: k, cut short where every row's chain ended (the heads still commit)
         h_full = hidden  # (B, m, H) head j's input, column-aligned with next_ids (j = 0: the backbone's states)
         cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m) committed
         v_full = cols
@@ -362,13 +372,13 @@ class MTPDDrafter(Drafter):
 
             # chain rows (only while drafts are wanted): positions L-j+1 .. L, fed head j-1's new carry and
             # chain outputs, and drafts 1..j; rows at negative positions (short prompts) do not exist
-            rows = j if j < k else 0
+            rows = j if j < wanted else 0
             if not batched:  # at batch size 1 drop the rows at negative positions: L + 1 = head 0's entries
                 rows = min(rows, self.committed[0])
             if rows:
                 carry = self.carry[j - 1] if self.carry[j - 1] is not None else hidden.new_zeros(B, 1, H)
                 chain_h = torch.cat([carry, chain_out], dim=1)[:, -rows:]  # (B, rows, H)
-                chain_ids = torch.stack(tokens[-rows:], dim=1)  # (B, rows)
+                chain_ids = torch.stack(tokens[-rows:], dim=1).clamp(min=0)  # (B, rows); an ended chain's -1 is unread
             else:
                 chain_h, chain_ids = h_in[:, :0], ids_in[:, :0]
 
@@ -409,14 +419,23 @@ class MTPDDrafter(Drafter):
                     self.carry_valid[j] = has | self.carry_valid[j]
             h_full, chain_out = committed, out[:, n_in:]
 
-            if j < k:  # draft token j + 1: head j's output at position L (its last chain row; head 0: its carry)
+            if j < wanted:  # draft token j + 1: head j's output at position L (its last chain row; head 0: its carry)
                 h_last = out[:, -1:] if j else self.carry[0]  # (B, 1, H)
                 logits = method.logits(parts, head, h_last)[:, -1]  # (B, V)
                 if probs_fn is None:
-                    tokens.append(logits.argmax(-1))  # (B,)
+                    p = logits.softmax(-1) if chain.needs_probs else None
+                    tok = logits.argmax(-1)  # (B,)
                 else:
                     p = probs_fn(logits)  # (B, V)
-                    tokens.append(sample(p, generator))
-                    probs.append(p)
-        drafts = torch.stack(tokens, dim=1)  # (B, k)
+                    tok = sample(p, generator)
+                tok, more = chain.add(tok, p)
+                if tok is not None:
+                    tokens.append(tok)
+                    if probs_fn is not None:
+                        probs.append(p)
+                if not more:
+                    wanted = len(tokens)
+        if not tokens:
+            return next_ids.new_zeros(B, 0), (hidden.new_zeros(B, 0, parts.vocab_size) if probs_fn else None)
+        drafts = torch.stack(tokens, dim=1)  # (B, k') with k' <= k, -1 after a row's chain ended
         return drafts, (torch.stack(probs, dim=1) if probs else None)
