@@ -401,10 +401,11 @@ def _row(d: Decoder, decoders: list[Decoder], references, answers, tokenizer) ->
     if d.stats is not None:
         s = d.stats
         steps = max(1, s.row_forwards - s.sequences)  # decode steps per row, prefills excluded
+        reached = max((j + 1 for j, r in enumerate(s.reached) if r), default=0)  # AR past it is undefined, not 0
         row.update(
             tokens_per_forward=s.tokens_per_forward,
-            acceptance_per_position=s.acceptance_per_position,
-            cumulative_acceptance=s.cumulative_acceptance,
+            acceptance_per_position=s.acceptance_per_position[:reached],
+            cumulative_acceptance=s.cumulative_acceptance[:reached],
             draft_ms_per_step=1000 * s.draft_seconds / steps,
             verify_ms_per_step=1000 * s.verify_seconds / steps,
         )
@@ -477,7 +478,7 @@ def _legend(rows: list[dict]) -> str | None:
 
 
 def write_plots(rows: list[dict], directory: str | Path) -> list[Path]:
-    """``speedup_vs_accuracy.png`` and ``acceptance.png`` (acceptance per draft position per entry)."""
+    """``speedup_vs_accuracy.png`` and ``acceptance.png`` (acceptance per draft position per batch-size-1 entry)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -486,12 +487,20 @@ def write_plots(rows: list[dict], directory: str | Path) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        acc = row["accuracy"] if row["accuracy"] is not None else row["identical_to_ntp"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    def quality(row: dict) -> float:
+        return row["accuracy"] if row["accuracy"] is not None else row["identical_to_ntp"]
+
+    middle = (min(map(quality, rows)) + max(map(quality, rows))) / 2
+    for i, row in enumerate(sorted(rows, key=lambda r: r["speedup_vs_hf"])):
+        acc = quality(row)
         marker = {"baseline": "s", "peer": "^", "method": "o"}[row["kind"]]
         ax.scatter(row["speedup_vs_hf"], acc, marker=marker, s=40)
-        ax.annotate(row["name"], (row["speedup_vs_hf"], acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        # neighbours along the x axis get their labels at staggered heights (below the upper points, above the
+        # lower ones), joined to their point by a hairline
+        dy = 8 + 11 * (i % 6)
+        ax.annotate(row["name"], (row["speedup_vs_hf"], acc), fontsize=7, xytext=(6, dy if acc < middle else -6 - dy),
+                    textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.3, "color": "grey"})
     ax.axvline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("speed-up over HF greedy (same batch size)")
     ax.set_ylabel("task accuracy" if any(r["accuracy"] is not None for r in rows) else "identical to greedy")
@@ -501,7 +510,7 @@ def write_plots(rows: list[dict], directory: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         ar = row.get("acceptance_per_position")
-        if ar:
+        if ar and row["batch_size"] == 1:  # batched entries draft the same chains
             ax.plot(range(1, len(ar) + 1), ar, marker="o", label=f"{row['name']} (tau {row['tokens_per_forward']:.2f})")
     ax.set_xlabel("draft position j")
     ax.set_ylabel("acceptance rate AR_j")

@@ -50,9 +50,11 @@ def test_bench_runs_every_entry_with_every_field(models, tmp_path, capsys):
         assert row["peak_memory_mb"] is None or row["peak_memory_mb"] >= 0
     assert by_name["hf_greedy"]["speedup_vs_hf"] == 1.0 and by_name["ntp@b2"]["speedup_vs_ntp"] == 1.0
     assert by_name["hf_greedy"]["tokens_per_forward"] == 1.0  # counted from the backbone's forward calls
-    assert len(by_name["fast_mtp[0]"]["acceptance_per_position"]) == 3
-    assert len(by_name["fast_mtp/k64@0.4[0]"]["acceptance_per_position"]) == 64  # the JSON keeps every position
-    assert len(by_name["fast_mtp[1]@b2"]["cumulative_acceptance"]) == 2
+    # AR_j of the positions some step reached: at most K of them (3 and 2), at most 10 for up to 64 drafts within
+    # the 12-token budget (the budget keeps one token of the prefill's and one of each step's)
+    assert 1 <= len(by_name["fast_mtp[0]"]["acceptance_per_position"]) <= 3
+    assert len(by_name["fast_mtp/k64@0.4[0]"]["acceptance_per_position"]) <= 10
+    assert 1 <= len(by_name["fast_mtp[1]@b2"]["cumulative_acceptance"]) <= 2
     assert by_name["fast_mtp[0]"]["draft_ms_per_step"] > 0
     assert by_name["fast_mtp[1]@b2"]["model"] == str(models["fastmtp2"]) and by_name["ntp"]["model"] is None
     table = (out / "bench.md").read_text()

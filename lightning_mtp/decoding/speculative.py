@@ -292,6 +292,12 @@ class _Decoder:
         self.eos = _eos_ids(model)
         self.stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
 
+    def draft_length(self, generated: list[list[int]], rows: torch.Tensor, done: list[bool]) -> int:
+        """Drafts the next step can use: K, or fewer where the largest token budget left among the rows that go on
+        is smaller (a step keeps one token of its budget for the verifier's own); 0 when no row goes on."""
+        left = [self.max_new_tokens - len(generated[r]) for r, d in zip(rows.tolist(), done, strict=True) if not d]
+        return min(self.K, max(left, default=0) - 1)
+
     def pick(self, logits: torch.Tensor) -> torch.Tensor:  # (b, V) -> (b,)
         if self.probs_fn is None:
             return logits.argmax(-1)
@@ -334,8 +340,8 @@ class _Decoder:
         rows = torch.arange(B, device=device)  # original index of each active row
         done = [g[0] in self.eos or self.max_new_tokens == 1 for g in generated]
         drafts = draft_probs = None
-        k_next = min(self.K, self.max_new_tokens - 2)  # the next step's drafts: the budget keeps one token back
-        if k_next > 0 and not all(done):
+        k_next = self.draft_length(generated, rows, done)
+        if k_next > 0:
             t0 = time.perf_counter()
             next_ids = torch.cat([input_ids[:, 1:], token[:, None]], dim=1)  # (B, n): the token after each position
             extra = {} if appended is None else {"appended": appended._replace(complete=token.new_ones(B, dtype=torch.bool))}
@@ -460,11 +466,10 @@ class _Decoder:
             token = nxt
 
             # ---- draft the next chain for the rows that go on, no longer than the largest budget left can use
-            left = [self.max_new_tokens - len(generated[r]) for r, d in zip(rows.tolist(), done, strict=True) if not d]
-            k_next = min(self.K, max(left, default=0) - 1)  # a step's budget keeps one token back for the verifier
+            k_next = self.draft_length(generated, rows, done)
             if k_next <= 0:
                 drafts = draft_probs = None
-            elif not all(done):
+            else:
                 t0 = time.perf_counter()
                 # next_ids[:, j] is the token after the position of hidden[:, j]: the kept drafts, then nxt
                 next_ids = torch.cat([drafts[:, :kept], nxt[:, None]], dim=1) if kept else nxt[:, None]  # (b, 1 + kept)
