@@ -14,7 +14,7 @@ from lightning_mtp import FastMTP, MTPModule
 from lightning_mtp.backbone import cache_kwarg
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept
 from lightning_mtp.decoding.speculative import speculative_generate
-from lightning_mtp.methods.base import ChainStop, Drafter, future_labels, future_tokens
+from lightning_mtp.methods.base import DraftChain, Drafter, future_labels, future_tokens
 from lightning_mtp.metrics import AcceptanceRate
 
 # prompts of several lengths, some longer than mistral's sliding window (8)
@@ -169,22 +169,23 @@ def test_always_wrong_drafter_is_lossless_at_one_token_per_forward(arch):
 # ---------------------------------------------------------------- where a chain ends: EOS, confidence, budget
 
 
-def test_chain_stop_ends_rows_after_eos_and_before_unconfident_drafts():
+def test_draft_chain_ends_rows_after_eos_and_before_unconfident_positions():
     drafter = Drafter()
     drafter.stop_ids, drafter.min_confidence = torch.tensor([EOS]), 0.5
-    chain = ChainStop(drafter, 3, torch.device("cpu"))
+    chain = DraftChain(drafter, 3, torch.device("cpu"))
     sure, unsure = torch.full((3, VOCAB), 0.9), torch.full((3, VOCAB), 0.1)
-    column, more = chain.add(torch.tensor([EOS, 5, 6]), sure)
-    assert column.tolist() == [EOS, 5, 6] and more  # row 0 drafted EOS: its chain ends after it
-    probs = torch.stack([sure[0], sure[1], unsure[2]])
-    column, more = chain.add(torch.tensor([7, 8, 9]), probs)
-    assert column.tolist() == [-1, 8, -1] and more  # row 2's draft was unconfident: it ends before it
-    column, more = chain.add(torch.tensor([7, EOS, 9]), sure)
-    assert column.tolist() == [-1, EOS, -1] and not more
-    column, more = ChainStop(drafter, 1, torch.device("cpu")).add(torch.tensor([4]), unsure[:1])
-    assert column is None and not more  # no row takes the draft: no column at all
-    column = torch.tensor([3, EOS])
-    assert ChainStop(Drafter(), 2, torch.device("cpu")).add(column) == (column, True)  # no rules: passes through
+    assert chain.add(torch.tensor([EOS, 5, 6]), sure)  # row 0 drafted EOS: its chain ends after it
+    assert chain.add(torch.tensor([7, 8, 9]), torch.stack([sure[0], sure[1], unsure[2]]))  # row 2 ends before 9
+    assert not chain.add(torch.tensor([7, EOS, 9]), sure)  # row 1's EOS ends the last open chain
+    assert chain.result()[0].t().tolist() == [[EOS, 5, 6], [-1, 8, -1], [-1, EOS, -1]]
+    assert chain.result()[1] is None  # greedy: no probabilities kept
+    alone = DraftChain(drafter, 1, torch.device("cpu"))
+    assert not alone.add(torch.tensor([4]), unsure[:1])  # no row takes the draft: no column at all
+    assert alone.result()[0].shape == (1, 0)
+    free = DraftChain(Drafter(), 2, torch.device("cpu"), sampling=True)  # no rules: every draft passes through
+    assert free.add(torch.tensor([3, EOS]), unsure[:2]) and free.add(torch.tensor([4, 4]), sure[:2])
+    drafts, probs = free.result()
+    assert drafts.tolist() == [[3, 4], [EOS, 4]] and probs.shape == (2, 2, VOCAB)
 
 
 def _always_eos_logits(*args):

@@ -231,7 +231,7 @@ def speculative_generate(
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     if K > 0 and parts is None:
         parts = backbone_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    if K > 0:  # where chains end (see ChainStop)
+    if K > 0:  # where chains end (see DraftChain)
         drafter.stop_ids = torch.tensor(sorted(_eos_ids(model)), dtype=torch.long, device=input_ids.device)
         drafter.min_confidence = float(draft_confidence_threshold)
     t_start = time.perf_counter()

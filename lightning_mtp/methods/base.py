@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_mtp.backbone import BackboneParts
 
-__all__ = ["METHODS", "AppendedOutputs", "ChainStop", "Drafter", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
+__all__ = ["METHODS", "AppendedOutputs", "Drafter", "DraftChain", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -182,7 +182,7 @@ class Drafter:
 
     Where a chain ends: the decoder sets :attr:`stop_ids` (the backbone's EOS ids) and :attr:`min_confidence`
     (``draft_confidence_threshold``) before the first call; a drafter that drafts one token at a time builds its
-    chain through :class:`ChainStop`, which ends it after a stop token and before an unconfident position.
+    chain through :class:`DraftChain`, which ends it after a stop token and before an unconfident position.
     """
 
     stop_ids: torch.Tensor | None = None
@@ -211,46 +211,63 @@ class Drafter:
         raise NotImplementedError(f"{type(self).__name__} cannot drop finished rows of a batch")
 
 
-class ChainStop:
-    """One draft chain of a batch, grown a token at a time, that knows where each row's chain ends.
+class DraftChain:
+    """The draft chain of a batch, grown a token at a time, that knows where each row's chain ends.
 
     A row's chain ends after a stop token (EOS) and before a position where the drafter's most likely token has
     less than ``min_confidence`` probability: the verifier would likely reject that draft, so drafting it and
     the ones after it costs time for nothing (HF's ``assistant_confidence_threshold``, EAGLE-2's confidence-
     guided drafting). The rule reads the drafter's distribution, never the token sampled from it, so rejection
     sampling stays exact; and nothing after an EOS can be emitted. Rows whose chain ended hold -1 in later
-    columns, as :meth:`Drafter.draft` allows; with neither rule in force nothing is checked, so a chain costs
-    no host synchronisation per token.
+    columns, as :meth:`Drafter.draft` allows. With neither rule in force nothing is checked, so a chain costs no
+    host synchronisation per token; with one, one per token.
     """
 
-    def __init__(self, drafter: Drafter, batch: int, device: torch.device) -> None:
+    def __init__(self, drafter: Drafter, batch: int, device: torch.device, sampling: bool = False) -> None:
         self.stop_ids = None if drafter.stop_ids is None else drafter.stop_ids.to(device)
         self.min_confidence = drafter.min_confidence
+        self.sampling = sampling
         self.open = torch.ones(batch, dtype=torch.bool, device=device)  # (B,) rows whose chain goes on
         self.checks = self.min_confidence > 0 or (self.stop_ids is not None and self.stop_ids.numel() > 0)
+        self.tokens: list[torch.Tensor] = []  # (B,) each: the drafts so far, -1 where a row's chain has ended
+        self.probs: list[torch.Tensor] = []  # (B, V) each, when sampling: what rejection sampling needs
 
     @property
     def needs_probs(self) -> bool:
         """Whether :meth:`add` needs the drafter's probabilities (greedy drafters compute them only then)."""
-        return self.min_confidence > 0
+        return self.sampling or self.min_confidence > 0
 
-    def add(self, token: torch.Tensor, probs: torch.Tensor | None = None) -> tuple[torch.Tensor | None, bool]:
-        """Offer each row's next draft ``token`` (B,), drawn from the drafter's distribution ``probs`` (B, V').
-
-        Returns the draft column (-1 where a row's chain has ended), or None when no row takes this draft, and
-        whether any row's chain may go on after it.
-        """
+    def add(self, token: torch.Tensor, probs: torch.Tensor | None = None) -> bool:
+        """Offer each row's next draft ``token`` (B,), drawn from the drafter's distribution ``probs`` (B, V): read
+        by the confidence rule and kept for rejection sampling when sampling. Returns whether the chain goes on:
+        False when no row took this draft, or no row's chain continues past it."""
         if not self.checks:
-            return token, True
+            self._append(token, probs)
+            return True
         keep = self.open
         if self.min_confidence > 0:
             if probs is None:
-                raise ValueError("ChainStop.add needs the drafter's probabilities when min_confidence > 0")
+                raise ValueError("DraftChain.add needs the drafter's probabilities when min_confidence > 0")
             keep = keep & (probs.amax(-1) >= self.min_confidence)
         self.open = keep if self.stop_ids is None else keep & ~torch.isin(token, self.stop_ids)
         if not bool(keep.any()):
-            return None, False
-        return token.masked_fill(~keep, -1), bool(self.open.any())
+            return False
+        self._append(token.masked_fill(~keep, -1), probs)
+        return bool(self.open.any())
+
+    def _append(self, token: torch.Tensor, probs: torch.Tensor | None) -> None:
+        self.tokens.append(token)
+        if self.sampling:
+            self.probs.append(probs)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(drafts, probs)`` as :meth:`Drafter.draft` returns them: (B, n) and, when sampling, (B, n, V)."""
+        if not self.tokens:
+            return self.open.new_zeros(len(self.open), 0, dtype=torch.long), None
+        return torch.stack(self.tokens, dim=1), (torch.stack(self.probs, dim=1) if self.sampling else None)
 
 
 class MTPMethod(nn.Module):

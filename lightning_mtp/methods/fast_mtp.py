@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from lightning_mtp.backbone import BackboneParts, slot_mask
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.methods.base import (
-    ChainStop,
+    DraftChain,
     Drafter,
     MethodConfig,
     MTPMethod,
@@ -221,8 +221,7 @@ class FastMTPDrafter(Drafter):
             h = out[torch.arange(B, device=device), last][:, None]  # (B, 1, H)
             self.positions = self.positions + cols.sum(1)
         self.committed += m
-        tokens, probs = [], []
-        chain = ChainStop(self, B, device)
+        chain = DraftChain(self, B, device, sampling=probs_fn is not None)
         for j in range(k):
             logits = head.logits(parts, h)[:, -1]  # (B, V')
             if probs_fn is None:
@@ -231,30 +230,19 @@ class FastMTPDrafter(Drafter):
             else:
                 p = probs_fn(logits)  # (B, V')
                 idx = sample(p, generator)  # (B,)
-            tok = idx if head.draft_ids is None else head.draft_ids[idx]
-            tok, more = chain.add(tok, p)
-            if tok is None:  # no row takes this draft
-                break
-            tokens.append(tok)
-            if probs_fn is not None:
                 if head.draft_ids is not None:  # spread back over the full vocabulary for rejection sampling
                     full = p.new_zeros(B, parts.vocab_size)
                     full[:, head.draft_ids] = p
                     p = full
-                probs.append(p)
-            if more and j < k - 1:
-                if self.slots is None:
-                    pos, mask = torch.full((B, 1), self.committed + j, device=device), None
-                else:
-                    pos = (self.positions + j)[:, None]  # (B, 1)
-                    seen = torch.cat([self.slots, self.slots.new_ones(B, j + 1)], dim=1)  # drafts so far + this one
-                    mask = slot_mask(seen, 1, h.dtype)  # (B, 1, 1, slots + j + 1)
-                fed = tok.clamp(min=0)[:, None]  # rows whose chain ended (-1) go on harmlessly, unread
-                h = head.block(parts, head.recur(h), fed, pos, self.cache, attention_mask=mask)  # (B, 1, H)
-                self.speculative += 1
-            else:
+            tok = idx if head.draft_ids is None else head.draft_ids[idx]
+            if not chain.add(tok, p) or j == k - 1:
                 break
-        if not tokens:
-            return next_ids.new_zeros(B, 0), (hidden.new_zeros(B, 0, parts.vocab_size) if probs_fn else None)
-        draft = torch.stack(tokens, dim=1)  # (B, k') with k' <= k, -1 after a row's chain ended
-        return draft, (torch.stack(probs, dim=1) if probs else None)  # (B, k'), (B, k', V)
+            if self.slots is None:
+                pos, mask = torch.full((B, 1), self.committed + j, device=device), None
+            else:
+                pos = (self.positions + j)[:, None]  # (B, 1)
+                seen = torch.cat([self.slots, self.slots.new_ones(B, j + 1)], dim=1)  # drafts so far + this one
+                mask = slot_mask(seen, 1, h.dtype)  # (B, 1, 1, slots + j + 1)
+            h = head.block(parts, head.recur(h), tok[:, None], pos, self.cache, attention_mask=mask)  # (B, 1, H)
+            self.speculative += 1
+        return chain.result()  # (B, k') with k' <= k, -1 after a row's chain ended; (B, k', V) when sampling

@@ -64,7 +64,7 @@ from lightning_mtp.backbone import BackboneParts, forward_params
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.methods.base import (
     AppendedOutputs,
-    ChainStop,
+    DraftChain,
     Drafter,
     MethodConfig,
     MTPMethod,
@@ -593,19 +593,13 @@ class MaskTokenDrafter(Drafter):
         else:
             probs = probs_fn(logits)  # (B, k, V)
             drafts = sample(probs, generator)  # (B, k)
-        chain = ChainStop(self, drafts.shape[0], drafts.device)
-        if chain.checks:  # end each row's chain after EOS / before an unconfident draft
+        chain = DraftChain(self, drafts.shape[0], drafts.device, sampling=probs is not None)
+        if chain.checks:  # end each row's chain after EOS / before an unconfident position
             scores = probs if probs is not None else (logits.softmax(-1) if chain.needs_probs else None)
-            columns = []
             for j in range(drafts.shape[1]):
-                column, more = chain.add(drafts[:, j], None if scores is None else scores[:, j])
-                if column is None:
+                if not chain.add(drafts[:, j], None if scores is None else scores[:, j]):
                     break
-                columns.append(column)
-                if not more:
-                    break
-            drafts = torch.stack(columns, dim=1) if columns else drafts[:, :0]
-            probs = probs[:, : len(columns)] if probs is not None else None
+            drafts, probs = chain.result()
         complete = appended.complete  # (B,)
         if bool(complete.all()):
             return drafts, probs

@@ -50,7 +50,7 @@ from transformers import DynamicCache
 from lightning_mtp.backbone import BackboneParts, slot_mask
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.methods.base import (
-    ChainStop,
+    DraftChain,
     Drafter,
     MethodConfig,
     MTPMethod,
@@ -351,9 +351,7 @@ class MTPDDrafter(Drafter):
         old_carry, old_valid = list(self.carry), list(self.carry_valid)  # before this call's commits
         no = torch.zeros(B, dtype=torch.bool, device=device)
 
-        tokens: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
-        chain = ChainStop(self, B, device)
+        chain = DraftChain(self, B, device, sampling=probs_fn is not None)
         wanted = k  # drafts still wanted: k, cut short where every row's chain ended (the heads still commit)
         h_full = hidden  # (B, m, H) head j's input, column-aligned with next_ids (j = 0: the backbone's states)
         cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m) committed
@@ -378,7 +376,7 @@ class MTPDDrafter(Drafter):
             if rows:
                 carry = self.carry[j - 1] if self.carry[j - 1] is not None else hidden.new_zeros(B, 1, H)
                 chain_h = torch.cat([carry, chain_out], dim=1)[:, -rows:]  # (B, rows, H)
-                chain_ids = torch.stack(tokens[-rows:], dim=1).clamp(min=0)  # (B, rows); an ended chain's -1 is unread
+                chain_ids = torch.stack(chain.tokens[-rows:], dim=1).clamp(min=0)  # (B, rows); an ended chain's -1 is unread
             else:
                 chain_h, chain_ids = h_in[:, :0], ids_in[:, :0]
 
@@ -428,14 +426,6 @@ class MTPDDrafter(Drafter):
                 else:
                     p = probs_fn(logits)  # (B, V)
                     tok = sample(p, generator)
-                tok, more = chain.add(tok, p)
-                if tok is not None:
-                    tokens.append(tok)
-                    if probs_fn is not None:
-                        probs.append(p)
-                if not more:
-                    wanted = len(tokens)
-        if not tokens:
-            return next_ids.new_zeros(B, 0), (hidden.new_zeros(B, 0, parts.vocab_size) if probs_fn else None)
-        drafts = torch.stack(tokens, dim=1)  # (B, k') with k' <= k, -1 after a row's chain ended
-        return drafts, (torch.stack(probs, dim=1) if probs else None)
+                if not chain.add(tok, p):
+                    wanted = len(chain)
+        return chain.result()  # (B, k') with k' <= k, -1 after a row's chain ended; (B, k', V) when sampling
