@@ -242,8 +242,8 @@ class MTPModule(L.LightningModule):
         distribution. ``num_draft_tokens=0`` decodes plain NTP through the same machinery (the fair
         baseline). A chain ends early after EOS, and before a position where the method's most likely token
         has less than ``draft_confidence_threshold`` probability (default 0: never), which lets a long
-        ``num_draft_tokens`` pay where the method is sure and cost little where it is not. Methods may offer modes of their own
-        (see ``self.method.decodings``), which take their own ``options``.
+        ``num_draft_tokens`` pay where the method is sure and cost little where it is not. Methods may offer
+        modes of their own (see ``self.method.decodings``), which take their own ``options``.
         """
         defaults = dict(self.decoding_defaults)
         default_mode = defaults.pop("decoding", "speculative")

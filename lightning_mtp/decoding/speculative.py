@@ -231,9 +231,8 @@ def speculative_generate(
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     if K > 0 and parts is None:
         parts = backbone_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    if K > 0:  # where chains end (see DraftChain)
-        drafter.stop_ids = torch.tensor(sorted(_eos_ids(model)), dtype=torch.long, device=input_ids.device)
-        drafter.min_confidence = float(draft_confidence_threshold)
+    if K > 0:
+        drafter.min_confidence = float(draft_confidence_threshold)  # where chains end (see DraftChain)
     t_start = time.perf_counter()
     with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
         decoder = _Decoder(model, drafter, K, max_new_tokens, probs_fn, generator, streamer, grab)
@@ -305,6 +304,8 @@ class _Decoder:
 
     def run(self, input_ids: torch.Tensor, real: torch.Tensor | None) -> tuple[list[list[int]], DecodeStats]:
         model, stats, device = self.model, self.stats, input_ids.device
+        if self.K > 0:  # a chain ends after an EOS draft (see DraftChain)
+            self.drafter.stop_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
         B = input_ids.shape[0]
         cache = DynamicCache(config=model.config)
         if self.K > 0 and any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [])):
