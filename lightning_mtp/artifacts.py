@@ -36,13 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import InvalidVersion, Version
 from safetensors.torch import load_file, save_file
 
+from lightning_mtp import __version__
 from lightning_mtp.backbone import resolve_model_path
 
 __all__ = [
     "METHOD_WEIGHTS",
     "MTP_CONFIG",
+    "WEIGHTS_KINDS",
     "atomic_dir",
     "atomic_write_text",
     "load_artifact",
@@ -58,6 +61,8 @@ _KNOWN_KEYS = frozenset(
     {"library", "library_version", "method", "lora", "weights", "native_layout", "base_model", "decoding", "metrics"}
 )
 _HUB_KWARGS = ("revision", "token", "endpoint", "cache_dir", "local_files_only")
+WEIGHTS_KINDS = ("method", "method+adapter", "full", "native")
+"""The values of ``weights`` in ``mtp_config.json`` (``save_artifact`` writes the first three, ``convert`` the last)."""
 
 
 @contextlib.contextmanager
@@ -105,9 +110,11 @@ def resolve_base_reference(backbone_ref: str, save_dir: Path) -> str:
 
 
 def read_mtp_config(path: Path) -> dict:
-    """Parse ``mtp_config.json``; warn by name about fields a newer lightning-mtp wrote that this one ignores."""
+    """Parse and check ``mtp_config.json``: one ``ValueError`` naming the field, its value and what it must be;
+    a warning for an artefact written by a newer lightning-mtp, and for fields this version does not know."""
+    path = Path(path)
     try:
-        config = json.loads(Path(path).read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
@@ -115,13 +122,82 @@ def read_mtp_config(path: Path) -> dict:
     for key in ("method", "base_model"):
         if key not in config:
             raise ValueError(f"{path} lacks the {key!r} field; is it a lightning-mtp artefact?")
+    _check_library(path, config)
+    _check_fields(path, config)
+    if config["method"] is None and (path.parent / METHOD_WEIGHTS).is_file():
+        raise ValueError(f"{path} records no method (\"method\": null), but {METHOD_WEIGHTS} holds method weights "
+                         "that nothing would load; restore the method's configuration in the 'method' field, or "
+                         "save the artefact again")
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
-        from lightning_mtp import __version__
-
         warnings.warn(f"{path} has field(s) {unknown} unknown to lightning-mtp {__version__} (written by "
                       f"{config.get('library_version', 'an unknown version')}); they are ignored", stacklevel=2)
     return config
+
+
+def _check_library(path: Path, config: dict) -> None:
+    """Written by lightning-mtp, by a version this one can read (a newer one is warned about, as PEFT does)."""
+    library = config.get("library", "lightning-mtp")
+    if library != "lightning-mtp":
+        raise ValueError(f"{path}: field 'library' is {library!r}; expected 'lightning-mtp' (this is not a "
+                         "lightning-mtp artefact)")
+    saved = config.get("library_version")
+    if saved is None:
+        return
+    bad = ValueError(f"{path}: field 'library_version' is {saved!r}; expected a version string such as {__version__!r}")
+    if not isinstance(saved, str):
+        raise bad
+    try:
+        newer = Version(saved) > Version(__version__)
+    except InvalidVersion:
+        raise bad from None
+    if newer:
+        warnings.warn(f"{path} was written by lightning-mtp {saved}, newer than this lightning-mtp {__version__}: "
+                      "what it added may be ignored or misread; upgrade lightning-mtp to load it as written",
+                      stacklevel=3)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_method(value: Any) -> bool:
+    return value is None or (isinstance(value, dict) and isinstance(value.get("name"), str))
+
+
+_OPTIONAL_STR = (lambda v: v is None or isinstance(v, str), "a string or null")
+_OPTIONAL_OBJECT = (lambda v: v is None or isinstance(v, dict), "a JSON object or null")
+_TOP_FIELDS = {  # field: (check, what it must be)
+    "method": (_is_method, 'null or an object with a string "name"'),
+    "lora": _OPTIONAL_OBJECT,
+    "weights": (lambda v: v in WEIGHTS_KINDS, f"one of {list(WEIGHTS_KINDS)}"),
+    "native_layout": _OPTIONAL_STR,
+    "base_model": (lambda v: isinstance(v, dict), "a JSON object"),
+    "decoding": _OPTIONAL_OBJECT,
+    "metrics": _OPTIONAL_OBJECT,
+}
+_BASE_FIELDS = {
+    "name_or_path": _OPTIONAL_STR,
+    "revision": _OPTIONAL_STR,
+    "vocab_size": (_is_count, "a positive integer"),
+    "hidden_size": (_is_count, "a positive integer"),
+    "model_type": _OPTIONAL_STR,
+}
+_BASE_REQUIRED = ("vocab_size", "hidden_size")  # what loading compares with the backbone
+
+
+def _check_fields(path: Path, config: dict) -> None:
+    """Each known field of the right type (what loading reads, before it reads it)."""
+    for field, (ok, expected) in _TOP_FIELDS.items():
+        if field in config and not ok(config[field]):
+            raise ValueError(f"{path}: field {field!r} is {config[field]!r}; expected {expected}")
+    base = config["base_model"]
+    for field in _BASE_REQUIRED:
+        if field not in base:
+            raise ValueError(f"{path}: field 'base_model' lacks {field!r} (the base's {field}, a positive integer)")
+    for field, (ok, expected) in _BASE_FIELDS.items():
+        if field in base and not ok(base[field]):
+            raise ValueError(f"{path}: field 'base_model.{field}' is {base[field]!r}; expected {expected}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -181,8 +257,6 @@ def save_artifact(
     ``metrics``: measured numbers to keep with the weights (e.g. ``{"rows": <bench --json rows>, "command": ...}``);
     ``decoding``: generate keyword arguments to record as defaults (merged over the module's own).
     """
-    from lightning_mtp import __version__
-
     target = Path(save_directory)
     with atomic_dir(target) as tmp:
         if module.method is None and module.lora is None:
@@ -288,6 +362,7 @@ def load_artifact(
     from lightning_mtp import convert, zoo
 
     hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    given = backbone
     name = str(directory)
     if not os.path.isdir(name) and zoo.has(name):
         return zoo.load_entry(zoo.info(name), method_overrides=method_overrides, backbone=backbone, **hub, **kwargs)
@@ -330,33 +405,80 @@ def load_artifact(
     module.decoding_defaults = dict(config.get("decoding") or {})
     if method_overrides:  # the saved draft length belongs to the saved method config
         module.decoding_defaults.pop("num_draft_tokens", None)
+    _check_base(module, path, base, _backbone_name(given, base_ref))
+    if module.method is not None:
+        _load_method_weights(module.method, path, config)
+    if module.lora is not None:
+        _load_adapter(module.backbone, path)
+    return module
+
+
+def _backbone_name(backbone, base_ref: str) -> str:
+    """How errors name the backbone a module was built on: the one passed, else the artefact's recorded base."""
+    if backbone is None:
+        return base_ref
+    if isinstance(backbone, str):
+        return backbone
+    config = getattr(backbone, "config", None)
+    return getattr(config, "_name_or_path", "") or f"a {type(backbone).__name__}"
+
+
+def _check_base(module, path: Path, base: dict, backbone: str) -> None:
     want_v, want_h = base["vocab_size"], base["hidden_size"]
     if (module.parts.vocab_size, module.parts.hidden_size) != (want_v, want_h):
         raise ValueError(
             f"{path} was trained on a base with vocab {want_v} and hidden size {want_h}, but the backbone "
-            f"{base_ref!r} has vocab {module.parts.vocab_size} and hidden size {module.parts.hidden_size}"
+            f"{backbone!r} has vocab {module.parts.vocab_size} and hidden size {module.parts.hidden_size}"
         )
-    weights_file = path / METHOD_WEIGHTS
-    if module.method is not None and weights_file.is_file():
-        state = _read_safetensors(weights_file)
-        own = module.method.state_dict()
-        state = {k: v.to(own[k].dtype) if k in own else v for k, v in state.items()}
-        module.method.load_state_dict(state, strict=False)
-        missing = sorted(set(module.method.artifact_state_dict()) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{weights_file} does not fit method {config['method']['name']!r}: "
-                             f"missing keys {missing}, unexpected keys {unexpected}")
-    adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
-    if module.lora is not None:
-        if not adapter.is_file():
-            raise ValueError(f"{path} was trained with LoRA but holds no adapter at {adapter}")
-        from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(module.backbone, _read_safetensors(adapter))
-        if result.unexpected_keys:
-            raise ValueError(f"{adapter} does not fit the backbone: unexpected keys {result.unexpected_keys}")
-    return module
+
+def _load_method_weights(method, path: Path, config: dict) -> None:
+    """Load ``mtp_method.safetensors`` into ``method``; refuse a missing file, missing or extra keys and wrong
+    shapes, each in one line (a method with no parameters of its own, such as mask_token, needs no file)."""
+    weights_file = path / METHOD_WEIGHTS
+    name = config["method"]["name"]
+    wanted = method.artifact_state_dict()
+    if not weights_file.is_file():
+        if wanted:
+            raise ValueError(
+                f"{path} lacks {METHOD_WEIGHTS}: its {MTP_CONFIG} records method {name!r} (weights "
+                f"{config.get('weights', 'method')!r}), whose {len(wanted)} trained tensor(s) live in that file; "
+                "without it the heads would be untrained. Copy the whole artefact directory again, or save it anew "
+                "with MTPModule.save_pretrained"
+            )
+        return
+    state = _read_safetensors(weights_file)
+    own = method.state_dict()
+    for key, tensor in state.items():
+        if key in own and tensor.shape != own[key].shape:
+            raise ValueError(f"{weights_file}: tensor {key!r} has shape {tuple(tensor.shape)}, but method {name!r} "
+                             f"on this backbone has shape {tuple(own[key].shape)}; the file belongs to another "
+                             "method configuration or base model")
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{weights_file} does not fit method {name!r}: missing keys {missing}, unexpected keys "
+                         f"{unexpected}")
+    method.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def _load_adapter(backbone, path: Path) -> None:
+    """Load the PEFT adapter into ``backbone``; wrong shapes and unexpected keys are one-line errors."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise ValueError(f"{path} was trained with LoRA but holds no adapter at {adapter}")
+    state = _read_safetensors(adapter)
+    own = get_peft_model_state_dict(backbone)  # the names and shapes the file should have
+    for key, tensor in state.items():
+        if key in own and tensor.shape != own[key].shape:
+            raise ValueError(f"{adapter}: tensor {key!r} has shape {tuple(tensor.shape)}, but the LoRA adapter on "
+                             f"this backbone has shape {tuple(own[key].shape)}; the adapter belongs to another LoRA "
+                             "configuration or base model")
+    result = set_peft_model_state_dict(backbone, state)
+    if result.unexpected_keys:
+        raise ValueError(f"{adapter} does not fit the backbone: unexpected keys {result.unexpected_keys}")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

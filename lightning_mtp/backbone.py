@@ -14,13 +14,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 __all__ = [
     "BackboneParts",
     "LastHiddenState",
     "backbone_parts",
     "build_decoder_layer",
+    "cache_layer_types",
+    "head_layer_index",
     "call_decoder_layer",
     "causal_mask",
     "slot_mask",
@@ -101,7 +104,7 @@ class BackboneParts:
     base: nn.Module  # the decoder stack (LlamaModel, GPT2Model, ...): input_ids -> last hidden state
     embed_tokens: nn.Embedding
     lm_head: nn.Linear
-    layers: nn.ModuleList
+    layers: nn.ModuleList | None  # None where they cannot be found: only methods without heads work then
     rotary_emb: nn.Module | None
     config: object  # the text config the decoder layers are built from
     final_norm: nn.Module | None = None  # its output is the final hidden state (what hidden_states[-1] holds)
@@ -115,29 +118,97 @@ class BackboneParts:
         return self.lm_head.weight.shape[0]
 
 
+def _decoder(model: PreTrainedModel) -> nn.Module:
+    """The text decoder stack: ``get_decoder()`` (the language model of a multimodal model), else the base model."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        return decoder
+    return getattr(model, model.base_model_prefix, None) or model
+
+
+def _decoder_layers(base: nn.Module, config) -> nn.ModuleList | None:
+    """The decoder layers: ``layers`` / ``h`` / ``blocks``, else the first ModuleList of ``num_hidden_layers``
+    entries (e.g. ``encoder.layer`` of a BERT-style model used as a decoder)."""
+    for name in ("layers", "h", "blocks"):
+        if isinstance(getattr(base, name, None), nn.ModuleList):
+            return getattr(base, name)
+    n = getattr(config, "num_hidden_layers", None)
+    return next((m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
+
+
 def backbone_parts(model: PreTrainedModel) -> BackboneParts:
-    base = getattr(model, model.base_model_prefix, None) or model.get_decoder()
-    layers = next((getattr(base, n) for n in ("layers", "h", "blocks") if isinstance(getattr(base, n, None), nn.ModuleList)), None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}: expected base.layers or base.h")
+    base = _decoder(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return BackboneParts(
         base=base,
         embed_tokens=model.get_input_embeddings(),
         lm_head=model.get_output_embeddings(),
-        layers=layers,
+        layers=_decoder_layers(base, config),
         rotary_emb=getattr(base, "rotary_emb", None),
         config=config,
         final_norm=next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "norm_f") if isinstance(getattr(base, n, None), nn.Module)), None),
     )
 
 
-def build_decoder_layer(parts: BackboneParts, layer_idx: int = 0) -> nn.Module:
-    """A fresh decoder layer of the backbone's own class, built from its config (random init)."""
-    cls = type(parts.layers[0])
+def cache_layer_types(config) -> list[type]:
+    """The cache-layer class transformers gives each decoder layer of a model with this config: ``DynamicLayer``
+    (full attention), ``DynamicSlidingWindowLayer``, ``LinearAttentionLayer`` (SSM / linear attention), ..."""
+    return [type(layer) for layer in DynamicCache(config=config).layers]
+
+
+def head_layer_index(parts: BackboneParts) -> int:
+    """The decoder layer a draft head copies the class of: the first full-attention layer, else the first
+    sliding-window one. A head attends over the positions it has seen, so it needs an attention layer; on a
+    backbone without one (a pure SSM) head-based methods cannot be built."""
+    if parts.layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(parts.base).__name__} (expected base.layers, base.h "
+                         "or a ModuleList of num_hidden_layers layers) to build a draft head from; use a method without "
+                         "heads, e.g. mask_token")
+    kinds = cache_layer_types(parts.config)
+    if not kinds:
+        return 0
+    for wanted in (DynamicLayer, DynamicSlidingWindowLayer):  # exact classes: hybrid layers carry an SSM state too
+        for i, kind in enumerate(kinds):
+            if kind is wanted:
+                return i
+    found = sorted({k.__name__ for k in kinds})
+    raise ValueError(f"{type(parts.layers[0]).__name__}: the backbone has no plain attention layer to build a draft "
+                     f"head from (its cache layers are {found}); use a method without heads, e.g. mask_token")
+
+
+def layer_type(parts: BackboneParts, index: int) -> str | None:
+    """The config's name for decoder layer ``index`` (``"full_attention"``, ``"sliding_attention"``, ...), if it has
+    ``layer_types``."""
+    types = getattr(parts.config, "layer_types", None)
+    return types[index] if isinstance(types, (list, tuple)) and index < len(types) else None
+
+
+def build_decoder_layer(parts: BackboneParts) -> tuple[nn.Module, str | None]:
+    """A fresh decoder layer (random init) of the backbone's own class for its attention layer
+    (:func:`head_layer_index`), built from the config, and its layer type (for the rotary embedding).
+
+    The layer is built at its index in the backbone (hybrid models pick the mixer by index) and then renumbered
+    0 wherever it records its index, because a head keeps a cache of its own with one layer.
+    """
+    index = head_layer_index(parts)
+    cls = type(parts.layers[index])
+    unknown = [name for name, p in list(inspect.signature(cls.forward).parameters.items())[2:]
+               if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name not in _LAYER_INPUTS]
+    if unknown:  # an input only the backbone's own forward knows how to compute
+        raise ValueError(f"{cls.__name__} needs {unknown}, which lightning-mtp cannot compute for a draft head; use a "
+                         "method without heads, e.g. mask_token")
     params = inspect.signature(cls.__init__).parameters
-    layer = cls(parts.config, layer_idx=layer_idx) if "layer_idx" in params else cls(parts.config)
-    return layer
+    index_arg = next((n for n in ("layer_idx", "layer_id", "layer_number") if n in params), None)
+    layer = cls(parts.config, **{index_arg: index}) if index_arg else cls(parts.config)
+    init = getattr(parts.base, "_init_weights", None)
+    if init is not None:  # as the backbone's own layers were: some parameters are created empty and set only here
+        with torch.no_grad():
+            layer.apply(init)
+    for module in layer.modules():
+        for name in ("layer_idx", "layer_id"):
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, 0)
+    return layer, layer_type(parts, index)
 
 
 def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -187,9 +258,24 @@ def forward_params(module: nn.Module) -> frozenset[str]:
 
 def cache_kwarg(module: nn.Module) -> str:
     """The keyword a model's or decoder layer's ``forward`` takes its KV cache under: ``cache`` (transformers >= 5.24),
-    else ``past_key_values`` (or a layer's older ``past_key_value``)."""
+    else ``past_key_values`` (or a layer's older ``past_key_value``, or GPT-NeoX-style ``layer_past``)."""
     params = forward_params(module)
-    return next((n for n in ("cache", "past_key_values", "past_key_value") if n in params), "past_key_values")
+    names = ("cache", "past_key_values", "past_key_value", "layer_past")
+    return next((n for n in names if n in params), "past_key_values")
+
+
+_LAYER_INPUTS = frozenset({"attention_mask", "position_ids", "position_embeddings", "alibi", "layer_past", "cache",
+                           "past_key_values", "past_key_value", "use_cache", "cache_position"})
+"""Decoder-layer inputs :func:`call_decoder_layer` provides."""
+
+
+def _alibi(parts: BackboneParts, batch: int, kv_len: int, dtype: torch.dtype, device: torch.device):
+    """ALiBi biases (B * heads, 1, kv) for a BLOOM-style layer, or None where the backbone uses none (Falcon)."""
+    build = getattr(parts.base, "build_alibi_tensor", None)
+    if build is None or getattr(parts.config, "alibi", True) is False:
+        return None
+    heads = parts.config.num_attention_heads if hasattr(parts.config, "num_attention_heads") else parts.config.n_head
+    return build(torch.ones(batch, kv_len, dtype=torch.long, device=device), heads, dtype)
 
 
 def call_decoder_layer(
@@ -199,13 +285,15 @@ def call_decoder_layer(
     position_ids: torch.Tensor,
     cache=None,
     attention_mask: torch.Tensor | None = None,
+    kind: str | None = None,
 ) -> torch.Tensor:
     """Run one decoder layer of any architecture on ``hidden`` (B, q, H) at ``position_ids`` (B, q).
 
     With ``cache`` (a transformers ``Cache``), keys/values are appended to it and attention spans the
     cached positions too. ``attention_mask`` is an additive float mask (B or 1, 1, q, kv), e.g. the
     block-diagonal mask of packed documents; without it an explicit causal mask is passed for several
-    query rows (correct for eager and sdpa alike) and none for one row (it sees every cached key).
+    query rows (correct for eager and sdpa alike) and none for one row (it sees every cached key). ``kind`` is the
+    layer's type for rotary embeddings that differ by type (sliding or global layers).
     """
     accepted = forward_params(layer)  # FSDP and activation-checkpoint wrappers take **kwargs: the layer's inside
     q_len = hidden.shape[1]
@@ -216,14 +304,21 @@ def call_decoder_layer(
     kwargs = {"attention_mask": attention_mask}
     if "position_ids" in accepted:
         kwargs["position_ids"] = position_ids
+    if "alibi" in accepted:
+        kwargs["alibi"] = _alibi(parts, hidden.shape[0], past + q_len, hidden.dtype, hidden.device)
     if "position_embeddings" in accepted and parts.rotary_emb is not None:
-        kwargs["position_embeddings"] = parts.rotary_emb(hidden, position_ids)
+        rotary_kwargs = {"layer_type": kind} if kind is not None and "layer_type" in forward_params(parts.rotary_emb) else {}
+        kwargs["position_embeddings"] = parts.rotary_emb(hidden, position_ids, **rotary_kwargs)
     if cache is not None:
         kwargs[cache_kwarg(layer)] = cache
         kwargs["use_cache"] = True
         if "cache_position" in accepted:
             kwargs["cache_position"] = torch.arange(past, past + q_len, device=hidden.device)
     out = layer(hidden, **kwargs)
+    if cache is not None and cache.get_seq_length() != past + q_len:  # a layer that ignores the cache would
+        # silently attend to the new tokens alone
+        raise ValueError(f"{type(layer).__name__} did not write its keys and values to the KV cache; its forward takes "
+                         f"none of the cache keywords lightning-mtp knows ({sorted(forward_params(layer))})")
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -20,6 +20,7 @@ from lightning_mtp.checkpoint import (
     install_trained_state_dict,
     run_identity,
 )
+from lightning_mtp.decoding.speculative import check_generate_inputs
 from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
 
@@ -245,6 +246,7 @@ class MTPModule(L.LightningModule):
         ``num_draft_tokens`` pay where the method is sure and cost little where it is not. Methods may offer
         modes of their own (see ``self.method.decodings``), which take their own ``options``.
         """
+        check_generate_inputs(self.backbone, input_ids, max_new_tokens)
         defaults = dict(self.decoding_defaults)
         default_mode = defaults.pop("decoding", "speculative")
         default_k = defaults.pop("num_draft_tokens", None)

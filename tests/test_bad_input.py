@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import make_backbone
@@ -161,3 +163,25 @@ def test_draft_confidence_threshold_with_a_mode_that_does_not_draft_chains():
     module = MTPModule(make_backbone("llama"), method="mask_token")
     with pytest.raises(ValueError, match=r"draft_confidence_threshold applies to speculative decoding, not 'confadapt'"):
         module.generate(PROMPT, max_new_tokens=4, decoding="confadapt", draft_confidence_threshold=0.5)
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.tensor([[5, 64, 7]]), r"input_ids holds token id 64, outside the model's vocabulary \[0, 64\)"),
+    (torch.tensor([[5, -1, 7]]), r"input_ids holds token id -1, outside the model's vocabulary \[0, 64\)"),
+    (torch.tensor([[5.0, 6.0]]), r"input_ids must hold integer token ids \(torch.long\), got dtype torch.float32"),
+    (torch.tensor([[True, False]]), r"input_ids must hold integer token ids \(torch.long\), got dtype torch.bool"),
+    ([[5, 6]], r"input_ids must be a torch.Tensor of token ids, got list"),
+])
+def test_token_ids_are_checked_before_any_forward(module, ids, message):
+    for decoding in ("speculative", None):
+        with pytest.raises(ValueError, match=message):
+            module.generate(ids, max_new_tokens=4, decoding=decoding)
+    if isinstance(ids, torch.Tensor):
+        with pytest.raises(ValueError, match=message):
+            speculative_generate(module.backbone, ids, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("max_new_tokens", [2.5, "8", True, None])
+def test_max_new_tokens_must_be_an_integer(module, max_new_tokens):
+    with pytest.raises(ValueError, match=rf"max_new_tokens must be an integer >= 1, got {re.escape(repr(max_new_tokens))}"):
+        module.generate(PROMPT, max_new_tokens=max_new_tokens)

@@ -24,9 +24,11 @@ to use ``loss_on="last_turn"``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+
+from lightning_mtp.data.files import ORIGIN_COLUMN, RecordPlace
 
 __all__ = [
     "FIELDS",
@@ -39,6 +41,7 @@ __all__ = [
     "prompt_of",
     "render_chat",
     "require_chat_template",
+    "require_usable",
 ]
 
 FIELDS = ("auto", "prompt_response", "messages", "text")
@@ -46,8 +49,18 @@ LOSS_ON = ("response", "last_turn", "all")
 TRUNCATIONS = ("right", "left", "drop")
 
 # status codes of encoded records (the ``status`` column RecordEncoder writes)
-KEPT, TRUNCATED, TOO_LONG, NO_TARGETS = 0, 1, 2, 3
-STATUS_NAMES = {KEPT: "kept", TRUNCATED: "truncated", TOO_LONG: "dropped: too long", NO_TARGETS: "dropped: no response tokens"}
+KEPT, TRUNCATED, TOO_LONG, NO_TARGETS, EMPTY_RESPONSE, EMPTY_TEXT = 0, 1, 2, 3, 4, 5
+STATUS_NAMES = {KEPT: "kept", TRUNCATED: "truncated", TOO_LONG: "dropped: too long",
+                NO_TARGETS: "dropped: no response tokens", EMPTY_RESPONSE: "dropped: empty response",
+                EMPTY_TEXT: "dropped: empty text"}
+_FIXES = {  # what to do when every record was dropped for this reason
+    "dropped: too long": "raise max_length, or use truncation='right' or 'left' instead of 'drop'",
+    "dropped: no response tokens": "raise max_length or use truncation='left' (it keeps the response), and check "
+                                   "that chats have assistant turns",
+    "dropped: empty response": "fill the response field (or the assistant turns), or point response_field / "
+                               "messages_field at the field that holds the answers",
+    "dropped: empty text": "check text_field: it names a field whose values are empty",
+}
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                    "tool": "tool", "function": "tool"}
@@ -87,7 +100,7 @@ class RecordFormat:
 
         ``prompts_only`` (self-distillation) needs no response field, and reads ``text`` records as prompts.
         """
-        cols = set(columns)
+        cols = set(columns) - {ORIGIN_COLUMN}  # load_source's bookkeeping, not a field of the data
         kind = self.fields
         if kind == "auto":
             if self.messages_field in cols:
@@ -121,21 +134,28 @@ def require_chat_template(tokenizer, fmt: RecordFormat, why: str) -> str:
     return template
 
 
-def normalize_messages(messages: Any, where: str) -> list[dict[str, str]]:
-    """``[{"role", "content"}]`` from a chat record (ShareGPT ``from``/``value`` too); bad shapes name the record."""
+def normalize_messages(messages: Any, where: Any, field: str | None = None) -> list[dict[str, str]]:
+    """``[{"role", "content"}]`` from a chat record (ShareGPT ``from``/``value`` too); bad shapes name the record
+    (``where``, a string or a :class:`~lightning_mtp.data.files.RecordPlace`, and the chat's ``field``)."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
+        raise ValueError(f"{_at(where, field)}: expected a non-empty list of messages, got {type(messages).__name__}")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"{where}: message {j} is a {type(m).__name__}, not a mapping with role and content")
+            raise ValueError(f"{_at(where, field)}: message {j} is a {type(m).__name__}, not a mapping with role and "
+                             "content")
         role = m.get("role") if m.get("role") is not None else _SHAREGPT_ROLES.get(m.get("from"), m.get("from"))
         content = m.get("content") if m.get("content") is not None else m.get("value")
         if not isinstance(role, str) or not isinstance(content, str):
-            raise ValueError(f"{where}: message {j} needs a string 'role' and 'content' (or ShareGPT 'from' and "
-                             f"'value'); it has keys {sorted(k for k, v in m.items() if v is not None)}")
+            raise ValueError(f"{_at(where, field)}: message {j} needs a string 'role' and 'content' (or ShareGPT "
+                             f"'from' and 'value'); it has keys {sorted(k for k, v in m.items() if v is not None)}")
         out.append({"role": role, "content": content})
     return out
+
+
+def _at(where: Any, field: str | None) -> str:
+    """``where`` with the field named; called only to raise, as formatting a RecordPlace may read files."""
+    return f"{where}, field {field!r}" if field is not None else str(where)
 
 
 def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
@@ -186,11 +206,13 @@ def prompt_of(record: dict[str, Any], fmt: RecordFormat, tokenizer, template: st
 
     A chat is cut after its last non-assistant message (trailing assistant turns are what gets regenerated).
     Chats, and prompts with ``use_chat_template``, are rendered with the generation prompt; plain prompts are
-    ``[bos] prompt``, as in training. Ids are None without a tokenizer (generation by a server).
+    ``[bos] prompt``, as in training. Ids are None without a tokenizer (generation by a server). Errors name
+    the record's file and line when it came from :func:`~lightning_mtp.data.files.load_source`, else ``where``.
     """
+    where = RecordPlace(record.get(ORIGIN_COLUMN), None, where)
     history = None
     if fmt.fields == "messages":
-        history = normalize_messages(record.get(fmt.messages_field), f"{where}, field {fmt.messages_field!r}")
+        history = normalize_messages(record.get(fmt.messages_field), where, fmt.messages_field)
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         if not any(m["role"] != "system" for m in history):
@@ -218,6 +240,10 @@ class RecordEncoder:
     """``datasets.map(batched=True, with_indices=True)`` function: records -> ``input_ids``, ``labels``,
     ``length``, ``targets`` (tokens with a loss) and ``status`` (kept, truncated, or why dropped).
 
+    A record whose trained text is empty (an empty response, empty assistant turns, an empty text) is dropped
+    (``dropped: empty response`` / ``dropped: empty text``): it would teach nothing but the end token. Errors
+    name the record by file and 1-based line (JSON Lines, text) or row (Parquet, Hub and saved datasets).
+
     Args:
         tokenizer: the backbone's tokenizer.
         fmt: a resolved :class:`RecordFormat` (``fields`` not ``auto``).
@@ -235,36 +261,19 @@ class RecordEncoder:
         self.max_length, self.truncation, self.source = max_length, truncation, source
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        fmt, tok = self.fmt, self.tokenizer
-        pieces: list[list[tuple[str, bool]]] = []
+        tok = self.tokenizer
+        pieces: list[list[tuple[str, bool]] | int] = []  # a record's segments, or the status it is dropped with
         for row, i in enumerate(indices):
-            where = f"record {i} of {self.source}"
-            pieces.append(self._segments({k: v[row] for k, v in batch.items()}, where))
-        flat = [text for segs in pieces for text, _ in segs]
-        ids_flat = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None and not fmt.uses_chat_template else []
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None and not fmt.uses_chat_template else []
+            record = {k: v[row] for k, v in batch.items()}
+            where = RecordPlace(record.get(ORIGIN_COLUMN), self.source, f"row {i + 1} of {self.source}")
+            pieces.append(self._segments(record, where))
+        flat = [text for segs in pieces if not isinstance(segs, int) for text, _ in segs]
+        ids_flat = iter(tok(flat, add_special_tokens=False)["input_ids"] if flat else [])
         out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "targets": [], "status": []}
-        k = 0
         for segs in pieces:
-            ids = list(bos)
-            labels = list(bos) if fmt.loss_on == "all" else [-100] * len(bos)
-            for _, trained in segs:
-                ids += ids_flat[k]
-                labels += ids_flat[k] if trained else [-100] * len(ids_flat[k])
-                k += 1
-            if eos:  # plain formats end with eos, trained whenever the text before it is
-                ids += eos
-                labels += eos if segs and segs[-1][1] else [-100]
-            status = KEPT
-            if len(ids) > self.max_length:
-                if self.truncation == "drop":
-                    ids, labels, status = [], [], TOO_LONG
-                else:
-                    cut = slice(None, self.max_length) if self.truncation == "right" else slice(-self.max_length, None)
-                    ids, labels, status = ids[cut], labels[cut], TRUNCATED
+            ids, labels, status = ([], [], segs) if isinstance(segs, int) else self._encode(segs, ids_flat)
             targets = sum(1 for lab in labels[1:] if lab != -100)  # the first token is never predicted
-            if status != TOO_LONG and targets == 0:
+            if status in (KEPT, TRUNCATED) and targets == 0:
                 ids, labels, status = [], [], NO_TARGETS
             out["input_ids"].append(ids)
             out["labels"].append(labels)
@@ -273,25 +282,68 @@ class RecordEncoder:
             out["status"].append(status)
         return out
 
-    def _segments(self, record: dict[str, Any], where: str) -> list[tuple[str, bool]]:
+    def _encode(self, segs: list[tuple[str, bool]], ids_flat: Iterator[list[int]]) -> tuple[list, list, int]:
+        """Token ids, labels and status of one record from its segments' token ids (the next ones in ``ids_flat``)."""
+        tok, fmt = self.tokenizer, self.fmt
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None and not fmt.uses_chat_template else []
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None and not fmt.uses_chat_template else []
+        ids = list(bos)
+        labels = list(bos) if fmt.loss_on == "all" else [-100] * len(bos)
+        for _, trained in segs:
+            seg = next(ids_flat)
+            ids += seg
+            labels += seg if trained else [-100] * len(seg)
+        if eos:  # plain formats end with eos, trained whenever the text before it is
+            ids += eos
+            labels += eos if segs and segs[-1][1] else [-100]
+        if len(ids) <= self.max_length:
+            return ids, labels, KEPT
+        if self.truncation == "drop":
+            return [], [], TOO_LONG
+        cut = slice(None, self.max_length) if self.truncation == "right" else slice(-self.max_length, None)
+        return ids[cut], labels[cut], TRUNCATED
+
+    def _segments(self, record: dict[str, Any], where: RecordPlace) -> list[tuple[str, bool]] | int:
+        """The record's ``(text, trained)`` segments, or the status it is dropped with when its trained text is empty."""
         fmt = self.fmt
         if fmt.fields == "text":
-            return [(_string(record, fmt.text_field, where), True)]
+            text = _string(record, fmt.text_field, where)
+            return [(text, True)] if text.strip() else EMPTY_TEXT
         if fmt.fields == "messages":
-            messages = normalize_messages(record.get(fmt.messages_field), f"{where}, field {fmt.messages_field!r}")
-            return chat_segments(self.tokenizer, _with_system(messages, fmt.system_prompt), self.template,
-                                 fmt.loss_on, where)
+            messages = normalize_messages(record.get(fmt.messages_field), where, fmt.messages_field)
+            return self._chat(_with_system(messages, fmt.system_prompt), where)
         prompt = _string(record, fmt.prompt_field, where)
         response = _string(record, fmt.response_field, where)
+        if not (response.strip() or (fmt.loss_on == "all" and prompt.strip())):
+            return EMPTY_RESPONSE
         if fmt.use_chat_template:
             messages = _with_system([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                                     fmt.system_prompt)
-            return chat_segments(self.tokenizer, messages, self.template, fmt.loss_on, where)
+            return self._chat(messages, where)
         trained_prompt = fmt.loss_on == "all"
         return [(prompt, trained_prompt), (response, True)]
 
+    def _chat(self, messages: list[dict[str, str]], where: RecordPlace) -> list[tuple[str, bool]] | int:
+        """A chat's segments; EMPTY_RESPONSE when every message the loss covers is empty (the template's own
+        tokens, end-of-turn markers, would be all it trains)."""
+        loss_on = self.fmt.loss_on
+        assistant = [m for m in messages if m["role"] == "assistant"]
+        trained = messages if loss_on == "all" else assistant[-1:] if loss_on == "last_turn" else assistant
+        if trained and not any(m["content"].strip() for m in trained):
+            return EMPTY_RESPONSE
+        return chat_segments(self.tokenizer, messages, self.template, loss_on, where)
 
-def _string(record: dict[str, Any], field: str, where: str) -> str:
+
+def require_usable(source: str, stats: dict[str, int]) -> None:
+    """Refuse data with no record left to train on, naming how many records were dropped for each reason and
+    what to change. ``stats``: record counts by :data:`STATUS_NAMES` name (what ``SFTDataModule`` logs)."""
+    if stats.get(STATUS_NAMES[KEPT], 0) or stats.get(STATUS_NAMES[TRUNCATED], 0):
+        return
+    fixes = [f"{reason}: {fix}" for reason, fix in _FIXES.items() if stats.get(reason)]
+    raise ValueError(f"{source}: no record left to train on ({stats}); " + "; ".join(fixes or ["check fields"]))
+
+
+def _string(record: dict[str, Any], field: str, where: Any) -> str:
     value = record.get(field)
     if not isinstance(value, str):
         raise ValueError(f"{where} has no {field!r} (a string), got {value!r}")

@@ -9,17 +9,24 @@ the Hub cannot be reached: this module checks reachability first (one TCP connec
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import functools
 import glob
+import gzip
 import json
+import lzma
 import os
 import socket
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
-__all__ = ["DATA_FORMATS", "DISTILL_FORMAT", "load_source"]
+import numpy as np
+
+__all__ = ["DATA_FORMATS", "DISTILL_FORMAT", "ORIGIN_COLUMN", "RecordPlace", "load_source", "locate"]
 
 DATA_FORMATS = ("auto", "json", "parquet", "text", "disk", "hub")
 DISTILL_FORMAT = "lightning-mtp-distill"
@@ -27,6 +34,13 @@ DISTILL_FORMAT = "lightning-mtp-distill"
 
 _SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # .zst needs a package: its rows go unnamed
+
+ORIGIN_COLUMN = "__lightning_mtp_origin__"
+"""A column ``load_source`` adds to every source: where each record came from (see :func:`locate`). It survives
+the shuffles, splits and selections done before tokenisation, so row errors can name the file and line."""
+_ROW_BITS = 40  # an origin is (source key << 40) | row: 2**40 rows per source, 2**23 source keys
+_SOURCES: dict[int, tuple[tuple[str, ...], str]] = {}  # source key -> (files in load order, kind), this process
 
 
 def load_source(
@@ -38,7 +52,11 @@ def load_source(
     cache_dir: str | None = None,
     what: str = "data",
 ):
-    """Read ``source`` into a ``datasets.Dataset``; raise ``ValueError`` naming the source when it cannot be read.
+    """Read ``source`` into a ``datasets.Dataset``; raise ``ValueError`` naming the source when it cannot be read
+    (a malformed JSON Lines line by file and line number).
+
+    The dataset has one column more than the data: :data:`ORIGIN_COLUMN` (8 bytes a row, in memory), from which
+    :class:`RecordPlace` names a record's file and line in errors raised after shuffles and splits.
 
     Args:
         source: a file, a glob (``data/*.jsonl``), a directory (of data files, a finished ``lightning-mtp
@@ -126,9 +144,13 @@ def _load_files(files: list[Path], kind: str, cache_dir: str | None, source: str
         with _quiet_datasets():
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs)
     except datasets.exceptions.DatasetGenerationError as err:
+        bad = _first_bad_json_line(files) if kind == "json" else None
+        if bad is not None:
+            raise ValueError(f"{what} {bad}") from None
         cause = err.__cause__ or err
         raise ValueError(f"could not read {what} {source!r} as {kind}: {type(cause).__name__}: {cause}") from None
-    if kind == "text":
+    ds = _with_origin(ds, tuple(str(f) for f in files), kind)
+    if kind == "text":  # after the origin: a text row's index is its line's, blank lines included
         ds = ds.filter(lambda t: bool(t.strip()), input_columns="text")
     if len(ds) == 0:
         raise ValueError(f"{what} {source!r} has no records")
@@ -145,7 +167,7 @@ def _load_disk(path: Path, split: str, what: str):
         ds = ds[split]
     if len(ds) == 0:
         raise ValueError(f"{what} {str(path)!r} has no records")
-    return ds
+    return _with_origin(ds, (), "disk")
 
 
 def _load_hub(name: str, split: str, config: str | None, cache_dir: str | None, what: str):
@@ -171,7 +193,125 @@ def _load_hub(name: str, split: str, config: str | None, cache_dir: str | None, 
         raise ValueError(f"{what}: dataset {name!r}: {err}") from None
     if len(ds) == 0:
         raise ValueError(f"{what}: dataset {name!r} split {split!r} has no records")
-    return ds
+    return _with_origin(ds, (), "hub")
+
+
+# ---------------------------------------------------------------------------------------------- record origins
+def _with_origin(ds, files: tuple[str, ...], kind: str):
+    """``ds`` with :data:`ORIGIN_COLUMN`: its source's key (0 for a Hub or saved dataset) and each row's index."""
+    key = 0
+    if files:  # deterministic, so that the column (and the datasets cache fingerprints after it) is the same each run
+        key = zlib.crc32("\n".join((kind, *files)).encode()) % ((1 << 23) - 1) + 1
+        _SOURCES[key] = (files, kind)
+    if ORIGIN_COLUMN in ds.column_names:  # a dataset saved after passing through here: its origins are stale
+        ds = ds.remove_columns(ORIGIN_COLUMN)
+    return ds.add_column(ORIGIN_COLUMN, np.arange(len(ds), dtype=np.int64) + (key << _ROW_BITS))
+
+
+def locate(origin: int | None) -> str | None:
+    """Where the record with ``origin`` (its :data:`ORIGIN_COLUMN` value) came from: ``"data/train.jsonl line 7"``
+    (JSON Lines and text, 1-based) or ``"data/part-0.parquet row 7"``; None when no file is known (a Hub or saved
+    dataset, a source loaded by another process, a compressed format Python cannot read)."""
+    if origin is None:
+        return None
+    key, row = origin >> _ROW_BITS, origin & ((1 << _ROW_BITS) - 1)
+    if key not in _SOURCES:
+        return None
+    files, kind = _SOURCES[key]
+    if any(f.endswith(".zst") for f in files):
+        return None
+    for path in files:  # counted only now, for an error message: loading never reads the files twice
+        for unit, number in _records(path, kind):
+            if row == 0:
+                return f"{path} {unit} {number}"
+            row -= 1
+    return None
+
+
+class RecordPlace:
+    """A record's place for error messages (``f"{place} has no 'response'"``), worked out only when formatted:
+    finding a line may read the files, which no record that is fine should pay for.
+
+    Args:
+        origin: the record's :data:`ORIGIN_COLUMN` value, or None.
+        source: how messages name the data (``"train data 'x.jsonl'"``), for rows of a source without files.
+        fallback: the place when the origin names none (``"row 3 of distill data (list)"``).
+    """
+
+    def __init__(self, origin: int | None, source: str | None, fallback: str) -> None:
+        self.origin, self.source, self.fallback = origin, source, fallback
+
+    def __str__(self) -> str:
+        place = locate(self.origin)
+        if place is not None:
+            return place
+        if self.origin is not None and self.origin >> _ROW_BITS == 0 and self.source:
+            return f"row {(self.origin & ((1 << _ROW_BITS) - 1)) + 1} of {self.source}"
+        return self.fallback
+
+
+def _records(path: str, kind: str) -> Iterator[tuple[str, int]]:
+    """``("line", n)`` or ``("row", n)`` for each record of a data file, in the order ``datasets`` reads them."""
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from (("row", n) for n in range(1, pq.ParquetFile(path).metadata.num_rows + 1))
+        return
+    with _open_text(path) as f:
+        if kind == "json" and _is_json_array(f):
+            yield from (("row", n) for n in range(1, len(json.load(f)) + 1))
+            return
+        for n, line in enumerate(f, 1):
+            if kind == "text" or line.strip():  # datasets skips blank lines of JSON Lines; text keeps them (see above)
+                yield "line", n
+
+
+def _first_bad_json_line(files: list[Path]) -> str | None:
+    """``"PATH line N: why"`` for the first line of the JSON Lines ``files`` that is not one JSON object, else None."""
+    for path in files:
+        if path.suffix == ".zst":
+            continue
+        with _open_text(path) as f:
+            if _is_json_array(f):
+                continue
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line.rstrip("\r\n"))  # columns as an editor counts them
+                except json.JSONDecodeError as err:
+                    if n == 1 and _is_json_document(path):
+                        break  # one (pretty-printed) JSON document, not JSON Lines: its error is datasets' to tell
+                    return f"{path} line {n}: not valid JSON ({err.msg} at column {err.colno})"
+                if not isinstance(value, dict):
+                    return f"{path} line {n}: not a JSON object ({{...}}) but {_json_kind(value)}: {line.strip()[:60]}"
+    return None
+
+
+def _json_kind(value) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), "null")
+
+
+def _open_text(path: str | Path) -> IO[str]:
+    opener = _OPENERS.get(Path(path).suffix.lower(), open)
+    return opener(path, "rt", encoding="utf-8", errors="replace")
+
+
+def _is_json_array(f: IO[str]) -> bool:
+    """Does the open file hold one JSON array (rather than JSON Lines)? Leaves ``f`` at its start."""
+    head = f.read(4096).lstrip()
+    f.seek(0)
+    return head.startswith("[")
+
+
+def _is_json_document(path: Path) -> bool:
+    with _open_text(path) as f:
+        try:
+            json.load(f)
+        except json.JSONDecodeError:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=4)

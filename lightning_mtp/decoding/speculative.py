@@ -32,16 +32,34 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-from lightning_mtp.backbone import BackboneParts, LastHiddenState, backbone_parts, cache_kwarg, forward_params
+from lightning_mtp.backbone import (
+    BackboneParts,
+    LastHiddenState,
+    backbone_parts,
+    cache_kwarg,
+    cache_layer_types,
+    forward_params,
+)
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.methods.base import AppendedOutputs, Drafter
 
-__all__ = ["DecodeStats", "GenerateOutput", "needs_row_by_row", "pad_token_id", "speculative_generate"]
+__all__ = [
+    "DecodeStats",
+    "GenerateOutput",
+    "check_generate_inputs",
+    "needs_row_by_row",
+    "pad_token_id",
+    "speculative_generate",
+    "verifies_several_tokens",
+]
 
 
 @dataclass
@@ -159,8 +177,7 @@ def needs_row_by_row(model: PreTrainedModel) -> bool:
     Sliding-window and linear-attention (SSM) layers keep a fixed window or state rather than every slot, so
     a hole left by a rejected draft would shift what they see; such backbones decode one row at a time.
     """
-    cache = DynamicCache(config=model.config)
-    return any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", []))
+    return any(kind.__name__ != "DynamicLayer" for kind in cache_layer_types(model.config))
 
 
 def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
@@ -202,13 +219,10 @@ def speculative_generate(
     ``draft_confidence_threshold`` probability (HF's ``assistant_confidence_threshold``); no drafter is asked for
     more drafts than the token budget can use.
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    check_generate_inputs(model, input_ids, max_new_tokens)
     B, n = input_ids.shape
-    if n == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not _is_int(num_draft_tokens):
+        raise ValueError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
     if num_draft_tokens < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
     if not 0.0 <= draft_confidence_threshold <= 1.0:
@@ -228,6 +242,10 @@ def speculative_generate(
             "decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
         )
     K = num_draft_tokens if drafter is not None else 0
+    if K > 0 and not verifies_several_tokens(model):
+        warnings.warn(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, so "
+                      "drafts cannot be verified in one forward: decoding without drafts", stacklevel=2)
+        K = 0
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     if K > 0 and parts is None:
         parts = backbone_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)
@@ -244,6 +262,32 @@ def speculative_generate(
     for row, tokens in enumerate(generated):
         tail[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
     return GenerateOutput(sequences=torch.cat([input_ids, tail], dim=1), stats=stats)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_generate_inputs(model: PreTrainedModel, input_ids, max_new_tokens) -> None:
+    """Refuse what ``generate`` cannot decode with one clear error, before any forward (an id outside the
+    vocabulary would otherwise be an index error deep in the embedding, or a device assert on a GPU)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+        raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if not _is_int(max_new_tokens):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab})")
 
 
 def _split_appended(logits: torch.Tensor, hidden: torch.Tensor | None, A: int):
@@ -281,6 +325,66 @@ def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) ->
     return real
 
 
+class _RecurrentStates:
+    """Rollback for linear-attention / SSM cache layers, whose recurrent state ``crop`` cannot put back.
+
+    Attention keys and (recorded) convolution states crop exactly, but a recurrent state is one running tensor that
+    a verify forward overwrites in place with every token it saw, rejected drafts and appended tokens included. So
+    the state is copied before each verify forward, and a step that drops tokens puts the copies back, crops the
+    whole step from the other layers and runs the kept tokens again (one more backbone forward, counted).
+    """
+
+    def __init__(self, cache: DynamicCache) -> None:
+        self.layers = [layer for layer in cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
+        self.saved: list[dict[int, torch.Tensor]] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether some layer holds a recurrent state (conv-only layers crop exactly and need none of this)."""
+        return any(any(layer.is_recurrent_states_initialized.values()) for layer in self.layers)
+
+    def save(self) -> None:
+        self.saved = [{i: s.clone() for i, s in layer.recurrent_states.items() if s is not None} for layer in self.layers]
+
+    def restore(self) -> None:
+        for layer, saved in zip(self.layers, self.saved, strict=True):
+            for i, state in saved.items():
+                layer.recurrent_states[i].copy_(state)
+
+
+def _is_recurrent(model: PreTrainedModel) -> bool:
+    """Whether the backbone has linear-attention / SSM layers (a running state instead of per-token keys)."""
+    return any(issubclass(kind, LinearAttentionCacheLayerMixin) for kind in cache_layer_types(model.config))
+
+
+_CONTINUES_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def verifies_several_tokens(model: PreTrainedModel) -> bool:
+    """Whether one cached forward over several tokens continues the backbone's state, as a verify forward needs.
+
+    Attention layers always do. Some recurrent (Mamba) layers restart their scan from a zero state whenever more
+    than one token comes in, so drafts cannot be verified in one forward there. Probed once per model: eight tokens
+    in one uncached forward against four and then four more through the decoder's cache (a restarted state is off
+    by far more than rounding; the tolerance allows for half-precision models).
+    """
+    if not _is_recurrent(model):
+        return True
+    if model not in _CONTINUES_STATE:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = ((torch.arange(8, device=model.device) * 7 + 3) % vocab)[None]  # (1, 8) any valid ids
+        full = model(ids, use_cache=False).logits.float()  # (1, 8, V)
+        cache = DynamicCache(config=model.config)
+        cache.activate_past_recording()
+        model(ids[:, :4], **{cache_kwarg(model): cache}, use_cache=True)
+        part = model(ids[:, 4:], **{cache_kwarg(model): cache}, use_cache=True).logits.float()  # (1, 4, V)
+        error = (part - full[:, 4:]).abs().max() / full.abs().max().clamp(min=1e-6)
+        tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
+        _CONTINUES_STATE[model] = bool(error < tolerance)
+    return _CONTINUES_STATE[model]
+
+
 class _Decoder:
     """The decode loop's state for one call: the active rows, their cache slots, positions and outputs."""
 
@@ -290,6 +394,12 @@ class _Decoder:
         self.streamer, self.grab = streamer, grab
         self.eos = _eos_ids(model)
         self.stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
+
+    def _new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        if self.K > 0 and any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            cache.activate_past_recording()  # sliding-window and convolution states must be able to roll back
+        return cache
 
     def draft_length(self, generated: list[list[int]], rows: torch.Tensor, done: list[bool]) -> int:
         """Drafts the next step can use: K, or fewer where the largest token budget left among the rows that go on
@@ -306,10 +416,8 @@ class _Decoder:
         model, stats, device = self.model, self.stats, input_ids.device
         if self.K > 0:  # a chain ends after an EOS draft (see DraftChain)
             self.drafter.stop_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
-        B = input_ids.shape[0]
-        cache = DynamicCache(config=model.config)
-        if self.K > 0 and any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [])):
-            cache.activate_past_recording()  # sliding-window / recurrent layers must be able to roll back
+        B, n = input_ids.shape
+        cache = self._new_cache()
         stats.sequences = B
 
         # ---- prefill. ``valid`` (b, slots) marks the cache slots holding real tokens; None while all do.
@@ -326,10 +434,19 @@ class _Decoder:
                 mask = torch.cat([mask, mask.new_ones(B, A)], dim=1)
                 position_ids = torch.cat([position_ids, pos[:, None] + torch.arange(A, device=device)], dim=1)
         t0 = time.perf_counter()
-        logits, hidden = _forward(model, ids, cache, self.grab, 1 + A, mask, position_ids)
+        recurrent = self.K > 0 and _is_recurrent(model)
+        if A and recurrent:  # a recurrent state cannot drop the appended tokens: they run on a cache thrown away
+            logits, hidden = _forward(model, ids, self._new_cache(), self.grab, 1 + A, mask, position_ids)
+            _forward(model, input_ids, cache, None, 1, real.long() if real is not None else None,
+                     position_ids[:, :n] if position_ids is not None else None)
+            stats.backbone_forwards += 1
+            stats.row_forwards += B
+        else:
+            logits, hidden = _forward(model, ids, cache, self.grab, 1 + A, mask, position_ids)
+            if A:
+                cache.crop(-A)  # a negative count removes that many trailing slots
         logits, hidden, appended = _split_appended(logits, hidden, A)
-        if A:
-            cache.crop(-A)  # a negative count removes that many trailing slots
+        states = _RecurrentStates(cache) if recurrent else None
         stats.backbone_forwards += 1
         stats.row_forwards += B
         token = self.pick(logits[:, -1])  # (B,)
@@ -399,6 +516,8 @@ class _Decoder:
                 step = seen if seen is not None else valid.new_ones(b, 1 + k + A)
                 mask = torch.cat([valid, step], dim=1).long()  # (b, slots + 1 + k + A)
                 step_pos = pos[:, None] + step.long().cumsum(1) - 1  # (b, 1 + k + A); a hidden slot repeats one
+            if states is not None and states.active and (k or A):
+                states.save()
             logits, hidden = _forward(model, step_ids, cache, self.grab, 1 if k == 0 and A == 0 else None, mask,
                                       step_pos)
             logits, hidden, appended = _split_appended(logits, hidden, A)
@@ -436,7 +555,13 @@ class _Decoder:
             # ---- cache: drop the appended slots and those no row kept (in one crop: a sliding-window layer
             # trims itself to its window at every crop); mask the ones only some rows kept
             kept = max(accepted)
-            if kept < k or A:
+            if (kept < k or A) and states is not None and states.active:  # b == 1: such backbones decode row by row
+                states.restore()
+                cache.crop(-(1 + k + A))
+                _forward(model, step_ids[:, : 1 + kept], cache, None, 1)  # the kept tokens again, from the saved state
+                stats.backbone_forwards += 1
+                stats.row_forwards += b
+            elif kept < k or A:
                 cache.crop(-(k - kept + A))  # a negative count removes that many trailing slots
             if b > 1 or valid is not None:
                 new_valid = torch.arange(1 + kept, device=device) <= torch.tensor(accepted, device=device)[:, None]

@@ -26,7 +26,8 @@ class MTPBlock(nn.Module):
         self.enorm = nn.RMSNorm(H, eps=eps, dtype=dtype)
         self.hnorm = nn.RMSNorm(H, eps=eps, dtype=dtype)
         self.proj = nn.Linear(2 * H, H, bias=False, dtype=dtype)
-        self.layer = build_decoder_layer(parts, layer_idx=0).to(dtype)
+        layer, self.layer_type = build_decoder_layer(parts)
+        self.layer = layer.to(dtype)
         self.final_norm = nn.RMSNorm(H, eps=eps, dtype=dtype)
 
     def forward(
@@ -40,4 +41,4 @@ class MTPBlock(nn.Module):
     ) -> torch.Tensor:  # (B, T, H), before the final norm
         emb = parts.embed_tokens(token_ids)  # (B, T, H)
         x = self.proj(torch.cat([self.enorm(emb), self.hnorm(hidden)], dim=-1))  # (B, T, 2H) -> (B, T, H)
-        return call_decoder_layer(self.layer, parts, x, position_ids, cache, attention_mask)
+        return call_decoder_layer(self.layer, parts, x, position_ids, cache, attention_mask, self.layer_type)

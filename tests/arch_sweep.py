@@ -1,0 +1,296 @@
+"""The architecture sweep: every causal LM that transformers registers, built tiny, decoded by every method.
+
+Each architecture in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` is built from its config class with a generic shrink
+(:data:`SHRINK`: a few layers, hidden 32, 4 heads, 4 experts, small states and windows, vocabulary 300; sub-configs
+of multimodal models shrink the same way), plus :data:`OVERRIDES` only where the generic shrink cannot build it.
+Every registered method then decodes it three ways:
+
+- ``greedy``: each of three prompts alone equals the backbone's own ``generate(do_sample=False)``;
+- ``batched``: the three prompts left-padded in one batch with an attention mask: each row equals that row alone;
+- ``sampling``: a seeded sampled decode returns the requested tokens and repeats with the same seed.
+
+Architectures that cannot work are skipped with the reason (:func:`skip_reason`): encoder-decoder models, models
+that need an optional package, models with no KV cache. A method that cannot be built on an architecture says
+why in one ``ValueError`` (e.g. a head-based method on a backbone without an attention layer); the matrix shows it.
+
+``python -m tests.arch_sweep --write docs/architectures.md`` (``make architectures``) regenerates the support
+matrix; ``tests/test_architectures.py`` runs the sweep and checks that the page is current.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from lightning_mtp import MTPModule
+from lightning_mtp.methods import METHODS
+
+VOCAB = 300
+EOS = 2
+MAX_NEW = 24
+PROMPTS = ([5, 17, 42, 99, 7, 250, 31], [120, 8, 64], [33, 201, 77, 15, 160])
+CHECKS = ("greedy", "batched", "sampling")
+DOC = Path(__file__).resolve().parent.parent / "docs" / "architectures.md"
+
+SHRINK = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=8, initializer_range=0.2,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    n_shared_experts=1, n_group=1, topk_group=1, shared_expert_intermediate_size=32,
+    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+    state_size=8, ssm_state_size=8, mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_expand=2, expand=2,
+    conv_kernel=4, mamba_d_conv=4, time_step_rank=4, n_groups=1, mamba_n_groups=1,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    rotary_dim=4, is_decoder=True, n_embd=32, n_layer=2, n_head=4, n_positions=256, n_inner=64, ffn_dim=64, d_model=32,
+    attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1], expert_layer_period=2, expert_layer_offset=1,
+    bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+)
+"""The generic shrink: every field a config class has takes this value."""
+
+OVERRIDES: dict[str, dict] = {
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},  # its default is Mamba layers only
+}
+"""Per-architecture fields where the generic shrink cannot build the model (kept as short as possible)."""
+
+
+def skip_reason(arch: str) -> str | None:
+    """Why ``arch`` cannot work with lightning-mtp at all, or None."""
+    if getattr(_default_config(CONFIG_MAPPING[arch]), "is_encoder_decoder", False):
+        return "encoder-decoder"
+    return None
+
+
+def _default_config(cfg_cls):
+    """The config class's defaults (some classes refuse their own defaults until shrunk: then the class itself)."""
+    try:
+        return cfg_cls()
+    except Exception:  # e.g. a strict validator rejecting default sizes; the class attributes still tell the fields
+        return cfg_cls
+
+
+def _fields(obj) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set(vars(obj))
+
+
+def _shrunk_kwargs(cfg_cls, extra: dict) -> dict:
+    """Keyword arguments that build ``cfg_cls`` tiny: the generic shrink on every field the class has, one layer
+    of each kind of a hybrid's ``layer_types`` (in order of first appearance), sub-configs shrunk the same way."""
+    default = _default_config(cfg_cls)
+    names = _fields(cfg_cls) if default is cfg_cls else _fields(default)
+    kw = {k: v for k, v in SHRINK.items() if k in names}
+    if "kv_lora_rank" in kw:  # multi-head latent attention has no grouped KV heads
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+    layer_types = getattr(default, "layer_types", None)
+    if "layer_types" in names and isinstance(layer_types, (list, tuple)) and layer_types:
+        kinds = list(dict.fromkeys(layer_types))
+        kw["layer_types"] = kinds if len(kinds) > 1 else kinds * 2
+        kw["num_hidden_layers"] = len(kw["layer_types"])
+    for name in names:
+        sub = getattr(default, name, None)
+        if isinstance(sub, transformers.PreTrainedConfig):
+            kw[name] = _shrunk_kwargs(type(sub), {})
+    return {**kw, **extra}
+
+
+def build(arch: str, seed: int = 0) -> PreTrainedModel:
+    """A tiny random ``arch`` model, seeded, in eval mode, with EOS :data:`EOS` and pad 0."""
+    cfg_cls = CONFIG_MAPPING[arch]
+    config = cfg_cls(**_shrunk_kwargs(cfg_cls, OVERRIDES.get(arch, {})))
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def hf_greedy(model: PreTrainedModel, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_NEW)
+    return out[0, len(prompt):].tolist()
+
+
+def left_padded(prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (n - len(p)) + list(p) for p in prompts])  # (B, n)
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])  # (B, n)
+    return ids, mask
+
+
+def _new_tokens(sequence: torch.Tensor, prompt_len: int) -> list[int]:
+    """The tokens after the prompt up to and including the first EOS (padding after it dropped)."""
+    out = sequence[prompt_len:].tolist()
+    return out[: out.index(EOS) + 1] if EOS in out else out
+
+
+@dataclass
+class MethodResult:
+    """One method on one architecture: per check, None (passed) or what went wrong; or why it cannot be built."""
+
+    unsupported: str | None = None
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def check_method(model: PreTrainedModel, method: str) -> MethodResult:
+    try:
+        module = MTPModule(copy.deepcopy(model), method=method).eval()
+    except ValueError as err:  # the method says clearly that it cannot be built on this backbone
+        return MethodResult(unsupported=str(err).splitlines()[0])
+    except Exception as err:  # a crash while building is a failure of every check
+        return MethodResult(failures=dict.fromkeys(CHECKS, f"building the method: {_describe(err)}"))
+    result = MethodResult()
+    try:
+        want = [hf_greedy(module.backbone, p) for p in PROMPTS]  # mask_token may have added its <MTP> row: this model
+    except Exception as err:  # the reference itself fails: every check fails with its reason
+        return MethodResult(failures=dict.fromkeys(CHECKS, f"HF generate: {_describe(err)}"))
+    for check in CHECKS:
+        try:
+            failure = CHECK_FUNCTIONS[check](module, want)
+        except Exception as err:  # a crash is a failed check; the sweep goes on to record the others
+            failure = _describe(err)
+        if failure is not None:
+            result.failures[check] = failure
+    return result
+
+
+def _describe(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def check_greedy(module: MTPModule, want: list[list[int]]) -> str | None:
+    for i, p in enumerate(PROMPTS):
+        got = _new_tokens(module.generate(torch.tensor([p]), max_new_tokens=MAX_NEW).sequences[0], len(p))
+        if got != want[i]:
+            return f"prompt {i}: {got} != HF {want[i]}"
+    return None
+
+
+def check_batched(module: MTPModule, want: list[list[int]]) -> str | None:
+    ids, mask = left_padded(PROMPTS)
+    out = module.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW).sequences
+    for i in range(len(PROMPTS)):
+        got = _new_tokens(out[i], ids.shape[1])
+        if got != want[i]:
+            return f"row {i}: {got} != alone {want[i]}"
+    return None
+
+
+def check_sampling(module: MTPModule, want: list[list[int]]) -> str | None:
+    runs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(7)
+        seq = module.generate(torch.tensor([PROMPTS[0]]), do_sample=True, generator=g, max_new_tokens=MAX_NEW).sequences
+        runs.append(_new_tokens(seq[0], len(PROMPTS[0])))
+    if runs[0] != runs[1]:
+        return "two decodes with the same seed differ"
+    if len(runs[0]) != MAX_NEW and runs[0][-1:] != [EOS]:
+        return f"{len(runs[0])} new tokens, not {MAX_NEW} and no EOS"
+    return None
+
+
+CHECK_FUNCTIONS = {"greedy": check_greedy, "batched": check_batched, "sampling": check_sampling}
+
+
+@dataclass
+class ArchResult:
+    arch: str
+    model_class: str = ""
+    skipped: str | None = None
+    build_error: str | None = None  # the tiny model could not be built: the shrink needs an override
+    methods: dict[str, MethodResult] = field(default_factory=dict)
+
+
+@cache
+def sweep_one(arch: str) -> ArchResult:
+    """Build ``arch`` and run every registered method on it (memoised: the tests and the page share one run)."""
+    reason = skip_reason(arch)
+    if reason is not None:
+        return ArchResult(arch, skipped=reason)
+    try:
+        model = build(arch)
+    except ImportError as err:
+        return ArchResult(arch, skipped=f"needs an optional package ({str(err).split('requires the ')[-1][:40]})")
+    except Exception as err:  # recorded: the test for this architecture fails and shows it
+        return ArchResult(arch, build_error=_describe(err))
+    result = ArchResult(arch, model_class=type(model).__name__)
+    for name in sorted(METHODS):
+        result.methods[name] = check_method(model, name)
+    return result
+
+
+def architectures() -> list[str]:
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def render(results: list[ArchResult]) -> str:
+    """The support matrix as Markdown (docs/architectures.md)."""
+    methods = sorted(METHODS)
+    passed = [r for r in results if r.skipped is None]
+    lines = [
+        "# Supported architectures",
+        "",
+        "Every causal-LM architecture that transformers registers (`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), built tiny",
+        "from its config class and decoded by every method: **greedy** (each prompt alone equals the backbone's own",
+        "`generate`), **batched** (three left-padded prompts in one batch, each row equal to that row alone) and",
+        "**sampling** (seeded, the requested length, reproducible). Generated by `make architectures` from the sweep in",
+        "`tests/arch_sweep.py`, which CI runs; a cell is ✓ only when that check passed.",
+        "",
+        f"transformers {transformers.__version__}: {len(passed)} architectures supported, "
+        f"{len(results) - len(passed)} skipped.",
+        "",
+        "| architecture | model class | " + " | ".join(methods) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in methods) + " |",
+    ]
+    for r in results:
+        if r.skipped is not None:
+            lines.append(f"| `{r.arch}` | skipped: {r.skipped} | " + " | ".join("" for _ in methods) + " |")
+            continue
+        cells = []
+        for name in methods:
+            m = r.methods[name]
+            if m.unsupported is not None:
+                cells.append(f"n/a: {m.unsupported}")
+            else:
+                cells.append(" ".join(f"{c} {'✗' if c in m.failures else '✓'}" for c in CHECKS))
+        lines.append(f"| `{r.arch}` | `{r.model_class}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print each architecture's result (``--after NAME`` starts after it); ``--write`` the page."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, default=None, help="write the support matrix here (else print it)")
+    parser.add_argument("--after", default=None, help="start after this architecture")
+    parser.add_argument("archs", nargs="*", help="only these architectures (default: all)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    results = []
+    names = args.archs or architectures()
+    if args.after:
+        names = names[names.index(args.after) + 1 :]
+    for arch in names:
+        r = sweep_one(arch)
+        bad = {n: m.failures for n, m in r.methods.items() if m.failures}
+        unsupported = {n: m.unsupported for n, m in r.methods.items() if m.unsupported}
+        status = r.skipped or r.build_error or ("FAIL " + str(bad) if bad else "ok") + (
+            f" unsupported {unsupported}" if unsupported else "")
+        print(f"{arch:28s} {status}", flush=True)
+        results.append(r)
+    if args.write is not None:
+        args.write.write_text(render(results))
+
+
+if __name__ == "__main__":
+    main()
