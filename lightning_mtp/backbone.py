@@ -24,6 +24,7 @@ __all__ = [
     "build_decoder_layer",
     "cache_layer_types",
     "head_layer_index",
+    "takes_cache",
     "call_decoder_layer",
     "causal_mask",
     "slot_mask",
@@ -111,7 +112,7 @@ class BackboneParts:
 
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        return getattr(self.config, "hidden_size", None) or self.lm_head.weight.shape[1]
 
     @property
     def vocab_size(self) -> int:
@@ -197,18 +198,56 @@ def build_decoder_layer(parts: BackboneParts) -> tuple[nn.Module, str | None]:
     if unknown:  # an input only the backbone's own forward knows how to compute
         raise ValueError(f"{cls.__name__} needs {unknown}, which lightning-mtp cannot compute for a draft head; use a "
                          "method without heads, e.g. mask_token")
+    if not forward_params(parts.layers[index]) & _CACHE_KWARGS:
+        raise ValueError(f"{cls.__name__} takes no KV cache, which a draft head needs; use a method without heads, "
+                         "e.g. mask_token")
     params = inspect.signature(cls.__init__).parameters
     index_arg = next((n for n in ("layer_idx", "layer_id", "layer_number") if n in params), None)
-    layer = cls(parts.config, **{index_arg: index}) if index_arg else cls(parts.config)
+    kwargs = {index_arg: index} if index_arg else {}
+    kind = layer_type(parts, index)
+    if "layer_type" in params and kind is not None:  # one class for every mixer, told which one (Bamba)
+        kwargs["layer_type"] = kind
+    try:
+        layer = cls(parts.config, **kwargs)
+    except TypeError as err:  # a constructor that needs more than the config (and its index)
+        raise ValueError(f"{cls.__name__} cannot be built from the config alone ({err}); use a method without heads, "
+                         "e.g. mask_token") from None
     init = getattr(parts.base, "_init_weights", None)
     if init is not None:  # as the backbone's own layers were: some parameters are created empty and set only here
         with torch.no_grad():
             layer.apply(init)
-    for module in layer.modules():
+    if parts.rotary_emb is not None and kind is not None and "layer_type" in forward_params(parts.rotary_emb):
+        try:  # some layer types take no rotary embedding (NoPE layers whose extras only the backbone computes)
+            parts.rotary_emb(parts.embed_tokens.weight[None, :1], torch.zeros(1, 1, dtype=torch.long), layer_type=kind)
+        except (KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"{cls.__name__}: the backbone's rotary embedding has none for its {kind!r} layers ({err!r}); "
+                             "use a method without heads, e.g. mask_token") from None
+    for module in layer.modules():  # the mixers index the cache; the layer itself may look its type up by index
         for name in ("layer_idx", "layer_id"):
-            if isinstance(getattr(module, name, None), int):
+            if module is not layer and isinstance(getattr(module, name, None), int):
                 setattr(module, name, 0)
-    return layer, layer_type(parts, index)
+    _dry_run(layer, parts, kind)
+    return layer, kind
+
+
+@torch.no_grad()
+def _dry_run(layer: nn.Module, parts: BackboneParts, kind: str | None) -> None:
+    """Run the new layer as a head runs it (a prefill, then more tokens through its cache) on zeros: a layer that
+    needs inputs only its backbone computes fails here, with one clear error, instead of in the middle of a decode."""
+    training, layer.training = layer.training, False
+    dtype, device = parts.embed_tokens.weight.dtype, parts.embed_tokens.weight.device
+    cache = DynamicCache()
+    try:
+        for start, n in ((0, 4), (4, 2)):
+            hidden = torch.zeros(1, n, parts.hidden_size, dtype=dtype, device=device)
+            call_decoder_layer(layer, parts, hidden, torch.arange(start, start + n, device=device)[None], cache,
+                               kind=kind)
+    except (TypeError, RuntimeError, AttributeError, KeyError, IndexError) as err:
+        raise ValueError(f"{type(layer).__name__} cannot run as a draft head outside its backbone ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); use a method without heads, e.g. mask_token"
+                         ) from None
+    finally:
+        layer.training = training
 
 
 def causal_mask(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -260,8 +299,16 @@ def cache_kwarg(module: nn.Module) -> str:
     """The keyword a model's or decoder layer's ``forward`` takes its KV cache under: ``cache`` (transformers >= 5.24),
     else ``past_key_values`` (or a layer's older ``past_key_value``, or GPT-NeoX-style ``layer_past``)."""
     params = forward_params(module)
-    names = ("cache", "past_key_values", "past_key_value", "layer_past")
-    return next((n for n in names if n in params), "past_key_values")
+    return next((n for n in _CACHE_ORDER if n in params), "past_key_values")
+
+
+_CACHE_ORDER = ("cache", "past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = frozenset(_CACHE_ORDER)
+
+
+def takes_cache(module: nn.Module) -> bool:
+    """Whether ``module.forward`` takes a transformers KV cache under a keyword :func:`cache_kwarg` knows."""
+    return bool(forward_params(module) & _CACHE_KWARGS)
 
 
 _LAYER_INPUTS = frozenset({"attention_mask", "position_ids", "position_embeddings", "alibi", "layer_past", "cache",
@@ -301,12 +348,12 @@ def call_decoder_layer(
     # one query row sees every cached key: no mask needed (and None means "no mask" to every implementation)
     if attention_mask is None and q_len > 1:
         attention_mask = causal_mask(q_len, past + q_len, hidden.dtype, hidden.device)
-    kwargs = {"attention_mask": attention_mask}
+    kwargs = {"attention_mask": attention_mask} if "attention_mask" in accepted else {}
     if "position_ids" in accepted:
         kwargs["position_ids"] = position_ids
     if "alibi" in accepted:
         kwargs["alibi"] = _alibi(parts, hidden.shape[0], past + q_len, hidden.dtype, hidden.device)
-    if "position_embeddings" in accepted and parts.rotary_emb is not None:
+    if parts.rotary_emb is not None and ("position_embeddings" in accepted or "kwargs" in accepted):
         rotary_kwargs = {"layer_type": kind} if kind is not None and "layer_type" in forward_params(parts.rotary_emb) else {}
         kwargs["position_embeddings"] = parts.rotary_emb(hidden, position_ids, **rotary_kwargs)
     if cache is not None:

@@ -20,8 +20,9 @@ matrix; ``tests/test_architectures.py`` runs the sweep and checks that the page 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
+import inspect
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import cache
@@ -35,6 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from lightning_mtp import MTPModule
 from lightning_mtp.methods import METHODS
 
+CACHE_KEYWORDS = {"cache", "past_key_values", "past_key_value", "layer_past"}
 VOCAB = 300
 EOS = 2
 MAX_NEW = 24
@@ -59,15 +61,33 @@ SHRINK = dict(
 
 OVERRIDES: dict[str, dict] = {
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},  # its default is Mamba layers only
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "big_bird": {"attention_type": "original_full"},  # block-sparse attention needs sequences of whole blocks
+    "falcon_h1": {"mamba_d_ssm": 64},  # mamba_n_heads * mamba_d_head
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    "cohere_compass_text": {"layer_types": None},  # its rope parameters are keyed by its default layer types
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0}},
 }
 """Per-architecture fields where the generic shrink cannot build the model (kept as short as possible)."""
+
+
+KNOWN_FAILURES: dict[str, str] = {}
+"""Architectures that build but fail a check for a reason not yet fixed: their test is a strict xfail (it fails as
+soon as they pass, so the entry is removed) and the page shows the reason. Kept short; each is an open defect."""
 
 
 def skip_reason(arch: str) -> str | None:
     """Why ``arch`` cannot work with lightning-mtp at all, or None."""
     if getattr(_default_config(CONFIG_MAPPING[arch]), "is_encoder_decoder", False):
         return "encoder-decoder"
+    model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch], None)
+    if model_class is not None and not forward_params_of(model_class) & CACHE_KEYWORDS:
+        return "no KV cache (a state of its own)"
     return None
+
+
+def forward_params_of(cls) -> set[str]:
+    return set(inspect.signature(cls.forward).parameters)
 
 
 def _default_config(cfg_cls):
@@ -90,13 +110,19 @@ def _shrunk_kwargs(cfg_cls, extra: dict) -> dict:
     kw = {k: v for k, v in SHRINK.items() if k in names}
     if "kv_lora_rank" in kw:  # multi-head latent attention has no grouped KV heads
         kw["num_key_value_heads"] = kw["num_attention_heads"]
-    layer_types = getattr(default, "layer_types", None)
+    try:
+        layer_types = getattr(default, "layer_types", None)
+    except Exception:
+        layer_types = None
     if "layer_types" in names and isinstance(layer_types, (list, tuple)) and layer_types:
         kinds = list(dict.fromkeys(layer_types))
         kw["layer_types"] = kinds if len(kinds) > 1 else kinds * 2
         kw["num_hidden_layers"] = len(kw["layer_types"])
     for name in names:
-        sub = getattr(default, name, None)
+        try:
+            sub = getattr(default, name, None)
+        except Exception:  # a per-layer attribute read globally (Gemma 4): not a sub-config anyway
+            continue
         if isinstance(sub, transformers.PreTrainedConfig):
             kw[name] = _shrunk_kwargs(type(sub), {})
     return {**kw, **extra}
@@ -142,18 +168,25 @@ class MethodResult:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def check_method(model: PreTrainedModel, method: str) -> MethodResult:
+METHOD_OPTIONS: dict[str, dict] = {"mask_token": {"mask_token_id": VOCAB - 1}}
+"""The last row stands in as mask_token's mask token, so no row is added: every method decodes the very model HF
+decodes, and one set of HF references serves them all (adding a row is tested in tests/test_mask_token.py)."""
+
+
+def build_method(model: PreTrainedModel, method: str) -> tuple[MTPModule | None, MethodResult]:
+    """The method on ``model`` (which it leaves as it is), or why it cannot be built."""
     try:
-        module = MTPModule(copy.deepcopy(model), method=method).eval()
+        return MTPModule(model, method={"name": method, **METHOD_OPTIONS.get(method, {})}).eval(), MethodResult()
     except ValueError as err:  # the method says clearly that it cannot be built on this backbone
-        return MethodResult(unsupported=str(err).splitlines()[0])
+        return None, MethodResult(unsupported=str(err).splitlines()[0])
     except Exception as err:  # a crash while building is a failure of every check
-        return MethodResult(failures=dict.fromkeys(CHECKS, f"building the method: {_describe(err)}"))
-    result = MethodResult()
-    try:
-        want = [hf_greedy(module.backbone, p) for p in PROMPTS]  # mask_token may have added its <MTP> row: this model
-    except Exception as err:  # the reference itself fails: every check fails with its reason
-        return MethodResult(failures=dict.fromkeys(CHECKS, f"HF generate: {_describe(err)}"))
+        return None, MethodResult(failures=dict.fromkeys(CHECKS, f"building the method: {_describe(err)}"))
+
+
+def check_method(model: PreTrainedModel, method: str, want: list[list[int]]) -> MethodResult:
+    module, result = build_method(model, method)
+    if module is None:
+        return result
     for check in CHECKS:
         try:
             failure = CHECK_FUNCTIONS[check](module, want)
@@ -207,25 +240,27 @@ class ArchResult:
     arch: str
     model_class: str = ""
     skipped: str | None = None
-    build_error: str | None = None  # the tiny model could not be built: the shrink needs an override
+    build_error: str | None = None  # the tiny model could not be built or HF could not decode it
     methods: dict[str, MethodResult] = field(default_factory=dict)
 
 
 @cache
-def sweep_one(arch: str) -> ArchResult:
-    """Build ``arch`` and run every registered method on it (memoised: the tests and the page share one run)."""
+def sweep_one(arch: str, decode: bool = True) -> ArchResult:
+    """Build ``arch`` and run every registered method on it (memoised: the tests and the page share one run).
+    ``decode=False`` only builds the methods: what the page shows when every check passes."""
     reason = skip_reason(arch)
     if reason is not None:
         return ArchResult(arch, skipped=reason)
     try:
         model = build(arch)
+        want = [hf_greedy(model, p) for p in PROMPTS] if decode else []
     except ImportError as err:
         return ArchResult(arch, skipped=f"needs an optional package ({str(err).split('requires the ')[-1][:40]})")
     except Exception as err:  # recorded: the test for this architecture fails and shows it
         return ArchResult(arch, build_error=_describe(err))
     result = ArchResult(arch, model_class=type(model).__name__)
     for name in sorted(METHODS):
-        result.methods[name] = check_method(model, name)
+        result.methods[name] = check_method(model, name, want) if decode else build_method(model, name)[1]
     return result
 
 
@@ -236,7 +271,8 @@ def architectures() -> list[str]:
 def render(results: list[ArchResult]) -> str:
     """The support matrix as Markdown (docs/architectures.md)."""
     methods = sorted(METHODS)
-    passed = [r for r in results if r.skipped is None]
+    passed = [r for r in results if r.skipped is None and r.arch not in KNOWN_FAILURES]
+    known = [r for r in results if r.arch in KNOWN_FAILURES]
     lines = [
         "# Supported architectures",
         "",
@@ -246,8 +282,8 @@ def render(results: list[ArchResult]) -> str:
         "**sampling** (seeded, the requested length, reproducible). Generated by `make architectures` from the sweep in",
         "`tests/arch_sweep.py`, which CI runs; a cell is ✓ only when that check passed.",
         "",
-        f"transformers {transformers.__version__}: {len(passed)} architectures supported, "
-        f"{len(results) - len(passed)} skipped.",
+        f"transformers {transformers.__version__}: {len(passed)} architectures supported, {len(known)} known failures, "
+        f"{len(results) - len(passed) - len(known)} skipped.",
         "",
         "| architecture | model class | " + " | ".join(methods) + " |",
         "| --- | --- | " + " | ".join("---" for _ in methods) + " |",
@@ -255,6 +291,10 @@ def render(results: list[ArchResult]) -> str:
     for r in results:
         if r.skipped is not None:
             lines.append(f"| `{r.arch}` | skipped: {r.skipped} | " + " | ".join("" for _ in methods) + " |")
+            continue
+        if r.arch in KNOWN_FAILURES:
+            lines.append(f"| `{r.arch}` | ✗ known failure: {KNOWN_FAILURES[r.arch]} | " + " | ".join("" for _ in methods)
+                         + " |")
             continue
         cells = []
         for name in methods:
@@ -281,12 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.after:
         names = names[names.index(args.after) + 1 :]
     for arch in names:
+        t0 = time.perf_counter()
         r = sweep_one(arch)
         bad = {n: m.failures for n, m in r.methods.items() if m.failures}
         unsupported = {n: m.unsupported for n, m in r.methods.items() if m.unsupported}
         status = r.skipped or r.build_error or ("FAIL " + str(bad) if bad else "ok") + (
             f" unsupported {unsupported}" if unsupported else "")
-        print(f"{arch:28s} {status}", flush=True)
+        print(f"{arch:28s} {time.perf_counter() - t0:5.1f}s {status}", flush=True)
         results.append(r)
     if args.write is not None:
         args.write.write_text(render(results))

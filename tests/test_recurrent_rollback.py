@@ -73,3 +73,14 @@ def test_a_backbone_without_attention_refuses_head_methods_by_name():
     for method in ("fast_mtp", "mtp_d"):
         with pytest.raises(ValueError, match="no plain attention layer.*use a method without heads, e.g. mask_token"):
             MTPModule(model, method=method)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_next", "olmo_hybrid"])
+def test_confadapt_masks_never_reach_a_recurrent_state(arch):
+    # tau = 1.0 keeps one token per forward (nothing is that sure): the output is greedy, while every forward still
+    # carries the mask tokens that must be rolled back out of the recurrent state
+    module = MTPModule(build(arch), method={"name": "mask_token", "mask_token_id": 299}).eval()
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        out = module.generate(ids, decoding="confadapt", tau=1.0, max_new_tokens=MAX_NEW)
+        assert_matches_uncached_argmax(module.backbone, out.sequences, ids.shape[1])

@@ -21,9 +21,18 @@ import time
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from lightning_mtp.backbone import cache_kwarg, forward_params
+from lightning_mtp.backbone import forward_params
 from lightning_mtp.decoding.sampling import make_probs_fn, sample
-from lightning_mtp.decoding.speculative import DecodeStats, GenerateOutput, _context_length, _eos_ids
+from lightning_mtp.decoding.speculative import (
+    DecodeStats,
+    GenerateOutput,
+    RecurrentStates,
+    _context_length,
+    _eos_ids,
+    _forward,
+    is_recurrent,
+    verifies_several_tokens,
+)
 
 __all__ = ["conf_adapt_generate", "confident_prefix_length"]
 
@@ -70,6 +79,9 @@ def conf_adapt_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if k > 1 and not verifies_several_tokens(model):
+        raise ValueError(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, "
+                         "so mask tokens cannot ride along: decode with k=1 or decoding='speculative'")
     context = _context_length(model)
     if context is not None and n >= context:
         raise ValueError(f"the prompt has {n} tokens but the model's context is {context}: shorten the prompt")
@@ -83,15 +95,14 @@ def conf_adapt_generate(
     cache = DynamicCache(config=model.config)
     if k > 1 and any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [])):
         cache.activate_past_recording()  # sliding-window / recurrent layers must be able to drop the masks
+    states = RecurrentStates(cache) if k > 1 and is_recurrent(model) else None
+    filled = 0  # tokens in the cache: where the next forward's tokens sit
 
     def forward(ids: torch.Tensor, last: int) -> torch.Tensor:  # (1, m) -> (last, V) logits of the last positions
-        kwargs = {cache_kwarg(model): cache, "use_cache": True}
-        if keep_logits:
-            kwargs["logits_to_keep"] = last
-        logits = model(input_ids=ids, **kwargs).logits[0, -last:]
+        logits, _ = _forward(model, ids, cache, None, last if keep_logits else None, start=filled)
         stats.backbone_forwards += 1
         stats.row_forwards += 1
-        return logits
+        return logits[0, -last:]
 
     def choose(logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:  # (m, V) -> tokens, confidence (m,)
         probs = torch.softmax(logits.float(), dim=-1) if probs_fn is None else probs_fn(logits)
@@ -101,6 +112,7 @@ def conf_adapt_generate(
 
     t0 = time.perf_counter()
     first, _ = choose(forward(input_ids, 1))
+    filled = n
     stats.verify_seconds += time.perf_counter() - t0
     generated = list(first)
     if streamer is not None:
@@ -112,9 +124,16 @@ def conf_adapt_generate(
     while not done:
         t0 = time.perf_counter()
         ids = torch.tensor([pending + masks], dtype=input_ids.dtype, device=device)  # (1, m + k - 1)
+        if states is not None and states.active:
+            states.save()
         logits = forward(ids, k)  # (k, V): the last pending token, then each mask
-        if masks:
+        if masks and states is not None and states.active:  # a recurrent state saw the masks: back, and again
+            states.restore()
+            cache.crop(-ids.shape[1])
+            forward(ids[:, : len(pending)], 1)
+        elif masks:
             cache.crop(-len(masks))  # a negative count removes that many trailing slots: the masks
+        filled += len(pending)
         tokens, confidence = choose(logits)
         kept = confident_prefix_length(confidence, tau)
         stats.verify_seconds += time.perf_counter() - t0

@@ -47,6 +47,7 @@ from lightning_mtp.backbone import (
     cache_kwarg,
     cache_layer_types,
     forward_params,
+    takes_cache,
 )
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.methods.base import AppendedOutputs, Drafter
@@ -54,6 +55,8 @@ from lightning_mtp.methods.base import AppendedOutputs, Drafter
 __all__ = [
     "DecodeStats",
     "GenerateOutput",
+    "RecurrentStates",
+    "is_recurrent",
     "check_generate_inputs",
     "needs_row_by_row",
     "pad_token_id",
@@ -175,18 +178,48 @@ def needs_row_by_row(model: PreTrainedModel) -> bool:
     """True when the backbone's cache cannot hold the masked-out slots batched decoding leaves behind.
 
     Sliding-window and linear-attention (SSM) layers keep a fixed window or state rather than every slot, so
-    a hole left by a rejected draft would shift what they see; such backbones decode one row at a time.
+    a hole left by a rejected draft would shift what they see; a backbone that takes no position ids (MPT's ALiBi),
+    or takes them but reads positions off the slots anyway, would see the holes too. Such backbones decode one row
+    at a time.
     """
-    return any(kind.__name__ != "DynamicLayer" for kind in cache_layer_types(model.config))
+    if "position_ids" not in forward_params(model):
+        return True
+    if any(kind.__name__ != "DynamicLayer" for kind in cache_layer_types(model.config)):
+        return True
+    return not _honours_holes(model)
+
+
+_HOLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _honours_holes(model: PreTrainedModel) -> bool:
+    """Whether a masked-out slot with explicit position ids leaves the other tokens' logits as they would be without
+    it (probed once per model: three tokens, against the same three with a masked token between them)."""
+    if model not in _HOLES:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = ((torch.arange(4, device=model.device) * 5 + 3) % vocab)[None]  # (1, 4) any valid ids
+        plain = model(ids[:, [0, 1, 3]], position_ids=torch.tensor([[0, 1, 2]], device=model.device),
+                      use_cache=False).logits[0, -1].float()
+        holed = model(ids, attention_mask=torch.tensor([[1, 1, 0, 1]], device=model.device),
+                      position_ids=torch.tensor([[0, 1, 1, 2]], device=model.device), use_cache=False).logits[0, -1].float()
+        error = (plain - holed).abs().max() / plain.abs().max().clamp(min=1e-6)
+        _HOLES[model] = bool(error < (1e-3 if model.dtype == torch.float32 else 3e-2))
+    return _HOLES[model]
 
 
 def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
-             position_ids=None):
+             position_ids=None, start: int = 0):
     """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
-    the final hidden states when ``grab`` is given."""
+    the final hidden states when ``grab`` is given. Without ``position_ids`` the tokens sit at ``start``, ``start``
+    + 1, ...: positions are always explicit, because a hybrid's cache may not know them (the length transformers
+    reads off its first layer is 0 when that layer keeps a recurrent state instead of keys)."""
     kwargs = {cache_kwarg(model): cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
+    if position_ids is None and "position_ids" in forward_params(model):
+        position_ids = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if keep_last is not None and "logits_to_keep" in forward_params(model):
         kwargs["logits_to_keep"] = keep_last
@@ -220,6 +253,9 @@ def speculative_generate(
     more drafts than the token budget can use.
     """
     check_generate_inputs(model, input_ids, max_new_tokens)
+    if not takes_cache(model):
+        raise ValueError(f"{type(model).__name__} takes no transformers KV cache (its forward has none of the cache "
+                         "keywords), which speculative decoding needs")
     B, n = input_ids.shape
     if not _is_int(num_draft_tokens):
         raise ValueError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
@@ -238,8 +274,8 @@ def speculative_generate(
         raise ValueError(f"a streamer takes one sequence, got a batch of {B}; stream one prompt at a time")
     if B > 1 and needs_row_by_row(model):
         raise ValueError(
-            f"{type(model).__name__} has sliding-window or recurrent cache layers, which batched speculative "
-            "decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
+            f"{type(model).__name__} has sliding-window or recurrent cache layers or no position ids, which batched "
+            "speculative decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
         )
     K = num_draft_tokens if drafter is not None else 0
     if K > 0 and not verifies_several_tokens(model):
@@ -325,7 +361,7 @@ def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) ->
     return real
 
 
-class _RecurrentStates:
+class RecurrentStates:
     """Rollback for linear-attention / SSM cache layers, whose recurrent state ``crop`` cannot put back.
 
     Attention keys and (recorded) convolution states crop exactly, but a recurrent state is one running tensor that
@@ -352,7 +388,7 @@ class _RecurrentStates:
                 layer.recurrent_states[i].copy_(state)
 
 
-def _is_recurrent(model: PreTrainedModel) -> bool:
+def is_recurrent(model: PreTrainedModel) -> bool:
     """Whether the backbone has linear-attention / SSM layers (a running state instead of per-token keys)."""
     return any(issubclass(kind, LinearAttentionCacheLayerMixin) for kind in cache_layer_types(model.config))
 
@@ -369,7 +405,7 @@ def verifies_several_tokens(model: PreTrainedModel) -> bool:
     in one uncached forward against four and then four more through the decoder's cache (a restarted state is off
     by far more than rounding; the tolerance allows for half-precision models).
     """
-    if not _is_recurrent(model):
+    if not is_recurrent(model):
         return True
     if model not in _CONTINUES_STATE:
         vocab = model.get_input_embeddings().weight.shape[0]
@@ -434,7 +470,7 @@ class _Decoder:
                 mask = torch.cat([mask, mask.new_ones(B, A)], dim=1)
                 position_ids = torch.cat([position_ids, pos[:, None] + torch.arange(A, device=device)], dim=1)
         t0 = time.perf_counter()
-        recurrent = self.K > 0 and _is_recurrent(model)
+        recurrent = self.K > 0 and is_recurrent(model)
         if A and recurrent:  # a recurrent state cannot drop the appended tokens: they run on a cache thrown away
             logits, hidden = _forward(model, ids, self._new_cache(), self.grab, 1 + A, mask, position_ids)
             _forward(model, input_ids, cache, None, 1, real.long() if real is not None else None,
@@ -446,7 +482,7 @@ class _Decoder:
             if A:
                 cache.crop(-A)  # a negative count removes that many trailing slots
         logits, hidden, appended = _split_appended(logits, hidden, A)
-        states = _RecurrentStates(cache) if recurrent else None
+        states = RecurrentStates(cache) if recurrent else None
         stats.backbone_forwards += 1
         stats.row_forwards += B
         token = self.pick(logits[:, -1])  # (B,)
@@ -456,6 +492,7 @@ class _Decoder:
             self.streamer.put(input_ids.cpu())
             self.streamer.put(token.cpu())
         rows = torch.arange(B, device=device)  # original index of each active row
+        filled = n  # cache slots in use (prompt width, padding included): where the next tokens sit when b == 1
         done = [g[0] in self.eos or self.max_new_tokens == 1 for g in generated]
         drafts = draft_probs = None
         k_next = self.draft_length(generated, rows, done)
@@ -519,7 +556,7 @@ class _Decoder:
             if states is not None and states.active and (k or A):
                 states.save()
             logits, hidden = _forward(model, step_ids, cache, self.grab, 1 if k == 0 and A == 0 else None, mask,
-                                      step_pos)
+                                      step_pos, filled)
             logits, hidden, appended = _split_appended(logits, hidden, A)
             stats.backbone_forwards += 1
             stats.row_forwards += b
@@ -558,7 +595,7 @@ class _Decoder:
             if (kept < k or A) and states is not None and states.active:  # b == 1: such backbones decode row by row
                 states.restore()
                 cache.crop(-(1 + k + A))
-                _forward(model, step_ids[:, : 1 + kept], cache, None, 1)  # the kept tokens again, from the saved state
+                _forward(model, step_ids[:, : 1 + kept], cache, None, 1, None, None, filled)  # again, from the saved state
                 stats.backbone_forwards += 1
                 stats.row_forwards += b
             elif kept < k or A:
@@ -572,6 +609,7 @@ class _Decoder:
                         pos = torch.full((b,), cache.get_seq_length() - 1 - kept, device=device)
             if pos is not None:
                 pos = pos + torch.tensor(accepted, device=device) + 1
+            filled += 1 + kept
             stats.verify_seconds += time.perf_counter() - t0
 
             # ---- emit: EOS and the token budget cut each row's run exactly where HF generate would stop

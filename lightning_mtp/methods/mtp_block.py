@@ -21,6 +21,10 @@ class MTPBlock(nn.Module):
     def __init__(self, parts: BackboneParts) -> None:
         super().__init__()
         H = parts.hidden_size
+        E = parts.embed_tokens.weight.shape[1]
+        if E != H:  # the head joins an embedding and a hidden state of the same width
+            raise ValueError(f"the backbone's embeddings have {E} dimensions but its hidden states {H} (factorised "
+                             "embeddings); heads cannot be built on it, use a method without heads, e.g. mask_token")
         eps = float(getattr(parts.config, "rms_norm_eps", None) or getattr(parts.config, "layer_norm_epsilon", 1e-6))
         dtype = parts.lm_head.weight.dtype
         self.enorm = nn.RMSNorm(H, eps=eps, dtype=dtype)
