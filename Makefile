@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is named in the same pip call so pip takes the CPU wheel instead of pulling CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint docs bench base clean
+.PHONY: install demo test lint architectures docs bench base self-distill clean
 
 $(BIN)/lightning-mtp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,13 +26,19 @@ demo: install
 MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 MKDOCS_QUIET := log=$$($(MKDOCS) 2>&1) || { echo "$$log"; exit 1; }
 
+# The suite runs on every core (pytest-xdist): the architecture sweep alone is minutes of CPU.
 test: install
 	$(BIN)/ruff check lightning_mtp tests
 	@$(MKDOCS_QUIET)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 lint: install
 	$(BIN)/ruff check lightning_mtp tests
+
+# The architecture support matrix (docs/architectures.md): every causal LM transformers registers, every method,
+# greedy / batched / sampled (tests/arch_sweep.py; tests/test_architectures.py checks the page is current).
+architectures: install
+	$(BIN)/python -W ignore -m tests.arch_sweep --write docs/architectures.md
 
 # The documentation site (MkDocs Material, API reference from the docstrings) in site/.
 docs: install
@@ -42,6 +48,11 @@ docs: install
 base: install
 	$(BIN)/python -m lightning_mtp.data.tokenizer recipes/tiny-math/base-init
 	$(BIN)/lightning-mtp fit --config recipes/tiny-math/base.yaml
+
+# Re-create the tiny-math base's self-distilled answers that recipes/tiny-math/fast_mtp.yaml trains on (shipped in
+# zoo/tiny-math-base/; generated into ~/.cache/lightning-mtp/distill first, unless a fit already did).
+self-distill: install
+	$(BIN)/python -m lightning_mtp.data.datamodule recipes/tiny-math/fast_mtp.yaml
 
 bench: install
 	$(BIN)/lightning-mtp bench --model tiny-math-fastmtp --model tiny-math-mtpd --model tiny-math-mtpd-loop8 \

@@ -235,7 +235,8 @@ def _dry_run(layer: nn.Module, parts: BackboneParts, kind: str | None) -> None:
     """Run the new layer as a head runs it (a prefill, then more tokens through its cache) on zeros: a layer that
     needs inputs only its backbone computes fails here, with one clear error, instead of in the middle of a decode."""
     training, layer.training = layer.training, False
-    dtype, device = parts.embed_tokens.weight.dtype, parts.embed_tokens.weight.device
+    weight = next(layer.parameters(), parts.embed_tokens.weight)  # the layer is cast to the head's dtype later
+    dtype, device = weight.dtype, parts.embed_tokens.weight.device
     cache = DynamicCache()
     try:
         for start, n in ((0, 4), (4, 2)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import statistics
 import threading
 import time
@@ -28,40 +29,56 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import PreTrainedModel
 
-__all__ = ["Decoder", "load_prompts", "run_bench", "main", "markdown_table", "write_plots"]
+from lightning_mtp import convert, hub, zoo
+from lightning_mtp.artifacts import MTP_CONFIG, atomic_write_text, read_mtp_config
+from lightning_mtp.backbone import load_backbone, resolve_model_path
+from lightning_mtp.cli import CommandParser
+from lightning_mtp.data.chat import RecordFormat, prompt_of, render_chat
+from lightning_mtp.data.tiny_math import answer_accuracy, problems
+from lightning_mtp.decoding.speculative import _eos_ids, pad_token_id
+from lightning_mtp.module import MTPModule
+from lightning_mtp.progress import progress_bar
+
+__all__ = ["Decoder", "load_models", "load_prompts", "read_prompts", "render_prompts", "run_bench", "main",
+           "markdown_table", "write_plots"]
 
 TINY_MATH_BASE = "tiny-math-base"
 TINY_MATH_DRAFT = "tiny-math-draft"
+BASE = -1  # Decoder.reference of the entries that run on the untouched base model (baselines, peers)
+CHAT = RecordFormat(fields="messages")  # how a prompt file's chat records are read
 
 
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def load_prompts(spec: str, n: int) -> tuple[list[str], list[int] | None]:
-    """``tiny-math`` (held-out test problems, with answers) or a JSONL file with a ``prompt`` field."""
+Prompt = str | list[dict[str, str]]  # a prompt's text, or a chat to render with the tokenizer's chat template
+
+
+def read_prompts(spec: str, n: int) -> tuple[list[Prompt], list[int] | None]:
+    """``tiny-math`` (held-out test problems, with answers) or a JSONL file whose records have a ``prompt`` (text)
+    or a ``messages`` field (a chat: a list of ``{role, content}``, answered after its last non-assistant message).
+
+    Chats come back as message lists, for :func:`render_prompts`; ``answer`` (an int in every record) is kept.
+    """
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if spec == "tiny-math":
-        from lightning_mtp.data.tiny_math import problems
-
         ps = problems("test", n)
         return [p.prompt for p in ps], [p.answer for p in ps]
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file")
-    prompts: list[str] = []
+    prompts: list[Prompt] = []
     answers: list[int] = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{spec}:{lineno} is not valid JSON (expected one object per line with a 'prompt' field)") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{spec}:{lineno} has no string 'prompt' field")
-        prompts.append(record["prompt"])
+        record = _record(line, f"{spec}:{lineno}")
+        prompts.append(_prompt(record, f"{spec}:{lineno}"))
         if isinstance(record.get("answer"), int):
             answers.append(record["answer"])
         if len(prompts) == n:
@@ -69,6 +86,49 @@ def load_prompts(spec: str, n: int) -> tuple[list[str], list[int] | None]:
     if not prompts:
         raise ValueError(f"{spec} holds no prompts")
     return prompts, (answers if len(answers) == len(prompts) else None)
+
+
+def _record(line: str, where: str) -> dict:
+    expected = "expected one JSON object per line with a 'prompt' or a 'messages' field"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise ValueError(f"{where} is not valid JSON ({expected})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object ({expected})")
+    return record
+
+
+def _prompt(record: dict, where: str) -> Prompt:
+    """A record's prompt: its ``prompt`` text, or its ``messages`` chat, checked and cut (see ``prompt_of``)."""
+    if isinstance(record.get("prompt"), str):
+        return record["prompt"]
+    if "messages" in record:
+        return prompt_of(record, CHAT, None, None, where)[2]  # no tokenizer yet: the checked chat
+    raise ValueError(f"{where} has no string 'prompt' field and no 'messages' field (a chat)")
+
+
+def render_prompts(prompts: list[Prompt], tokenizer, spec: str) -> list[str]:
+    """Prompt texts: chats rendered with the tokenizer's chat template and its generation prompt."""
+    if all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    if tokenizer is None:
+        raise ValueError(f"{spec} holds chats ('messages'): pass the tokenizer that renders them")
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        name = getattr(tokenizer, "name_or_path", "") or "the base model"
+        raise ValueError(f"{spec} holds chats ('messages'), which bench renders with the tokenizer's chat template, "
+                         f"but the tokenizer of {name!r} has none: write the prompts rendered as text in a 'prompt' "
+                         "field, or bench a model whose tokenizer has a chat template")
+    return [p if isinstance(p, str) else render_chat(tokenizer, p, template, f"{spec}, prompt {i}",
+                                                     add_generation_prompt=True)
+            for i, p in enumerate(prompts)]
+
+
+def load_prompts(spec: str, n: int, tokenizer=None) -> tuple[list[str], list[int] | None]:
+    """:func:`read_prompts` then :func:`render_prompts` (a file of chats needs the ``tokenizer``)."""
+    prompts, answers = read_prompts(spec, n)
+    return render_prompts(prompts, tokenizer, spec), answers
 
 
 # ---------------------------------------------------------------------------------------------- decoders
@@ -82,7 +142,7 @@ class Decoder:
     name: str
     batch_size: int
     run: Callable[[torch.Tensor, torch.Tensor | None], tuple[list[list[int]], object | None, int]]
-    reference: int  # index of the model whose backbone's greedy output this entry must reproduce
+    reference: int  # index of the model whose backbone's greedy output this entry must reproduce; BASE: the base
     kind: str  # "baseline", "peer" or "method"
     seconds: list[float] = field(default_factory=list)  # per prompt or batch, median over repeats
     outputs: list[list[int]] = field(default_factory=list)  # per prompt
@@ -192,50 +252,140 @@ def _heap_in_use() -> Callable[[], int] | None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def _load_models(specs: list[str]):
-    """Load every ``--model``; artefacts on the same untouched base share one backbone object, LoRA adapters are
-    merged into their backbone (:meth:`MTPModule.merge_lora`)."""
-    from lightning_mtp.artifacts import MTP_CONFIG, read_mtp_config
-    from lightning_mtp.backbone import resolve_model_path
-    from lightning_mtp.module import MTPModule
+@dataclass(frozen=True)
+class _Base:
+    """The untouched base model a ``--model`` was trained on, as its artefact records it."""
 
+    location: str  # a local directory (resolved) or a Hub id
+    revision: str | None  # the Hub revision (None for local directories)
+    vocab_size: int | None  # the vocabulary the model's own backbone has (None: a plain model, the base itself)
+    shares: bool  # the model's backbone is the base's, untouched (method weights only, no LoRA)
+
+    @property
+    def name(self) -> str:
+        return f"{self.location}@{self.revision}" if self.revision else self.location
+
+
+def _local_dir(spec: str) -> Path | None:
+    """The local directory of a ``--model`` (a Hub id is fetched through the cache); None if there is none."""
+    path = resolve_model_path(spec)
+    if not os.path.isdir(path) and hub.is_hub_id(path):
+        path = str(hub.fetch(path))
+    return Path(path) if os.path.isdir(path) else None
+
+
+def _base_of(spec: str) -> _Base:
+    """Where ``spec``'s base model is, from its ``mtp_config.json``; a plain model directory is its own base."""
+    path = _local_dir(spec)
+    if path is None or not (path / MTP_CONFIG).is_file():
+        return _Base(str(path.resolve()) if path is not None else spec, None, None, shares=True)
+    config = read_mtp_config(path / MTP_CONFIG)
+    recorded = config["base_model"]
+    ref = recorded.get("name_or_path") or ""
+    if ref and (path / ref).is_dir():  # relative to the artefact (a native-MTP model names itself ".")
+        location, revision = str((path / ref).resolve()), None
+    elif zoo.has(ref):
+        location, revision = str(zoo.weights_path(ref).resolve()), None
+    else:
+        location, revision = ref, recorded.get("revision")
+    shares = config.get("weights", "method") == "method" and not config.get("lora")  # older artefacts omit "weights"
+    return _Base(location, revision, recorded.get("vocab_size"), shares)
+
+
+def _one_base(specs: list[str], bases: list[_Base]) -> _Base:
+    """The base every model shares; a clear error when they differ (the base's greedy output is the reference)."""
+    names = {b.name for b in bases}
+    if len(names) > 1:
+        which = ", ".join(f"{spec!r} on {b.name!r}" for spec, b in zip(specs, bases, strict=True))
+        raise ValueError(f"the models have different base models ({which}); one bench compares models of one base "
+                         "against that base's own decoding: bench each base in its own run")
+    return bases[0]
+
+
+def _load_base(base: _Base) -> MTPModule:
+    """The untouched base model, for the baselines and the peers."""
+    location = base.location
+    if not os.path.isdir(location):  # a Hub id, at the revision the artefacts recorded
+        location = str(hub.fetch(location, base.revision))
+    if convert.detect_native_layout(location) is not None:
+        model, tokenizer = convert.load_native_backbone(location)
+        module = MTPModule(model, method=None)
+        module.tokenizer = tokenizer
+    else:
+        module = MTPModule(location, method=None)
+    return module.eval()
+
+
+def load_models(specs: list[str]) -> tuple[list[MTPModule], MTPModule]:
+    """Load every ``--model`` and the untouched base model they were all trained on: ``(modules, base)``.
+
+    Models whose backbone is the untouched base (method weights only, no LoRA, same vocabulary) share the base's
+    backbone object; the others (LoRA, a backbone fine-tuned or given new embedding rows) keep their own, with
+    their LoRA adapters merged (:meth:`MTPModule.merge_lora`) as they are served. Models of different bases are
+    refused.
+    """
+    if not specs:
+        raise ValueError("no --model given")
+    bases = [_base_of(spec) for spec in specs]
+    base = _load_base(_one_base(specs, bases))
     modules = []
-    for spec in specs:
-        backbone = None
-        path = Path(resolve_model_path(spec))
-        if modules and (path / MTP_CONFIG).is_file():
-            config = read_mtp_config(path / MTP_CONFIG)
-            first = modules[0]
-            same_base = config.get("weights") == "method" and not config.get("lora")
-            if same_base and first.lora is None and config["base_model"]["name_or_path"] == first.backbone_ref:
-                backbone = first.backbone
-        modules.append(MTPModule.from_pretrained(spec, backbone=backbone))
-    return [m.merge_lora() for m in modules]  # decode LoRA models as they are served: merged
+    for spec, recorded in zip(specs, bases, strict=True):
+        share = recorded.shares and recorded.vocab_size in (None, base.parts.vocab_size)
+        module = MTPModule.from_pretrained(spec, backbone=base.backbone if share else None)
+        if module.tokenizer is None:  # a shared backbone comes without one: it is the base's
+            module.tokenizer = base.tokenizer
+        modules.append(module.merge_lora())  # decode LoRA models as they are served: merged
+    return modules, base
+
+
+def _untouched(modules) -> MTPModule:
+    """The first module whose backbone is the untouched base: a plain model, or a frozen one with no LoRA."""
+    for module in modules:
+        if module.lora is None and (module.method is None or module.freeze_backbone):
+            return module
+    raise ValueError("no model here has the untouched base model as its backbone (LoRA or fine-tuned backbones): "
+                     "pass base=MTPModule(<base model>, method=None), or load the models with "
+                     "lightning_mtp.bench.load_models")
 
 
 def _is_tiny_math(module) -> bool:
     return Path(str(module.backbone_ref)).name == TINY_MATH_BASE
 
 
-def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool, draft_model: str | None,
-                   prompt_lookup_tokens: int, counter: _CountForwards, sweep: bool = False) -> list[Decoder]:
-    from lightning_mtp.decoding.speculative import _eos_ids, pad_token_id
+def _load_draft(draft_model: str, base: MTPModule) -> PreTrainedModel:
+    """The draft model of hf_assisted, checked once against the base's vocabulary and tokenizer."""
+    assistant, tokenizer = load_backbone(draft_model)
+    want = base.backbone.config.get_text_config().vocab_size
+    have = assistant.config.get_text_config().vocab_size
+    if have != want:
+        raise ValueError(f"--draft-model {draft_model!r} has a vocabulary of {have} tokens but the base model "
+                         f"{str(base.backbone_ref)!r} has {want}; hf_assisted needs a draft model with the base's "
+                         "tokenizer: pass one with --draft-model, or leave the peers out with --no-peers")
+    if tokenizer is not None and base.tokenizer is not None and tokenizer.get_vocab() != base.tokenizer.get_vocab():
+        raise ValueError(f"--draft-model {draft_model!r} has another tokenizer than the base model "
+                         f"{str(base.backbone_ref)!r} (same size, {have} tokens, different tokens); pass a draft "
+                         "model with the base's tokenizer, or leave the peers out with --no-peers")
+    return assistant.eval().to(base.device)
 
-    base = modules[0]
+
+def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool, draft_model: str | None,
+                   prompt_lookup_tokens: int, counter: _CountForwards, sweep: bool = False,
+                   base: MTPModule | None = None) -> list[Decoder]:
+    """Every entry: the baselines and peers on ``base`` (the untouched base model), then each module's own."""
+    base = base if base is not None else _untouched(modules)
     backbone = base.backbone
     eos, pad = _eos_ids(backbone), pad_token_id(backbone)
-    decoders = [Decoder("hf_greedy", 1, _hf_decoder(backbone, counter, eos, pad, max_new_tokens), 0, "baseline")]
-    if peers:
-        decoders.append(Decoder("hf_prompt_lookup", 1, _hf_decoder(
-            backbone, counter, eos, pad, max_new_tokens, prompt_lookup_num_tokens=prompt_lookup_tokens), 0, "peer"))
-        if draft_model is not None:
-            from lightning_mtp.backbone import load_backbone
 
-            assistant, _ = load_backbone(draft_model)
-            assistant.eval().to(base.device)
-            decoders.append(Decoder("hf_assisted", 1, _hf_decoder(
-                backbone, counter, eos, pad, max_new_tokens, assistant_model=assistant), 0, "peer"))
-    decoders.append(Decoder("ntp", 1, _our_decoder(base, eos, max_new_tokens, num_draft_tokens=0), 0, "baseline"))
+    def hf(**kwargs):
+        return _hf_decoder(backbone, counter, eos, pad, max_new_tokens, **kwargs)
+
+    decoders = [Decoder("hf_greedy", 1, hf(), BASE, "baseline")]
+    if peers:
+        decoders.append(Decoder("hf_prompt_lookup", 1, hf(prompt_lookup_num_tokens=prompt_lookup_tokens), BASE, "peer"))
+        if draft_model is not None:
+            decoders.append(Decoder("hf_assisted", 1, hf(assistant_model=_load_draft(draft_model, base)), BASE, "peer"))
+    ntp = _our_decoder(base, eos, max_new_tokens, num_draft_tokens=0, decoding="speculative")
+    decoders.append(Decoder("ntp", 1, ntp, BASE, "baseline"))
     method_entries = []
     for i, module in enumerate(modules):
         if module.method is None:
@@ -248,10 +398,8 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
         decoders.append(Decoder(label, 1, _our_decoder(module, eos, max_new_tokens, **options), i, "method"))
     if batch_size > 1:
         at = f"@b{batch_size}"
-        decoders.append(Decoder("hf_greedy" + at, batch_size, _hf_decoder(backbone, counter, eos, pad, max_new_tokens),
-                                0, "baseline"))
-        decoders.append(Decoder("ntp" + at, batch_size, _our_decoder(base, eos, max_new_tokens, num_draft_tokens=0), 0,
-                                "baseline"))
+        decoders.append(Decoder("hf_greedy" + at, batch_size, hf(), BASE, "baseline"))
+        decoders.append(Decoder("ntp" + at, batch_size, ntp, BASE, "baseline"))
         for d in [d for d in decoders if d.kind == "method" and d.batch_size == 1]:
             decoders.append(Decoder(d.name + at, batch_size, d.run, d.reference, "method"))
     return decoders
@@ -260,34 +408,36 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
 def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, max_new_tokens: int = 128,
               repeats: int = 1, warmup: int = 2, batch_size: int = 8, peers: bool | None = None,
               draft_model: str | None = None, prompt_lookup_tokens: int = 10, sweep: bool = False,
-              progress: bool = True, model_names: list[str] | None = None) -> list[dict]:
+              progress: bool = True, model_names: list[str] | None = None, base: MTPModule | None = None) -> list[dict]:
     """Time every decoder on ``prompts`` in one process, interleaved; return one JSON-ready row per entry.
 
-    ``modules`` are MTPModules (or a single one); the first one's backbone is the baseline's. ``peers`` (HF
-    prompt lookup and assisted generation) default to on for tiny-math models, whose draft model ships in
-    the zoo; ``batch_size`` > 1 adds batched entries. ``model_names`` (one per module, e.g. the ``--model``
+    ``modules`` are MTPModules (or a single one). ``base`` is the untouched base model they were trained on (see
+    :func:`load_models`): the baselines (``hf_greedy``, ``ntp``) and the peers run on it; None takes the first
+    module whose backbone is that base (a frozen backbone without LoRA), and refuses when there is none. ``peers``
+    (HF prompt lookup and assisted generation) default to on for tiny-math models, whose draft model ships in the
+    zoo; ``batch_size`` > 1 adds batched entries. ``model_names`` (one per module, e.g. the ``--model``
     arguments) fill each method row's ``model`` field.
     """
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
-    base = modules[0]
+    base = base if base is not None else _untouched(modules)
     tok = base.tokenizer
     if tok is None:
-        raise ValueError("the model has no tokenizer to encode the prompts with")
+        raise ValueError("the base model has no tokenizer to encode the prompts with")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if peers is None:
         peers = _is_tiny_math(base)
     if peers and draft_model is None and _is_tiny_math(base):
         draft_model = TINY_MATH_DRAFT
-    for m in modules:
+    for m in [base, *modules]:
         m.eval()
     counter = _CountForwards(base.backbone)
     try:
         decoders = build_decoders(modules, max_new_tokens=max_new_tokens, batch_size=batch_size, peers=peers,
                                   draft_model=draft_model, prompt_lookup_tokens=prompt_lookup_tokens, counter=counter,
-                                  sweep=sweep)
+                                  sweep=sweep, base=base)
         _time(decoders, base, tok, prompts, batch_size, repeats, warmup, progress)
-        references = _reference_outputs(modules, decoders, max_new_tokens, tok, prompts)
+        references = _reference_outputs(modules, base, decoders, max_new_tokens, tok, prompts)
     finally:
         counter.close()
     rows = [_row(d, decoders, references, answers, tok) for d in decoders]
@@ -298,8 +448,6 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
 
 def _time(decoders: list[Decoder], base, tok, prompts: list[str], batch_size: int, repeats: int, warmup: int,
           progress: bool) -> None:
-    from rich.progress import Progress
-
     device = base.device
     singles = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device) for p in prompts]
     batches = []
@@ -325,10 +473,10 @@ def _time(decoders: list[Decoder], base, tok, prompts: list[str], batch_size: in
                 decoders.remove(d)  # e.g. a lossy method mode that decodes one row at a time
                 break
 
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(disable=not progress) as bar:
         for size in sorted({d.batch_size for d in decoders}):
             group = [d for d in decoders if d.batch_size == size]
-            task = bar.add_task(f"bench (batch {size})", total=len(units[size]) * repeats * len(group))
+            task = bar.add_task(f"bench (batch {size})", total=len(units[size]) * repeats * len(group), unit="decodes")
             for u, (ids, mask) in enumerate(units[size]):
                 times: dict[str, list[float]] = {d.name: [] for d in group}
                 for r in range(repeats):
@@ -345,7 +493,7 @@ def _time(decoders: list[Decoder], base, tok, prompts: list[str], batch_size: in
                                 d.stats = stats if d.stats is None else d.stats.merge(stats)
                 for d in group:
                     d.seconds.append(statistics.median(times[d.name]))
-        task = bar.add_task("peak memory", total=len(decoders))
+        task = bar.add_task("peak memory", total=len(decoders), unit="decodes")
         for d in decoders:
             ids, mask = units[d.batch_size][0]
             with _PeakMemory(device) as mem:
@@ -354,20 +502,19 @@ def _time(decoders: list[Decoder], base, tok, prompts: list[str], batch_size: in
             bar.advance(task)
 
 
-def _reference_outputs(modules, decoders, max_new_tokens, tok, prompts) -> dict[int, list[list[int]]]:
-    """Each model's own backbone greedy output per prompt: what its lossless entries must reproduce."""
-    from lightning_mtp.decoding.speculative import _eos_ids
-
-    refs = {0: next(d for d in decoders if d.name == "hf_greedy").outputs}
+def _reference_outputs(modules, base, decoders, max_new_tokens, tok, prompts) -> dict[int, list[list[int]]]:
+    """Greedy output per prompt of the base (``BASE``) and of each model's own backbone (by index): what the
+    lossless entries must reproduce. A model sharing the base's backbone shares its reference."""
+    refs = {BASE: next(d for d in decoders if d.name == "hf_greedy").outputs}
     singles = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"] for p in prompts]
     for i, module in enumerate(modules):
-        if i == 0 or module.backbone is modules[0].backbone:
-            refs[i] = refs[0]
+        if module.backbone is base.backbone:
+            refs[i] = refs[BASE]
             continue
         eos = _eos_ids(module.backbone)
         refs[i] = [
-            _cut(module.generate(ids.to(module.device), max_new_tokens=max_new_tokens, num_draft_tokens=0).sequences,
-                 ids.shape[1], eos)[0]
+            _cut(module.generate(ids.to(module.device), max_new_tokens=max_new_tokens, num_draft_tokens=0,
+                                 decoding="speculative").sequences, ids.shape[1], eos)[0]
             for ids in singles
         ]
     return refs
@@ -412,8 +559,6 @@ def _row(d: Decoder, decoders: list[Decoder], references, answers, tokenizer) ->
     elif d.batch_size == 1 and d.forwards > len(d.outputs):  # HF entries: target forwards counted by a hook
         row["tokens_per_forward"] = (new_tokens - len(d.outputs)) / (d.forwards - len(d.outputs))
     if answers is not None and tokenizer is not None:
-        from lightning_mtp.data.tiny_math import answer_accuracy
-
         row["accuracy"] = answer_accuracy(tokenizer.batch_decode(d.outputs, skip_special_tokens=True), answers)
     return row
 
@@ -444,9 +589,6 @@ def _fmt(v) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="lightning-mtp bench", caption=_legend(rows))
     for key, header in COLUMNS.items():
         table.add_column(header, justify="left" if key == "name" else "right", no_wrap=True)
@@ -534,14 +676,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    from lightning_mtp.cli import CommandParser
-
+def _parser() -> CommandParser:
     parser = CommandParser(prog="lightning-mtp bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True,
-                        help="artefact directory or zoo name; repeat to bench several models against one baseline "
-                             "(the first model's backbone)")
-    parser.add_argument("--prompts", default="tiny-math", help="'tiny-math' or a JSONL file with a 'prompt' field")
+                        help="artefact directory or zoo name; repeat to bench several models of one base model, "
+                             "whose untouched copy runs the baselines and the peers")
+    parser.add_argument("--prompts", default="tiny-math",
+                        help="'tiny-math' or a JSONL file whose records have a 'prompt' (text) or a 'messages' field "
+                             "(a chat, rendered with the tokenizer's chat template)")
     parser.add_argument("--n", type=int, default=50, help="number of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and decoder (median kept)")
@@ -551,8 +693,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     peers.add_argument("--peers", dest="peers", action="store_true", default=None,
                        help="run HF prompt lookup and assisted generation (default: on for tiny-math models)")
     peers.add_argument("--no-peers", dest="peers", action="store_false")
-    parser.add_argument("--draft-model", default=None, help="draft model of hf_assisted (default for tiny-math: "
-                        f"{TINY_MATH_DRAFT})")
+    parser.add_argument("--draft-model", default=None, help="draft model of hf_assisted, with the base model's "
+                        f"tokenizer (default for tiny-math: {TINY_MATH_DRAFT})")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup")
     parser.add_argument("--sweep", action="store_true",
                         help="also run each method's speed/accuracy sweep (e.g. ConfAdapt thresholds, static draft lengths)")
@@ -560,22 +702,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--markdown", default=None, help="write the table to this Markdown file")
     parser.add_argument("--plots", default=None, help="write PNG plots into this directory")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = _parser().parse_args(argv)
     for flag, value, low in (("--repeats", args.repeats, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1),
                              ("--prompt-lookup-tokens", args.prompt_lookup_tokens, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    prompts, answers = load_prompts(args.prompts, args.n)
+    prompts, answers = read_prompts(args.prompts, args.n)  # a bad file fails before the models load
     if args.threads:
         torch.set_num_threads(args.threads)
-    modules = _load_models(args.model)
-    rows = run_bench(modules, prompts, answers, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                     warmup=args.warmup, batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
+    modules, base = load_models(args.model)
+    rows = run_bench(modules, render_prompts(prompts, base.tokenizer, args.prompts), answers, base=base,
+                     max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
+                     batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
                      prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep, model_names=args.model)
     print_table(rows)
-    from lightning_mtp.artifacts import atomic_write_text
-
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
     if args.markdown:

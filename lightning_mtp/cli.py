@@ -13,11 +13,23 @@ error becomes one line on stderr, no traceback (``--debug`` shows the traceback 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import pickle  # only for its UnpicklingError: nothing here unpickles
 import sys
+import warnings
+from collections.abc import Iterator
 
-__all__ = ["COMMANDS", "CommandParser", "main"]
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+from lightning_mtp.module import MTPModule
+from lightning_mtp.progress import LogProgressBar, is_terminal
+
+__all__ = ["COMMANDS", "CommandParser", "MTPLightningCLI", "main", "quiet_expected_noise"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
@@ -39,14 +51,84 @@ class CommandParser(argparse.ArgumentParser):
         raise argparse.ArgumentError(None, message)
 
 
+class MTPLightningCLI(LightningCLI):
+    """LightningCLI for :class:`MTPModule` recipes, with two changes to what it runs.
+
+    - Checkpoints (``--ckpt_path``, ``last`` included) are read with ``weights_only=True``, passed explicitly, so
+      that ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn unpickling on: LightningCLI hands ``Trainer.fit`` /
+      ``validate`` its ``weights_only`` argument (default None, which that variable turns into False).
+      ``--weights_only false`` is refused.
+    - When stdout is not a terminal (CI, ``| tee log``), Lightning's own progress bar is replaced by
+      :class:`~lightning_mtp.progress.LogProgressBar` lines: its rich bar prints nothing there until training
+      ends, and its tqdm bar's carriage-return redraws show in a log as one endless line.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(MTPModule, **kwargs)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        bar = trainer.progress_bar_callback
+        if type(bar) in (RichProgressBar, TQDMProgressBar) and not is_terminal():  # Lightning's own bars, in a log
+            trainer.callbacks[trainer.callbacks.index(bar)] = LogProgressBar()
+        return trainer
+
+    def fit(self, model: MTPModule, weights_only: bool | None = None, **kwargs) -> None:
+        self.trainer.fit(model, weights_only=_weights_only(weights_only), **kwargs)
+
+    def validate(self, model: MTPModule, weights_only: bool | None = None, **kwargs) -> None:
+        self.trainer.validate(model, weights_only=_weights_only(weights_only), **kwargs)
+
+
+def _weights_only(value: bool | None) -> bool:
+    if value is False:
+        raise ValueError("--weights_only false would let a checkpoint run code while it is read; lightning-mtp reads "
+                         "checkpoints with weights_only=True only (leave --weights_only out)")
+    return True
+
+
+# What a fit prints that we cause or expect, silenced by message, category and the module it is attributed to;
+# nothing broader. (message regex, category, module regex)
+_EXPECTED_WARNINGS: list[tuple[str, type[Warning], str]] = [
+    # the frozen backbone stays in eval mode on purpose (no dropout in the model the heads learn from)
+    (r"Found \d+ module\(s\) in eval mode at the start of training", PossibleUserWarning, r"lightning\.pytorch\."),
+    # Lightning's own use of torch's pytree API when it moves a batch; nothing we can change
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
+    # torchdata's StatefulDataLoader (the resumable training loader) calls a torch API torch has emptied
+    (r"'set_vital' is deprecated", UserWarning, r"torchdata\.stateful_dataloader\."),
+]
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropTips(logging.Filter):
+    """Drops Lightning's advertising ("💡 Tip: For seamless cloud ... try installing litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip:")
+
+
+@contextlib.contextmanager
+def quiet_expected_noise() -> Iterator[None]:
+    """Silence, while a fit or validation runs, the warnings in :data:`_EXPECTED_WARNINGS` and Lightning's tips."""
+    tips = _DropTips()
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    with warnings.catch_warnings():
+        for message, category, module in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        for logger in loggers:
+            logger.addFilter(tips)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(tips)
+
+
 def _lightning_cli(args: list[str]) -> None:
-    from lightning.pytorch.cli import LightningCLI
-
-    from lightning_mtp.module import MTPModule
-
     argv, sys.argv = sys.argv, [sys.argv[0], *args]  # LightningCLI reads sys.argv; keep the two in agreement
     try:  # exit_on_error=False: a bad argument or recipe raises argparse.ArgumentError instead of printing the usage
-        LightningCLI(MTPModule, save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+        with quiet_expected_noise():
+            MTPLightningCLI(save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     finally:
         sys.argv = argv
 

@@ -4,16 +4,18 @@ batched and sampled; and docs/architectures.md is the matrix this run produces."
 from __future__ import annotations
 
 import pytest
-import transformers
-from arch_sweep import DOC, KNOWN_FAILURES, architectures, render, sweep_one
+from arch_sweep import DOC, KNOWN_FAILURES, architectures, header, render_row, sweep_one
 
-ARCHS = [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[a])) if a in KNOWN_FAILURES else a
-         for a in architectures()]
+PAGE = DOC.read_text() if DOC.is_file() else ""
+SLOW = {"dots3_note_text"}  # known failures too slow to run in CI (see KNOWN_FAILURES)
+ARCHS = [pytest.param(a, marks=pytest.mark.xfail(strict=True, run=a not in SLOW, reason=KNOWN_FAILURES[a]))
+         if a in KNOWN_FAILURES else a for a in architectures()]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_method_decodes_the_architecture_losslessly(arch):
     result = sweep_one(arch)
+    assert render_row(result) in PAGE.splitlines(), f"docs/architectures.md is out of date for {arch}: run `make architectures`"
     if result.skipped is not None:
         pytest.skip(result.skipped)
     assert result.build_error is None, f"the tiny {arch} could not be built (add an override): {result.build_error}"
@@ -21,9 +23,9 @@ def test_every_method_decodes_the_architecture_losslessly(arch):
     assert not failures
 
 
-def test_the_support_matrix_page_is_current():
-    # the page as it reads when every check passes (the test above fails otherwise): building each architecture and
-    # method is enough, so this test does not wait for the decoding tests, which may run in other workers
-    page = render([sweep_one(arch, decode=False) for arch in architectures()])
-    assert f"transformers {transformers.__version__}" in page
-    assert DOC.read_text() == page, "docs/architectures.md is out of date: run `make architectures`"
+def test_the_support_matrix_lists_every_architecture_in_order():
+    # each architecture's row is checked by its test above; here the page itself: header and the set of rows
+    lines = PAGE.splitlines()
+    assert lines[: len(header())] == header(), "docs/architectures.md is out of date: run `make architectures`"
+    listed = [line.split("`")[1] for line in lines[len(header()) :] if line.startswith("| `")]
+    assert listed == architectures()

@@ -6,9 +6,10 @@ import json
 
 import pytest
 from helpers import save_tiny_math_shaped_model
+from test_distill import TEMPLATE
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from lightning_mtp.bench import load_prompts
+from lightning_mtp.bench import load_models, load_prompts, run_bench
 from lightning_mtp.bench import main as bench_main
 from lightning_mtp.cli import main
 from lightning_mtp.module import MTPModule
@@ -85,7 +86,10 @@ def _exit_code(argv, capsys) -> tuple[int, str]:
     [
         (None, "neither 'tiny-math' nor an existing JSONL file"),
         ("this is not json\n", "p.jsonl:1 is not valid JSON"),
-        ('{"text": "hi"}\n', "p.jsonl:1 has no string 'prompt' field"),
+        ('["a prompt"]\n', "p.jsonl:1 is a JSON list, not an object"),
+        ('{"text": "hi"}\n', "p.jsonl:1 has no string 'prompt' field and no 'messages' field (a chat)"),
+        ('{"messages": []}\n', "p.jsonl:1, field 'messages': expected a non-empty list of messages"),
+        ('{"messages": [{"role": "assistant", "content": "hi"}]}\n', "has no user message to answer"),
         ("\n\n", "holds no prompts"),
     ],
 )
@@ -120,3 +124,94 @@ def test_load_prompts_reads_answers_when_every_record_has_one(tmp_path):
     assert load_prompts(str(f), 2) == (["a", "b"], [3, 4])
     prompts, answers = load_prompts("tiny-math", 4)
     assert len(prompts) == len(answers) == 4 and prompts[0].startswith("Question: ")
+
+
+# ---------------------------------------------------------------------------------------------- the base model
+def test_a_mask_token_model_alone_runs_the_baselines_and_peers_on_its_untouched_base():
+    """Its backbone has an extra <MTP> row and merged LoRA weights; HF assisted generation with the shipped draft
+    model needs the base's vocabulary, and hf_greedy must be the base's own greedy decoding."""
+    rows = bench_main(["--model", "tiny-math-mask-token", "--n", "2", "--max-new-tokens", "16", "--warmup", "0",
+                       "--batch-size", "1"])
+    by_name = {r["name"]: r for r in rows}
+    assert list(by_name) == ["hf_greedy", "hf_prompt_lookup", "hf_assisted", "ntp", "mask_token/confadapt@0.9",
+                             "mask_token/lossless"]
+    for name in ("hf_prompt_lookup", "hf_assisted", "ntp", "mask_token/lossless"):  # lossless: each its reference
+        assert by_name[name]["identical_to_ntp"] == 1.0, name
+
+
+def test_models_of_one_base_share_it_and_a_changed_backbone_keeps_its_own():
+    modules, base = load_models(["tiny-math-fastmtp", "tiny-math-mask-token"])
+    fast, mask = modules
+    assert fast.backbone is base.backbone and mask.backbone is not base.backbone
+    assert (base.parts.vocab_size, mask.parts.vocab_size) == (617, 618)  # the <MTP> row is the mask-token model's
+    prompts, answers = load_prompts("tiny-math", 2)
+    rows = run_bench(modules, prompts, answers, base=base, max_new_tokens=16, repeats=1, warmup=0, batch_size=1,
+                     progress=False, model_names=["tiny-math-fastmtp", "tiny-math-mask-token"])
+    by_name = {r["name"]: r for r in rows}
+    assert [n for n in by_name if n.startswith("hf_")] == ["hf_greedy", "hf_prompt_lookup", "hf_assisted"]
+    assert by_name["fast_mtp"]["identical_to_ntp"] == by_name["mask_token/lossless"]["identical_to_ntp"] == 1.0
+    assert by_name["mask_token/lossless"]["model"] == "tiny-math-mask-token"
+    with pytest.raises(ValueError, match=r"no model here has the untouched base model as its backbone .*pass "
+                                         r"base=MTPModule\(<base model>, method=None\)"):
+        run_bench([mask], prompts, answers, max_new_tokens=4, warmup=0, batch_size=1, progress=False)
+
+
+def test_models_of_different_bases_are_refused(models, tmp_path):
+    other = save_tiny_math_shaped_model(tmp_path / "other-base", seed=1)
+    art = MTPModule(str(other), method="fast_mtp").save_pretrained(tmp_path / "other-fastmtp")
+    with pytest.raises(ValueError, match=r"the models have different base models \('.*/fastmtp' on '.*/base', "
+                                         r"'.*/other-fastmtp' on '.*/other-base'\); .*bench each base in its own run"):
+        bench_main(["--model", str(models["fastmtp"]), "--model", str(art), "--n", "1", "--max-new-tokens", "2",
+                    "--batch-size", "1", "--warmup", "0"])
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_naming_both_sizes(models, tmp_path):
+    config = AutoConfig.from_pretrained(models["draft"])
+    vocab = config.vocab_size
+    config.vocab_size = vocab + 5
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "draft")
+    with pytest.raises(ValueError, match=rf"--draft-model '.*/draft' has a vocabulary of {vocab + 5} tokens but the "
+                                         rf"base model '.*/base' has {vocab}; .*--no-peers"):
+        bench_main(["--model", str(models["fastmtp"]), "--n", "1", "--max-new-tokens", "2", "--batch-size", "1",
+                    "--warmup", "0", "--peers", "--draft-model", str(tmp_path / "draft")])
+
+
+# ---------------------------------------------------------------------------------------------- chat prompt files
+CHATS = [
+    {"messages": [{"role": "user", "content": "Tom has 3 apples."}]},
+    {"messages": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Ann has 2 pens."},
+                  {"role": "assistant", "content": "old answer"}], "answer": 2},  # answered after the user turn
+]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A fastmtp artefact whose base tokenizer has a chat template."""
+    root = tmp_path_factory.mktemp("chat")
+    base = save_tiny_math_shaped_model(root / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(base)
+    return MTPModule(str(base), method="fast_mtp").save_pretrained(root / "fastmtp"), tok
+
+
+def test_a_prompt_file_of_chats_is_rendered_with_the_chat_template(chat_model, tmp_path):
+    art, tok = chat_model
+    f = tmp_path / "chats.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    prompts, answers = load_prompts(str(f), 5, tok)
+    assert prompts == ["User: Tom has 3 apples.<|endoftext|>Assistant:",
+                       "System: Be brief<|endoftext|>User: Ann has 2 pens.<|endoftext|>Assistant:"]
+    assert answers is None  # not every record has one
+    rows = bench_main(["--model", str(art), "--prompts", str(f), "--max-new-tokens", "6", "--batch-size", "1"])
+    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp", "fast_mtp/k64@0.4"]
+    assert all(r["identical_to_ntp"] == 1.0 for r in rows)
+
+
+def test_chats_with_a_tokenizer_without_a_chat_template_are_one_clear_error(models, tmp_path):
+    f = tmp_path / "chats.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    with pytest.raises(ValueError, match=rf"{f} holds chats \('messages'\), which bench renders with the tokenizer's "
+                                         r"chat template, but the tokenizer of '.*' has none: write the prompts "
+                                         r"rendered as text in a 'prompt' field, or bench a model whose tokenizer has"):
+        bench_main(["--model", str(models["fastmtp"]), "--prompts", str(f), "--batch-size", "1"])

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-from helpers import REPO, save_tiny_math_shaped_model
+import logging
+import re
+import shutil
+import warnings
 
-from lightning_mtp.cli import main
+import pytest
+from cli_helpers import run_cli
+from helpers import REPO, save_tiny_math_shaped_model
+from test_safe_loading import hostile_ckpt  # noqa: F401 (a fixture)
+
+from lightning_mtp.cli import fit, main, quiet_expected_noise
 from lightning_mtp.module import MTPModule
 
 
@@ -56,3 +63,76 @@ def test_generate_with_a_draft_confidence_threshold(artefact, capsys):
     code, _, err = _exit_code(["generate", "--model", str(artefact), "--prompt", "x", "--draft-confidence-threshold",
                                "2"], capsys)
     assert code == 2 and "draft_confidence_threshold must be within [0, 1], got 2.0" in err
+
+
+def _resume_from_last(hostile: tuple, tmp_path) -> list[str]:
+    """Arguments of ``fit --ckpt_path last`` where the last checkpoint is ``hostile``: Lightning finds and reads it,
+    not LightningCLI's own parser (which reads a given path with weights_only=True already)."""
+    path, _ = hostile
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    shutil.copy(path, ckpt_dir / "last.ckpt")
+    checkpointing = tmp_path / "checkpointing.yaml"
+    checkpointing.write_text(f"trainer:\n  enable_checkpointing: true\n  callbacks:\n"
+                             f"    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                             f"      init_args:\n        dirpath: {ckpt_dir}\n        save_last: true\n")
+    base = save_tiny_math_shaped_model(tmp_path / "base")
+    return ["--config", str(REPO / "recipes/tiny-math/fast_mtp.yaml"), "--config", str(checkpointing),
+            "--model.backbone", str(base), "--data.init_args.num_train", "8", "--data.init_args.self_distill", "null",
+            "--trainer.max_steps", "1", "--ckpt_path", "last"]
+
+
+def test_resuming_reads_checkpoints_weights_only_even_when_torch_is_told_to_unpickle(hostile_ckpt, tmp_path,  # noqa: F811
+                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # turns torch.load(weights_only=None) into unpickling
+    code, err = run_cli(["fit", *_resume_from_last(hostile_ckpt, tmp_path)])
+    assert not hostile_ckpt[1].exists(), "the checkpoint's pickled code ran"
+    assert code == 2 and "Weights only load failed" in err and len(err.splitlines()) == 1
+
+
+def test_weights_only_false_is_refused(hostile_ckpt, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--weights_only false would let a checkpoint run code while it is read; "
+                                         r"lightning-mtp reads checkpoints with weights_only=True only"):
+        fit([*_resume_from_last(hostile_ckpt, tmp_path), "--weights_only", "false"])
+    assert not hostile_ckpt[1].exists()
+
+
+def test_fit_in_a_log_prints_progress_lines_and_not_the_expected_noise(artefact, capfd, tmp_path, monkeypatch):
+    """stdout is not a terminal here (as in CI or ``| tee log``): progress comes as lines; Lightning's tip and the
+    warnings a fit of a frozen backbone always raises are gone."""
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", str(REPO / "recipes/tiny-math/fast_mtp.yaml"), "--model.backbone",
+              str(artefact.parent / "base"), "--data.init_args.num_train", "64", "--data.init_args.self_distill", "null",
+              "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1"])
+    out, err = capfd.readouterr()
+    assert re.search(r"^step 1/3 \(epoch 0\), [\d.]+ steps/s, ~\d+s left; train/loss [\d.]+$", out, re.MULTILINE)
+    assert re.search(r"^validation at step 3: .*val/loss [\d.]+", out, re.MULTILINE)
+    assert re.search(r"^step 3/3, [\d.]+ steps/s, done in \d+s; train/loss [\d.]+$", out, re.MULTILINE)
+    assert "Tip:" not in out + err
+    noise = [str(w.message) for w in caught if re.search(r"eval mode|set_vital|LeafSpec", str(w.message))]
+    assert not noise
+
+
+def test_only_the_expected_noise_is_silenced():
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with quiet_expected_noise():
+                warnings.warn_explicit("'set_vital' is deprecated, please do not call", UserWarning,
+                                       "stateful_dataloader.py", 1, module="torchdata.stateful_dataloader.stateful_dataloader")
+                warnings.warn("'set_vital' is deprecated, please do not call", UserWarning, stacklevel=1)  # not torchdata's
+                logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
+                logger.info("GPU available: False, used: False")
+    finally:
+        logger.removeHandler(handler)
+    assert [w.filename for w in caught] == [__file__]
+    assert [r.getMessage() for r in records] == ["GPU available: False, used: False"]

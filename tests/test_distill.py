@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,14 +12,23 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from helpers import REPO, save_tiny_math_shaped_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_mtp import cli
+from lightning_mtp import MTPModule, cli
+from lightning_mtp.backbone import load_backbone
 from lightning_mtp.data import tiny_math
-from lightning_mtp.data.datamodule import SelfDistill, SFTDataModule
-from lightning_mtp.data.distill import distill
+from lightning_mtp.data.datamodule import SelfDistill, SFTDataModule, TinyMathDataModule, ship_self_distill
+from lightning_mtp.data.distill import (
+    cached_self_distill,
+    distill,
+    export_self_distill,
+    read_self_distill_file,
+    self_distill_fingerprint,
+)
 from lightning_mtp.data.files import load_source
+from lightning_mtp.progress import PlainProgress
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
             "{% if add_generation_prompt %}Assistant:{% endif %}")
@@ -129,9 +140,6 @@ def test_filters_summary_and_training_on_the_output(tmp_path):
 
 
 def test_tiny_math_self_distillation_is_generated_once_and_cached(tmp_path):
-    from lightning_mtp.backbone import load_backbone
-    from lightning_mtp.data.distill import cached_self_distill
-
     model, tok = load_backbone("tiny-math-base")
     problems = tiny_math.problems("validation", 4)
     prompts = [p.prompt for p in problems] * 2
@@ -143,6 +151,79 @@ def test_tiny_math_self_distillation_is_generated_once_and_cached(tmp_path):
     written = cache.stat().st_mtime_ns
     assert cached_self_distill(model, tok, prompts, greedy, cache_dir=str(tmp_path)) == (kept_prompts, responses)
     assert cache.stat().st_mtime_ns == written and len(list(tmp_path.glob("*.jsonl"))) == 1
+
+
+def test_shipped_answers_are_the_cached_ones_and_spare_generating_them(tmp_path):
+    model, tok = load_backbone("tiny-math-base")
+    prompts = [p.prompt for p in tiny_math.problems("validation", 4)]
+    greedy = SelfDistill(temperature=0.0, max_new_tokens=160, batch_size=4)
+    cache = tmp_path / "cache"
+    shipped = export_self_distill(model, tok, prompts, greedy, tmp_path / "answers.jsonl.gz", cache_dir=str(cache),
+                                  about={"recipe": "test"})
+    (cached,) = cache.glob("*.jsonl")
+    header, *records = gzip.decompress(shipped.read_bytes()).decode().splitlines()
+    header = json.loads(header)
+    assert header["format"] == "lightning-mtp/self-distill" and header["recipe"] == "test" and header["records"] == 4
+    assert cached.name == f"{header['fingerprint']}.jsonl" and records == cached.read_text().splitlines()
+    again = export_self_distill(model, tok, prompts, greedy, tmp_path / "again.jsonl.gz", cache_dir=str(cache),
+                                about={"recipe": "test"})
+    assert again.read_bytes() == shipped.read_bytes()  # byte for byte: no timestamp in the gzip header
+
+    fresh = tmp_path / "fresh"
+    expected = cached_self_distill(model, tok, prompts, greedy, cache_dir=str(cache))
+    assert cached_self_distill(model, tok, prompts, greedy, cache_dir=str(fresh), shipped=shipped) == expected
+    assert not fresh.exists()  # nothing generated
+    other = dataclasses.replace(greedy, max_new_tokens=150)  # other settings: generated and cached as usual
+    cached_self_distill(model, tok, prompts, other, cache_dir=str(fresh), shipped=shipped)
+    assert len(list(fresh.glob("*.jsonl"))) == 1
+    assert read_self_distill_file(shipped, self_distill_fingerprint(model, prompts, other)) is None
+
+    (tmp_path / "plain.jsonl").write_text(records[0] + "\n")
+    with pytest.raises(ValueError, match=r"plain.jsonl is not a self-distillation file \(its first line is no "
+                                         r"'lightning-mtp/self-distill' header\); write one with export_self_distill"):
+        cached_self_distill(model, tok, prompts, greedy, cache_dir=str(cache), shipped=tmp_path / "plain.jsonl")
+    with pytest.raises(ValueError, match=r"self-distillation file '.*missing.jsonl' does not exist"):
+        cached_self_distill(model, tok, prompts, greedy, cache_dir=str(cache), shipped=tmp_path / "missing.jsonl")
+
+
+def test_the_fast_mtp_recipe_trains_on_the_answers_shipped_with_its_base(tmp_path, monkeypatch):
+    """The shipped file holds answers for exactly the recipe's backbone, prompts and sampling (their fingerprint),
+    so a first ``make demo`` trains at once, on what it would have generated; found from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load((REPO / "recipes/tiny-math/fast_mtp.yaml").read_text())
+    init = config["data"]["init_args"]
+    dm = TinyMathDataModule(**{**init, "self_distill": SelfDistill(**init["self_distill"])})
+    path = dm.shipped_file()
+    assert path == REPO / "zoo/tiny-math-base/self_distill.jsonl.gz" and path.stat().st_size < 2**20
+    prompts = [p.prompt for p in tiny_math.problems("train", dm.num_train)]
+    fingerprint = self_distill_fingerprint(MTPModule(**config["model"]).backbone, prompts, dm.self_distill)
+    records = read_self_distill_file(path, fingerprint)
+    assert records is not None and [r["prompt"] for r in records] == prompts
+
+
+def test_a_missing_shipped_file_and_a_recipe_without_one_are_named(tmp_path):
+    dm = TinyMathDataModule(self_distill=SelfDistill(), self_distill_file="no/such/answers.jsonl.gz")
+    with pytest.raises(ValueError, match=r"self_distill_file 'no/such/answers.jsonl.gz' does not exist \(looked in "
+                                         r"the working directory and in .*\); regenerate it with python -m "
+                                         r"lightning_mtp.data.datamodule RECIPE"):
+        dm.shipped_file()
+    with pytest.raises(ValueError, match=r"recipe '.*base.yaml' does not train a TinyMathDataModule with "
+                                         r"self_distill and a self_distill_file"):
+        ship_self_distill(REPO / "recipes/tiny-math/base.yaml")
+
+
+def test_progress_in_a_log_is_plain_lines_not_too_many(capsys, monkeypatch):
+    clock = iter(float(t) for t in range(0, 100, 3))  # each advance 3 s after the last
+    monkeypatch.setattr("lightning_mtp.progress.time.monotonic", lambda: next(clock))
+    with PlainProgress(interval=10) as bar:
+        task = bar.add_task("self-distilling", total=20, unit="prompts")
+        for _ in range(10):
+            bar.advance(task, 2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "self-distilling: 0/20 prompts"
+    assert lines[1] == "self-distilling: 8/20 prompts (40%), 0.667 prompts/s, ~18s left"  # 12 s in: a line
+    assert lines[-1] == "self-distilling: 20/20 prompts (100%), 0.667 prompts/s, done in 30s"
+    assert len(lines) == 4  # start, at most one line per 10 s (12 s, 24 s), end
 
 
 def test_chat_prompts_are_answered_after_the_last_user_message(model_dir, tmp_path):

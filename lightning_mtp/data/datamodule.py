@@ -3,7 +3,9 @@
 - :class:`SFTDataModule`: prompt/response pairs, chats (``messages`` rendered with the tokenizer's chat
   template) or plain text, from JSONL / Parquet / text files, a finished ``lightning-mtp distill`` job or a
   Hugging Face dataset; response-only loss, truncation, packing, seeded shuffling, train/val split.
-- :class:`TinyMathDataModule`: the synthetic tiny-math world, optionally self-distilled.
+- :class:`TinyMathDataModule`: the synthetic tiny-math world, optionally self-distilled (the shipped base's
+  answers to the FastMTP recipe's prompts ship in ``zoo/tiny-math-base/``; ``python -m
+  lightning_mtp.data.datamodule RECIPE`` regenerates them, see :func:`ship_self_distill`).
 
 The batch contract every DataModule here produces (what ``MTPMethod.training_loss`` consumes):
 
@@ -17,19 +19,28 @@ The batch contract every DataModule here produces (what ``MTPMethod.training_los
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_mtp.backbone import ZOO_DIR
 from lightning_mtp.data import tiny_math
+from lightning_mtp.data.distill import cached_self_distill, export_self_distill
+from lightning_mtp.module import MTPModule
 
-__all__ = ["PromptResponseDataset", "SFTDataModule", "SelfDistill", "TinyMathDataModule", "collate_right_padded"]
+__all__ = ["PromptResponseDataset", "SFTDataModule", "SelfDistill", "TinyMathDataModule", "collate_right_padded",
+           "ship_self_distill"]
+
+CHECKOUT = ZOO_DIR.parent  # where a relative self_distill_file is looked for when the working directory lacks it
 
 
 @dataclass
@@ -121,6 +132,11 @@ class TinyMathDataModule(L.LightningDataModule):
         cache_dir: where self-distilled responses are cached (default ``~/.cache/lightning-mtp/distill``).
         tokenizer: a tokenizer directory; None takes the tokenizer of the model being trained.
         num_workers: DataLoader worker processes.
+        self_distill_file: shipped self-distilled responses (written by :func:`ship_self_distill`; JSONL,
+            gzipped when it ends in ``.gz``), used instead of generating them when they were generated from the
+            same backbone, prompts and ``self_distill`` settings; otherwise they are generated (and cached) as
+            usual. A relative path is read from the working directory, else from the lightning-mtp checkout.
+            Unused when ``self_distill`` is None.
     """
 
     def __init__(
@@ -133,6 +149,7 @@ class TinyMathDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         tokenizer: str | None = None,
         num_workers: int = 0,
+        self_distill_file: str | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 0), ("batch_size", batch_size, 1), ("max_length", max_length, 8)):
@@ -140,6 +157,7 @@ class TinyMathDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         self.num_train, self.num_val, self.batch_size, self.max_length = num_train, num_val, batch_size, max_length
         self.self_distill = self_distill
+        self.self_distill_file = self_distill_file
         self.cache_dir = cache_dir
         self.tokenizer_path = tokenizer
         self.num_workers = num_workers
@@ -169,14 +187,25 @@ class TinyMathDataModule(L.LightningDataModule):
         prompts = [p.prompt for p in train]
         responses = [p.response for p in train]
         if self.self_distill is not None:
-            from lightning_mtp.data.distill import cached_self_distill
-
             module = self.trainer.lightning_module if self.trainer is not None else None
             if module is None:
                 raise ValueError("self_distill needs the model: use the datamodule with a Trainer")
-            prompts, responses = cached_self_distill(module.backbone, tok, prompts, self.self_distill, cache_dir=self.cache_dir)
+            prompts, responses = cached_self_distill(module.backbone, tok, prompts, self.self_distill,
+                                                     cache_dir=self.cache_dir, shipped=self.shipped_file())
         self.train_set = PromptResponseDataset(prompts, responses, tok, self.max_length)
         self.val_set = PromptResponseDataset([p.prompt for p in val], [p.response for p in val], tok, self.max_length)
+
+    def shipped_file(self) -> Path | None:
+        """The ``self_distill_file``, found (see its argument); None when there is none."""
+        if self.self_distill_file is None:
+            return None
+        path = Path(self.self_distill_file).expanduser()
+        for candidate in (path, CHECKOUT / path):
+            if candidate.is_file():
+                return candidate
+        raise ValueError(f"self_distill_file {self.self_distill_file!r} does not exist (looked in the working "
+                         f"directory and in {CHECKOUT}); regenerate it with python -m lightning_mtp.data.datamodule "
+                         "RECIPE (make self-distill), or set it to null to generate the answers at fit time")
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -380,7 +409,13 @@ class SFTDataModule(L.LightningDataModule):
         import numpy as np
         from lightning.pytorch.utilities import rank_zero_info
 
-        from lightning_mtp.data.chat import STATUS_NAMES, TRUNCATED, RecordEncoder, require_chat_template
+        from lightning_mtp.data.chat import (
+            STATUS_NAMES,
+            TRUNCATED,
+            RecordEncoder,
+            require_chat_template,
+            require_usable,
+        )
         from lightning_mtp.data.packing import PackedDataset, pack_best_fit
 
         fmt = self.format.resolve(raw.column_names, source)
@@ -401,7 +436,7 @@ class SFTDataModule(L.LightningDataModule):
                          desc=f"dropping unusable {name} records")
         stats = {STATUS_NAMES[k]: int(v) for k, v in enumerate(counts) if v}
         if len(enc) == 0:
-            raise ValueError(f"{source}: no record left to train on ({stats}); check max_length, truncation and fields")
+            require_usable(source, stats)  # names each reason records were dropped for, and its fix
         lengths = enc["length"]
         stats.update(records=len(enc), tokens=int(sum(lengths)), trained_tokens=int(sum(enc["targets"])))
         base = enc.with_format("torch", columns=["input_ids", "labels"])
@@ -497,3 +532,68 @@ def _compute_dtype(trainer: L.Trainer) -> torch.dtype:
         return torch.float32  # autocast casts the mask along with the query
     module = trainer.lightning_module
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- shipped answers
+def _recipe_sections(recipe: str | os.PathLike) -> tuple[dict, dict]:
+    """``(model section, TinyMathDataModule init_args)`` of a recipe that self-distils into a self_distill_file."""
+    path = Path(recipe)
+    if not path.is_file():
+        raise ValueError(f"recipe {str(recipe)!r} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    data = config.get("data") or {}
+    init = data.get("init_args") or {}
+    if not str(data.get("class_path", "")).endswith("TinyMathDataModule") or not init.get("self_distill_file") \
+            or init.get("self_distill") is None:
+        raise ValueError(f"recipe {str(recipe)!r} does not train a TinyMathDataModule with self_distill and a "
+                         "self_distill_file; those are the recipes whose answers ship (e.g. "
+                         "recipes/tiny-math/fast_mtp.yaml)")
+    return config.get("model") or {}, init
+
+
+def ship_self_distill(recipe: str | os.PathLike, cache_dir: str | None = None) -> Path:
+    """Write the self-distilled answers a tiny-math recipe trains on to the file its ``self_distill_file`` names.
+
+    The model is built from the recipe's ``model`` section as ``lightning-mtp fit`` builds it; the prompts and the
+    sampling are its ``data`` section's. The answers come from the cache (``cache_dir``, default
+    ``~/.cache/lightning-mtp/distill``) or are generated into it, so the file holds exactly what a fit without it
+    would generate and train on. A relative ``self_distill_file`` is written relative to the working directory
+    (run it from the checkout). Returns the file's path.
+    """
+    model_args, init = _recipe_sections(recipe)
+    module = MTPModule(**model_args)
+    datamodule = TinyMathDataModule(**{**init, "self_distill": SelfDistill(**init["self_distill"])})
+    if datamodule.tokenizer_path is None:
+        datamodule.tokenizer = module.tokenizer
+    prompts = [p.prompt for p in tiny_math.problems("train", datamodule.num_train)]
+    about = {
+        "recipe": Path(recipe).as_posix(),
+        "backbone": str(model_args.get("backbone")),
+        "prompts": f"tiny-math train problems, the first {datamodule.num_train}",
+        "settings": dataclasses.asdict(datamodule.self_distill),
+        "regenerate": f"python -m lightning_mtp.data.datamodule {Path(recipe).as_posix()}",
+    }
+    return export_self_distill(module.backbone, datamodule._resolve_tokenizer(), prompts, datamodule.self_distill,
+                               Path(datamodule.self_distill_file).expanduser(), cache_dir=cache_dir, about=about)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lightning_mtp.data.datamodule RECIPE...``: regenerate the shipped self-distilled answers."""
+    parser = argparse.ArgumentParser(prog="python -m lightning_mtp.data.datamodule",
+                                     description="Write the self-distilled answers of tiny-math recipes to the "
+                                                 "self_distill_file each one names (see ship_self_distill).")
+    parser.add_argument("recipes", nargs="+", help="recipe YAML files, e.g. recipes/tiny-math/fast_mtp.yaml")
+    parser.add_argument("--cache-dir", default=None, help="the self-distillation cache (default: "
+                        "~/.cache/lightning-mtp/distill); answers found there are not generated again")
+    args = parser.parse_args(argv)
+    for recipe in args.recipes:
+        started = time.perf_counter()
+        try:
+            path = ship_self_distill(recipe, cache_dir=args.cache_dir)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"{path}: {path.stat().st_size / 2**20:.2f} MiB in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ Layout of a job directory::
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -43,21 +44,27 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_mtp.artifacts import atomic_write_text
 from lightning_mtp.data.files import DISTILL_FORMAT
+from lightning_mtp.progress import LogProgressBar, is_terminal, progress_bar
 
 __all__ = [
     "DistillSummary",
     "OpenAIServer",
     "cached_self_distill",
     "distill",
+    "export_self_distill",
     "generate_batch",
     "main",
+    "read_self_distill_file",
     "self_distill",
+    "self_distill_fingerprint",
 ]
 
 MANIFEST, SUMMARY, DATA_FILE, SHARD_DIR = "manifest.json", "summary.json", "data.jsonl", "shards"
+SELF_DISTILL_FORMAT = "lightning-mtp/self-distill"  # the header of a shipped self-distillation file
 APIS = ("auto", "completions", "chat")
 
 
@@ -108,8 +115,6 @@ def self_distill(model, tokenizer, prompts: list[str], settings, progress: bool 
     Returns ``(text, complete)`` pairs: ``complete`` is False when the response hit ``max_new_tokens``
     before the end-of-sequence token.
     """
-    from rich.progress import Progress
-
     stop = {tokenizer.eos_token_id} - {None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gen = torch.Generator().manual_seed(settings.seed)
@@ -119,8 +124,8 @@ def self_distill(model, tokenizer, prompts: list[str], settings, progress: bool 
     model.eval()
     responses: list[tuple[str, bool]] = []
     try:
-        with Progress(disable=not progress, transient=True) as bar, torch.no_grad():
-            task = bar.add_task("self-distilling", total=len(prompts))
+        with progress_bar(disable=not progress) as bar, torch.no_grad():
+            task = bar.add_task("self-distilling", total=len(prompts), unit="prompts")
             for i in range(0, len(prompts), settings.batch_size):
                 chunk = prompts[i : i + settings.batch_size]
                 ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
@@ -133,36 +138,52 @@ def self_distill(model, tokenizer, prompts: list[str], settings, progress: bool 
     return responses
 
 
-def _fingerprint(model, prompts: list[str], settings) -> str:
+def self_distill_fingerprint(model, prompts: list[str], settings) -> str:
+    """The key of self-distilled answers (cache file name, shipped file header): a hash of the sampling settings,
+    the prompts and the model's weights, byte for byte (a sum of the weights would depend on how many threads
+    added them up, and the shipped answers must be found on every machine)."""
     h = hashlib.sha256()
     h.update(json.dumps(vars(settings) if not hasattr(settings, "__dataclass_fields__") else
                         {k: getattr(settings, k) for k in settings.__dataclass_fields__}, sort_keys=True).encode())
     for p in prompts:
         h.update(p.encode())
         h.update(b"\0")
-    with torch.no_grad():
-        for name, param in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(f"{float(param.float().sum()):.6e}/{float(param.float().abs().sum()):.6e}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}/{tensor.dtype}/{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 
-def cached_self_distill(model, tokenizer, prompts: list[str], settings, cache_dir: str | None = None) -> tuple[list[str], list[str]]:
-    """Self-distilled ``(prompts, responses)``, from the cache when the same model/prompts/settings ran before.
-
-    Exact duplicate pairs are dropped when ``settings.deduplicate``; empty and unfinished responses (cut
-    at ``max_new_tokens``) always are.
-    """
+def _cached_records(model, tokenizer, prompts: list[str], settings, cache_dir: str | None,
+                    fingerprint: str) -> list[dict]:
+    """Every generated ``{prompt, response, complete}`` record, from the cache or generated and cached."""
     from lightning_mtp.data.datamodule import TinyMathDataModule
 
     root = Path(cache_dir) if cache_dir else TinyMathDataModule.default_cache_dir()
-    path = root / f"{_fingerprint(model, prompts, settings)}.jsonl"
+    path = root / f"{fingerprint}.jsonl"
     if path.is_file():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line]
-    else:
-        responses = self_distill(model, tokenizer, prompts, settings)
-        records = [{"prompt": p, "response": r, "complete": c} for p, (r, c) in zip(prompts, responses, strict=True)]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+    responses = self_distill(model, tokenizer, prompts, settings)
+    records = [{"prompt": p, "response": r, "complete": c} for p, (r, c) in zip(prompts, responses, strict=True)]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def cached_self_distill(model, tokenizer, prompts: list[str], settings, cache_dir: str | None = None,
+                        shipped: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+    """Self-distilled ``(prompts, responses)``, from the cache when the same model/prompts/settings ran before.
+
+    ``shipped``: a file written by :func:`export_self_distill`; its answers are used when they were generated for
+    this model, these prompts and these settings (else they are generated and cached as usual). Exact duplicate
+    pairs are dropped when ``settings.deduplicate``; empty and unfinished responses (cut at ``max_new_tokens``)
+    always are.
+    """
+    fingerprint = self_distill_fingerprint(model, prompts, settings)
+    records = read_self_distill_file(shipped, fingerprint) if shipped is not None else None
+    if shipped is not None and records is None:
+        rank_zero_info(f"{shipped} holds answers generated for another model, prompts or sampling; self-distilling")
+    if records is None:
+        records = _cached_records(model, tokenizer, prompts, settings, cache_dir, fingerprint)
     seen: set[tuple[str, str]] = set()
     out_p, out_r = [], []
     for rec in records:
@@ -173,8 +194,54 @@ def cached_self_distill(model, tokenizer, prompts: list[str], settings, cache_di
         out_p.append(rec["prompt"])
         out_r.append(rec["response"])
     if not out_p:
-        raise ValueError(f"self-distillation produced no usable responses (cache {path}); check the backbone")
+        raise ValueError(f"self-distillation produced no usable responses (fingerprint {fingerprint}); check the "
+                         "backbone")
     return out_p, out_r
+
+
+def _header(path: Path, line: str) -> dict:
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("format") != SELF_DISTILL_FORMAT:
+        raise ValueError(f"{path} is not a self-distillation file (its first line is no {SELF_DISTILL_FORMAT!r} "
+                         "header); write one with export_self_distill (make self-distill)")
+    return header
+
+
+def read_self_distill_file(path: str | os.PathLike, fingerprint: str) -> list[dict] | None:
+    """The records of a file written by :func:`export_self_distill` (JSONL, gzipped when it ends in ``.gz``), or
+    None when it was generated for another model, prompts or settings (another ``fingerprint``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"self-distillation file {str(path)!r} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        header = _header(path, f.readline())
+        if header.get("fingerprint") != fingerprint:
+            return None
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def export_self_distill(model, tokenizer, prompts: list[str], settings, path: str | os.PathLike,
+                        cache_dir: str | None = None, about: dict | None = None) -> Path:
+    """Write the self-distilled answers :func:`cached_self_distill` trains on (taken from the cache, or generated
+    into it) to ``path``, for shipping: a header line (format, fingerprint, ``about``), then the cache's records
+    as they are. A ``.gz`` path is gzipped, byte-reproducibly (no timestamp)."""
+    fingerprint = self_distill_fingerprint(model, prompts, settings)
+    records = _cached_records(model, tokenizer, prompts, settings, cache_dir, fingerprint)
+    header = {"format": SELF_DISTILL_FORMAT, "fingerprint": fingerprint, "records": len(records), **(about or {})}
+    text = json.dumps(header) + "\n" + "".join(json.dumps(r) + "\n" for r in records)
+    data = text.encode()
+    path = Path(path)
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -318,7 +385,7 @@ def distill(
     use_tok = tokenizer if (server is None or template is not None) else None
     items = []
     for i, record in enumerate(_progress_iter(records, "reading prompts", progress and _is_rank_zero())):
-        ids, text, history = prompt_of(record, fmt, use_tok, template, f"record {i} of {source}")
+        ids, text, history = prompt_of(record, fmt, use_tok, template, f"row {i + 1} of {source}")
         items.append({"id": i, "ids": ids, "text": text, "history": history})
 
     out = Path(out)
@@ -507,9 +574,11 @@ def _is_rank_zero() -> bool:
 
 
 def _progress_iter(records, description: str, enabled: bool):
-    from rich.progress import track
-
-    return track(records, description=description, total=len(records), transient=True, disable=not enabled)
+    with progress_bar(disable=not enabled) as bar:
+        task = bar.add_task(description, total=len(records), unit="records")
+        for record in records:
+            yield record
+            bar.advance(task)
 
 
 # ---------------------------------------------------------------------------------------------- local
@@ -523,9 +592,10 @@ def _generate_local(model, tokenizer, shards, settings, shard_dir, accelerator, 
     Returns whether this process is rank 0."""
     from torch.utils.data import DataLoader
 
+    lines = [LogProgressBar()] if progress and not is_terminal() else []  # a log gets lines, not tqdm redraws
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress,
-                        callbacks=[ShardWriter(shard_dir), *callbacks])
+                        callbacks=[ShardWriter(shard_dir), *callbacks, *lines])
     loader = DataLoader(shards, batch_size=None, shuffle=False, collate_fn=_identity)  # one shard per step
     with warnings.catch_warnings():  # the writer needs no batch indices; Lightning warns it cannot infer them
         warnings.filterwarnings("ignore", message=".*infer the batch indices.*")
@@ -636,12 +706,10 @@ class OpenAIServer:
 def _generate_server(client: OpenAIServer, shards, settings, api, shard_dir, concurrency, progress, tokenizer) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from rich.progress import Progress
-
     client.check()
     total = sum(len(s["items"]) for s in shards)
-    with ThreadPoolExecutor(max_workers=concurrency) as pool, Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"generating on {client.base}", total=total)
+    with ThreadPoolExecutor(max_workers=concurrency) as pool, progress_bar(disable=not progress) as bar:
+        task = bar.add_task(f"generating on {client.base}", total=total, unit="prompts")
 
         def one(item: dict) -> dict:
             # seeded per prompt: the server may batch requests in any order
