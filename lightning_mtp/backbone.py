@@ -188,23 +188,41 @@ def build_decoder_layer(parts: BackboneParts) -> tuple[nn.Module, str | None]:
     """A fresh decoder layer (random init) of the backbone's own class for its attention layer
     (:func:`head_layer_index`), built from the config, and its layer type (for the rotary embedding).
 
-    The layer is built at its index in the backbone (hybrid models pick the mixer by index) and then renumbered
-    0 wherever it records its index, because a head keeps a cache of its own with one layer.
+    The layer is built at its index in the backbone (hybrid models pick the mixer by index) and its mixers are then
+    renumbered 0, because a head keeps a cache of its own with one layer. Raises ``ValueError`` naming the reason
+    where the layer cannot serve as a head.
     """
     index = head_layer_index(parts)
     cls = type(parts.layers[index])
+    _refuse_unusable_class(cls, parts.layers[index])
+    kind = layer_type(parts, index)
+    layer = _construct(cls, parts, index, kind)
+    _check_rotary(cls, parts, kind)
+    for module in layer.modules():  # the mixers index the cache; the layer itself may look its type up by index
+        for name in ("layer_idx", "layer_id"):
+            if module is not layer and isinstance(getattr(module, name, None), int):
+                setattr(module, name, 0)
+    _dry_run(layer, parts, kind)
+    return layer, kind
+
+
+def _refuse_unusable_class(cls: type, layer: nn.Module) -> None:
+    """A layer class whose forward needs an input only its backbone computes, or takes no KV cache."""
     unknown = [name for name, p in list(inspect.signature(cls.forward).parameters.items())[2:]
                if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name not in _LAYER_INPUTS]
-    if unknown:  # an input only the backbone's own forward knows how to compute
+    if unknown:
         raise ValueError(f"{cls.__name__} needs {unknown}, which lightning-mtp cannot compute for a draft head; use a "
                          "method without heads, e.g. mask_token")
-    if not forward_params(parts.layers[index]) & _CACHE_KWARGS:
+    if not forward_params(layer) & _CACHE_KWARGS:
         raise ValueError(f"{cls.__name__} takes no KV cache, which a draft head needs; use a method without heads, "
                          "e.g. mask_token")
+
+
+def _construct(cls: type, parts: BackboneParts, index: int, kind: str | None) -> nn.Module:
+    """``cls`` built from the config at ``index``, initialised as the backbone's own layers were."""
     params = inspect.signature(cls.__init__).parameters
     index_arg = next((n for n in ("layer_idx", "layer_id", "layer_number") if n in params), None)
     kwargs = {index_arg: index} if index_arg else {}
-    kind = layer_type(parts, index)
     if "layer_type" in params and kind is not None:  # one class for every mixer, told which one (Bamba)
         kwargs["layer_type"] = kind
     try:
@@ -213,21 +231,21 @@ def build_decoder_layer(parts: BackboneParts) -> tuple[nn.Module, str | None]:
         raise ValueError(f"{cls.__name__} cannot be built from the config alone ({err}); use a method without heads, "
                          "e.g. mask_token") from None
     init = getattr(parts.base, "_init_weights", None)
-    if init is not None:  # as the backbone's own layers were: some parameters are created empty and set only here
+    if init is not None:  # some parameters are created empty and set only by the model's own initialisation
         with torch.no_grad():
             layer.apply(init)
-    if parts.rotary_emb is not None and kind is not None and "layer_type" in forward_params(parts.rotary_emb):
-        try:  # some layer types take no rotary embedding (NoPE layers whose extras only the backbone computes)
-            parts.rotary_emb(parts.embed_tokens.weight[None, :1], torch.zeros(1, 1, dtype=torch.long), layer_type=kind)
-        except (KeyError, AttributeError, TypeError) as err:
-            raise ValueError(f"{cls.__name__}: the backbone's rotary embedding has none for its {kind!r} layers ({err!r}); "
-                             "use a method without heads, e.g. mask_token") from None
-    for module in layer.modules():  # the mixers index the cache; the layer itself may look its type up by index
-        for name in ("layer_idx", "layer_id"):
-            if module is not layer and isinstance(getattr(module, name, None), int):
-                setattr(module, name, 0)
-    _dry_run(layer, parts, kind)
-    return layer, kind
+    return layer
+
+
+def _check_rotary(cls: type, parts: BackboneParts, kind: str | None) -> None:
+    """Some layer types take no rotary embedding (NoPE layers whose extras only the backbone computes)."""
+    if parts.rotary_emb is None or kind is None or "layer_type" not in forward_params(parts.rotary_emb):
+        return
+    try:
+        parts.rotary_emb(parts.embed_tokens.weight[None, :1], torch.zeros(1, 1, dtype=torch.long), layer_type=kind)
+    except (KeyError, AttributeError, TypeError) as err:
+        raise ValueError(f"{cls.__name__}: the backbone's rotary embedding has none for its {kind!r} layers ({err!r}); "
+                         "use a method without heads, e.g. mask_token") from None
 
 
 @torch.no_grad()
