@@ -459,6 +459,7 @@ def _load_method_weights(method, path: Path, config: dict) -> None:
     if missing or unexpected:
         raise ValueError(f"{weights_file} does not fit method {name!r}: missing keys {missing}, unexpected keys "
                          f"{unexpected}")
+    # not strict: heads shared with a zoo entry are not in the file; missing and unexpected keys were checked above
     method.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 

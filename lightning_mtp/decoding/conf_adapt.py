@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from lightning_mtp.backbone import forward_params
 from lightning_mtp.decoding.sampling import make_probs_fn, sample
@@ -31,6 +31,7 @@ from lightning_mtp.decoding.speculative import (
     _eos_ids,
     _forward,
     is_recurrent,
+    new_cache,
     verifies_several_tokens,
 )
 
@@ -92,9 +93,7 @@ def conf_adapt_generate(
     stats = DecodeStats(sequences=1, reached=[0] * (k - 1), accepted=[0] * (k - 1))
     t_start = time.perf_counter()
 
-    cache = DynamicCache(config=model.config)
-    if k > 1 and any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [])):
-        cache.activate_past_recording()  # sliding-window / recurrent layers must be able to drop the masks
+    cache = new_cache(model, rollback=k > 1)  # the masks are dropped after every forward
     states = RecurrentStates(cache) if k > 1 and is_recurrent(model) else None
     filled = 0  # tokens in the cache: where the next forward's tokens sit
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 
 from lightning_mtp.backbone import (
     BackboneParts,
@@ -59,6 +59,7 @@ __all__ = [
     "is_recurrent",
     "check_generate_inputs",
     "needs_row_by_row",
+    "new_cache",
     "pad_token_id",
     "speculative_generate",
     "verifies_several_tokens",
@@ -184,9 +185,18 @@ def needs_row_by_row(model: PreTrainedModel) -> bool:
     """
     if "position_ids" not in forward_params(model):
         return True
-    if any(kind.__name__ != "DynamicLayer" for kind in cache_layer_types(model.config)):
+    if any(kind is not DynamicLayer for kind in cache_layer_types(model.config)):
         return True
     return not _honours_holes(model)
+
+
+def new_cache(model: PreTrainedModel, rollback: bool = True) -> DynamicCache:
+    """The decoder's KV cache. With ``rollback`` its sliding-window and convolution layers record their past, so that
+    ``crop`` can drop rejected drafts and appended tokens (recurrent states need :class:`RecurrentStates` too)."""
+    cache = DynamicCache(config=model.config)
+    if rollback and any(type(layer) is not DynamicLayer for layer in cache.layers):
+        cache.activate_past_recording()
+    return cache
 
 
 _HOLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -411,8 +421,7 @@ def verifies_several_tokens(model: PreTrainedModel) -> bool:
         vocab = model.get_input_embeddings().weight.shape[0]
         ids = ((torch.arange(8, device=model.device) * 7 + 3) % vocab)[None]  # (1, 8) any valid ids
         full = model(ids, use_cache=False).logits.float()  # (1, 8, V)
-        cache = DynamicCache(config=model.config)
-        cache.activate_past_recording()
+        cache = new_cache(model)
         model(ids[:, :4], **{cache_kwarg(model): cache}, use_cache=True)
         part = model(ids[:, 4:], **{cache_kwarg(model): cache}, use_cache=True).logits.float()  # (1, 4, V)
         error = (part - full[:, 4:]).abs().max() / full.abs().max().clamp(min=1e-6)
@@ -431,12 +440,6 @@ class _Decoder:
         self.eos = _eos_ids(model)
         self.stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
 
-    def _new_cache(self) -> DynamicCache:
-        cache = DynamicCache(config=self.model.config)
-        if self.K > 0 and any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
-            cache.activate_past_recording()  # sliding-window and convolution states must be able to roll back
-        return cache
-
     def draft_length(self, generated: list[list[int]], rows: torch.Tensor, done: list[bool]) -> int:
         """Drafts the next step can use: K, or fewer where the largest token budget left among the rows that go on
         is smaller (a step keeps one token of its budget for the verifier's own); 0 when no row goes on."""
@@ -453,7 +456,7 @@ class _Decoder:
         if self.K > 0:  # a chain ends after an EOS draft (see DraftChain)
             self.drafter.stop_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
         B, n = input_ids.shape
-        cache = self._new_cache()
+        cache = new_cache(model, rollback=self.K > 0)
         stats.sequences = B
 
         # ---- prefill. ``valid`` (b, slots) marks the cache slots holding real tokens; None while all do.
@@ -472,7 +475,8 @@ class _Decoder:
         t0 = time.perf_counter()
         recurrent = self.K > 0 and is_recurrent(model)
         if A and recurrent:  # a recurrent state cannot drop the appended tokens: they run on a cache thrown away
-            logits, hidden = _forward(model, ids, self._new_cache(), self.grab, 1 + A, mask, position_ids)
+            throwaway = new_cache(model, rollback=True)
+            logits, hidden = _forward(model, ids, throwaway, self.grab, 1 + A, mask, position_ids)
             _forward(model, input_ids, cache, None, 1, real.long() if real is not None else None,
                      position_ids[:, :n] if position_ids is not None else None)
             stats.backbone_forwards += 1
