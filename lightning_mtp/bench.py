@@ -35,21 +35,24 @@ from transformers import PreTrainedModel
 
 from lightning_mtp import convert, hub, zoo
 from lightning_mtp.artifacts import MTP_CONFIG, atomic_write_text, read_mtp_config
-from lightning_mtp.backbone import load_backbone, resolve_model_path
+from lightning_mtp.backbone import ZOO_DIR, load_backbone, resolve_model_path
 from lightning_mtp.cli import CommandParser
+from lightning_mtp.data import tiny_world
 from lightning_mtp.data.chat import RecordFormat, prompt_of, render_chat
 from lightning_mtp.data.tiny_math import answer_accuracy, problems
 from lightning_mtp.decoding.speculative import _eos_ids, pad_token_id
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import progress_bar
 
-__all__ = ["Decoder", "load_models", "load_prompts", "read_prompts", "render_prompts", "run_bench", "main",
-           "markdown_table", "write_plots"]
+__all__ = ["Decoder", "load_models", "load_prompts", "prompt_sets", "read_prompts", "render_prompts", "run_bench",
+           "main", "markdown_table", "summary_rows", "write_plots"]
 
 TINY_MATH_BASE = "tiny-math-base"
 TINY_MATH_DRAFT = "tiny-math-draft"
 BASE = -1  # Decoder.reference of the entries that run on the untouched base model (baselines, peers)
 CHAT = RecordFormat(fields="messages")  # how a prompt file's chat records are read
+PROMPTS_DIR = ZOO_DIR.parent / "benchmarks" / "prompts"  # the shipped prompt sets, in the checkout
+WORLDS = {"tiny-world": tiny_world.DOMAINS}  # a world name on --prompts: one prompt set per domain
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -71,7 +74,8 @@ def read_prompts(spec: str, n: int) -> tuple[list[Prompt], list[int] | None]:
         return [p.prompt for p in ps], [p.answer for p in ps]
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file")
+        raise ValueError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file (the other shipped "
+                         f"sets: tiny-world, or one of its domains {', '.join(WORLDS['tiny-world'])})")
     prompts: list[Prompt] = []
     answers: list[int] = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
@@ -123,6 +127,29 @@ def render_prompts(prompts: list[Prompt], tokenizer, spec: str) -> list[str]:
     return [p if isinstance(p, str) else render_chat(tokenizer, p, template, f"{spec}, prompt {i}",
                                                      add_generation_prompt=True)
             for i, p in enumerate(prompts)]
+
+
+def prompt_sets(spec: str) -> list[tuple[str, str]]:
+    """``(domain, prompt set)`` for each comma-separated item of ``--prompts``.
+
+    An item is ``tiny-math``, a JSONL file (its domain is the file's stem), a tiny-world domain (``code``, ``prose``,
+    ``math``: the held-out prompts shipped in ``benchmarks/prompts/tiny-world``) or a world name (``tiny-world``:
+    all of its domains). One set gives one table; several give a table each plus a summary (Spec-Bench style).
+    """
+    sets = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item in WORLDS:
+            sets += [(domain, str(PROMPTS_DIR / item / f"{domain}.jsonl")) for domain in WORLDS[item]]
+        elif item in WORLDS["tiny-world"]:
+            sets.append((item, str(PROMPTS_DIR / "tiny-world" / f"{item}.jsonl")))
+        elif item:
+            sets.append((item if item == "tiny-math" else Path(item).stem, item))
+    if not sets:
+        raise ValueError(f"--prompts {spec!r} names no prompt set")
+    names = [name for name, _ in sets]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--prompts {spec!r} names a domain twice ({', '.join(names)}): give each set once")
+    return sets
 
 
 def load_prompts(spec: str, n: int, tokenizer=None) -> tuple[list[str], list[int] | None]:
@@ -441,9 +468,33 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     finally:
         counter.close()
     rows = [_row(d, decoders, references, answers, tok) for d in decoders]
+    singles = [tok(p, return_tensors="pt", add_special_tokens=False)["input_ids"][0] for p in prompts]
     for d, row in zip(decoders, rows, strict=True):
         row["model"] = model_names[d.reference] if model_names and d.kind == "method" else None
+        row["token_agreement"] = token_agreement(d.outputs, references[d.reference])
+        row["mean_logprob"] = mean_logprob(base.backbone, singles, d.outputs)
     return rows
+
+
+def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> float:
+    """The fraction of the reference's tokens that the output has at the same position (1.0: identical)."""
+    same = sum(sum(a == b for a, b in zip(o, r, strict=False)) for o, r in zip(outputs, references, strict=True))
+    return same / max(1, sum(len(r) for r in references))
+
+
+@torch.no_grad()
+def mean_logprob(backbone, prompts: list[torch.Tensor], outputs: list[list[int]]) -> float | None:
+    """The backbone's mean log-likelihood per generated token of ``outputs`` after their ``prompts`` (1-D ids):
+    what a lossy decoder costs on text with no answer to check (greedy output scores highest, about)."""
+    total, count = 0.0, 0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        if not out:
+            continue
+        ids = torch.cat([prompt, torch.tensor(out, dtype=prompt.dtype)]).to(backbone.device)[None]  # (1, P + N)
+        logits = backbone(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()  # (N, V): predicts each output
+        total += logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).sum().item()
+        count += len(out)
+    return total / count if count else None
 
 
 def _time(decoders: list[Decoder], base, tok, prompts: list[str], batch_size: int, repeats: int, warmup: int,
@@ -573,6 +624,8 @@ COLUMNS = {  # JSON key: table header
     "speedup_vs_ntp": "x ntp",
     "accuracy": "acc",
     "identical_to_ntp": "same",
+    "token_agreement": "tok same",
+    "mean_logprob": "logp",
     "acceptance_per_position": "AR per position",
     "draft_ms_per_step": "draft ms",
     "verify_ms_per_step": "verify ms",
@@ -588,16 +641,18 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def print_table(rows: list[dict]) -> None:
-    table = Table(title="lightning-mtp bench", caption=_legend(rows))
+def print_table(rows: list[dict], title: str = "lightning-mtp bench") -> None:
+    table = Table(title=title, caption=_legend(rows))
     for key, header in COLUMNS.items():
         table.add_column(header, justify="left" if key == "name" else "right", no_wrap=True)
     for row in rows:
         table.add_row(*[_fmt(row.get(key)) for key in COLUMNS])
+    _console().print(table)
+
+
+def _console() -> Console:
     console = Console()
-    if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
-        console = Console(width=200)
-    console.print(table)
+    return console if console.is_terminal else Console(width=200)  # a log or pipe: do not squeeze into 80 columns
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -606,6 +661,54 @@ def markdown_table(rows: list[dict]) -> str:
     if legend := _legend(rows):
         lines += ["", legend]
     return "\n".join(lines) + "\n"
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One row per entry over the domains of a multi-domain run (Spec-Bench style): ``DOMAIN/tau`` and
+    ``DOMAIN/speedup_vs_hf`` for each domain, then their ``mean_speedup_vs_hf``."""
+    summary: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        entry = summary.setdefault((row["name"], row["batch_size"]), {"name": row["name"],
+                                                                      "batch_size": row["batch_size"]})
+        entry[f"{row['domain']}/tau"] = row["tokens_per_forward"]
+        entry[f"{row['domain']}/speedup_vs_hf"] = row["speedup_vs_hf"]
+    for entry in summary.values():
+        speedups = [v for k, v in entry.items() if k.endswith("/speedup_vs_hf")]
+        entry["mean_speedup_vs_hf"] = sum(speedups) / len(speedups)
+    return list(summary.values())
+
+
+def _summary_columns(summary: list[dict]) -> dict[str, str]:
+    columns = {"name": "name"}
+    for key in summary[0]:
+        if "/" in key:
+            domain, what = key.split("/")
+            columns[key] = f"{domain} {'tau' if what == 'tau' else 'x hf'}"
+    return columns | {"mean_speedup_vs_hf": "mean x hf"}
+
+
+def print_summary(rows: list[dict]) -> None:
+    summary = summary_rows(rows)
+    columns = _summary_columns(summary)
+    table = Table(title="lightning-mtp bench: summary over domains")
+    for key, header in columns.items():
+        table.add_column(header, justify="left" if key == "name" else "right", no_wrap=True)
+    for entry in summary:
+        table.add_row(*[_fmt(entry.get(key)) for key in columns])
+    _console().print(table)
+
+
+def markdown_report(rows: list[dict]) -> str:
+    """One table per domain, then the summary (or the single table of a one-domain run)."""
+    domains = list(dict.fromkeys(row.get("domain") for row in rows))
+    if len(domains) == 1:
+        return markdown_table(rows)
+    parts = [f"## {d}\n\n" + markdown_table([r for r in rows if r["domain"] == d]) for d in domains]
+    summary = summary_rows(rows)
+    columns = _summary_columns(summary)
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(e.get(k)) for k in columns) + " |" for e in summary]
+    return "\n".join(parts) + "\n## summary\n\n" + "\n".join(lines) + "\n"
 
 
 def _legend(rows: list[dict]) -> str | None:
@@ -664,6 +767,32 @@ def write_plots(rows: list[dict], directory: str | Path) -> list[Path]:
     return written
 
 
+def write_domain_plot(rows: list[dict], directory: str | Path) -> Path:
+    """``acceptance_by_domain.png``: acceptance per draft position, one panel per domain, one line per entry."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(dict.fromkeys(row["domain"] for row in rows))
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 4), sharey=True, squeeze=False)
+    for ax, domain in zip(axes[0], domains, strict=True):
+        for row in rows:
+            ar = row.get("acceptance_per_position")
+            if row["domain"] == domain and ar and row["batch_size"] == 1:
+                ax.plot(range(1, len(ar) + 1), ar, marker="o", ms=3,
+                        label=f"{row['name']} (tau {row['tokens_per_forward']:.2f})")
+        ax.set_title(domain)
+        ax.set_xlabel("draft position j")
+        ax.set_ylim(0, 1.05)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("acceptance rate AR_j")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return _save(fig, directory / "acceptance_by_domain.png")
+
+
 def _save(fig, path: Path) -> Path:
     """Write a figure through a temporary file and a rename, then close it."""
     import matplotlib.pyplot as plt
@@ -682,8 +811,10 @@ def _parser() -> CommandParser:
                         help="artefact directory or zoo name; repeat to bench several models of one base model, "
                              "whose untouched copy runs the baselines and the peers")
     parser.add_argument("--prompts", default="tiny-math",
-                        help="'tiny-math' or a JSONL file whose records have a 'prompt' (text) or a 'messages' field "
-                             "(a chat, rendered with the tokenizer's chat template)")
+                        help="'tiny-math', 'tiny-world' (its domains code, prose, math: a table each and a summary), "
+                             "one of those domains, or a JSONL file whose records have a 'prompt' (text) or a "
+                             "'messages' field (a chat, rendered with the tokenizer's chat template); several, "
+                             "comma-separated, give a table each and a summary")
     parser.add_argument("--n", type=int, default=50, help="number of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and decoder (median kept)")
@@ -712,19 +843,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              ("--prompt-lookup-tokens", args.prompt_lookup_tokens, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
-    prompts, answers = read_prompts(args.prompts, args.n)  # a bad file fails before the models load
-    if args.threads:
+    sets = [(domain, spec, *read_prompts(spec, args.n)) for domain, spec in prompt_sets(args.prompts)]
+    if args.threads:  # (the prompt files were read first: a bad one fails before the models load)
         torch.set_num_threads(args.threads)
     modules, base = load_models(args.model)
-    rows = run_bench(modules, render_prompts(prompts, base.tokenizer, args.prompts), answers, base=base,
-                     max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
-                     batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
-                     prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep, model_names=args.model)
-    print_table(rows)
+    rows = []
+    for domain, spec, prompts, answers in sets:
+        domain_rows = run_bench(modules, render_prompts(prompts, base.tokenizer, spec), answers, base=base,
+                                max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
+                                batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
+                                prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep,
+                                model_names=args.model)
+        rows += [{**row, "domain": domain} for row in domain_rows]
+        print_table(domain_rows, title="lightning-mtp bench" + (f": {domain}" if len(sets) > 1 else ""))
+    if len(sets) > 1:
+        print_summary(rows)
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(rows, indent=2) + "\n")
     if args.markdown:
-        atomic_write_text(Path(args.markdown), markdown_table(rows))
+        atomic_write_text(Path(args.markdown), markdown_report(rows))
     if args.plots:
-        write_plots(rows, args.plots)
+        _write_all_plots(rows, Path(args.plots), [domain for domain, *_ in sets])
     return rows
+
+
+def _write_all_plots(rows: list[dict], directory: Path, domains: list[str]) -> None:
+    """One domain: its plots in ``directory``; several: each domain's in ``directory/DOMAIN``, and the
+    acceptance of every domain side by side."""
+    if len(domains) == 1:
+        write_plots(rows, directory)
+        return
+    for domain in domains:
+        write_plots([r for r in rows if r["domain"] == domain], directory / domain)
+    write_domain_plot(rows, directory)

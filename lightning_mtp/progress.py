@@ -151,8 +151,10 @@ class LogProgressBar(ProgressBar):
         now = time.monotonic()
         if self.enabled and not trainer.sanity_checking and now - self._last >= self.interval:  # a long validation
             self._last = now
+            # trainer.num_val_batches, not ProgressBar.total_val_batches_current_dataloader: that one needs the index
+            # of the current loader, which only the tqdm and rich bars record
             self.print(f"validating at step {trainer.global_step}: batch {self._validated}/"
-                       f"{self.total_val_batches_current_dataloader}")
+                       f"{trainer.num_val_batches[dataloader_idx]}")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.enabled:

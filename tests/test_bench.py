@@ -215,3 +215,38 @@ def test_chats_with_a_tokenizer_without_a_chat_template_are_one_clear_error(mode
                                          r"chat template, but the tokenizer of '.*' has none: write the prompts "
                                          r"rendered as text in a 'prompt' field, or bench a model whose tokenizer has"):
         bench_main(["--model", str(models["fastmtp"]), "--prompts", str(f), "--batch-size", "1"])
+
+
+def test_bench_over_several_domains_writes_a_table_each_a_summary_and_the_quality_fields(models, tmp_path, capsys):
+    for name, text in (("alpha", "Question: Tom has 3 apples."), ("beta", "Question: Ann has 2 pens and 4 cups.")):
+        (tmp_path / f"{name}.jsonl").write_text(f'{{"prompt": "{text}"}}\n{{"prompt": "{text} More?"}}\n')
+    out = tmp_path / "out"
+    rows = bench_main(["--model", str(models["fastmtp"]), "--prompts",
+                       f"{tmp_path / 'alpha.jsonl'},{tmp_path / 'beta.jsonl'}", "--max-new-tokens", "8",
+                       "--batch-size", "1", "--warmup", "0", "--json", str(out / "bench.json"),
+                       "--markdown", str(out / "bench.md"), "--plots", str(out / "plots")])
+    names = ["hf_greedy", "ntp", "fast_mtp", "fast_mtp/k64@0.4"]
+    assert [(r["domain"], r["name"]) for r in rows] == [(d, n) for d in ("alpha", "beta") for n in names]
+    assert json.loads((out / "bench.json").read_text()) == rows
+    for row in rows:
+        assert all(key in row for key in (*FIELDS, "token_agreement", "mean_logprob")), row["name"]
+        hf = next(r for r in rows if r["domain"] == row["domain"] and r["name"] == "hf_greedy")
+        # every entry here is lossless: the same tokens as greedy, so the base model scores them the same
+        assert row["token_agreement"] == 1.0 and row["mean_logprob"] == pytest.approx(hf["mean_logprob"], abs=1e-5)
+        assert row["mean_logprob"] < 0
+    report = (out / "bench.md").read_text()
+    assert report.index("## alpha") < report.index("## beta") < report.index("## summary")
+    assert "| name | alpha tau | alpha x hf | beta tau | beta x hf | mean x hf |" in report
+    assert report.count("| fast_mtp/k64@0.4 |") == 3  # its row in each domain's table and in the summary
+    for png in ("alpha/acceptance.png", "beta/speedup_vs_accuracy.png", "acceptance_by_domain.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "lightning-mtp bench: alpha" in printed and "summary over domains" in printed
+
+
+def test_token_agreement_counts_positions_of_the_reference():
+    from lightning_mtp.bench import token_agreement
+
+    assert token_agreement([[1, 2, 3], [4]], [[1, 2, 3], [4]]) == 1.0
+    assert token_agreement([[1, 9, 3], [4, 5]], [[1, 2, 3], [4]]) == 3 / 4  # a longer output costs nothing extra
+    assert token_agreement([[1]], [[1, 2, 3, 4]]) == 1 / 4  # a shorter one misses the rest

@@ -33,12 +33,12 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_mtp.backbone import ZOO_DIR
-from lightning_mtp.data import tiny_math
+from lightning_mtp.data import tiny_math, tiny_world
 from lightning_mtp.data.distill import cached_self_distill, export_self_distill
 from lightning_mtp.module import MTPModule
 
-__all__ = ["PromptResponseDataset", "SFTDataModule", "SelfDistill", "TinyMathDataModule", "collate_right_padded",
-           "ship_self_distill"]
+__all__ = ["BlockDataset", "PromptResponseDataset", "SFTDataModule", "SelfDistill", "TinyMathDataModule",
+           "TinyWorldDataModule", "collate_right_padded", "ship_self_distill"]
 
 CHECKOUT = ZOO_DIR.parent  # where a relative self_distill_file is looked for when the working directory lacks it
 
@@ -241,6 +241,83 @@ class TinyMathDataModule(L.LightningDataModule):
     @staticmethod
     def default_cache_dir() -> Path:
         return Path.home() / ".cache" / "lightning-mtp" / "distill"
+
+
+class BlockDataset(Dataset):
+    """Fixed windows of ``block_size`` tokens cut from token streams (nanoGPT-style pre-training blocks).
+
+    Item ``i`` is one window of one stream; ``labels`` equal ``input_ids`` (the backbone shifts them), so every
+    position is trained, across document boundaries too (documents in a stream are joined by EOS).
+    """
+
+    def __init__(self, streams: list[torch.Tensor], block_size: int, limit: int | None = None) -> None:
+        self.block_size = block_size
+        self.index: list[tuple[int, int]] = []  # (stream, start)
+        for s, stream in enumerate(streams):
+            starts = range(0, len(stream) - block_size + 1, block_size)
+            self.index += [(s, start) for start in starts][:limit]
+        self.streams = streams
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        s, start = self.index[i]
+        ids = self.streams[s][start : start + self.block_size].long()  # (T,)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+class TinyWorldDataModule(L.LightningDataModule):
+    """The tiny-world (Python code, English literature, tiny-math; :mod:`lightning_mtp.data.tiny_world`) as
+    pre-training blocks: each domain's train documents tokenised, joined by EOS and cut into windows.
+
+    Validation blocks come from the held-out documents, ``val_blocks`` per domain. Token streams are cached under
+    ``~/.cache/lightning-mtp/tiny-world/tokens`` (keyed by the tokenizer and the domain's documents).
+
+    Args:
+        block_size: tokens per training row.
+        batch_size: rows per batch.
+        val_blocks: validation rows per domain.
+        domains: the domains trained on (default: all three).
+        tokenizer: a tokenizer directory; None takes the tokenizer of the model being trained.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(self, block_size: int = 512, batch_size: int = 16, val_blocks: int = 32,
+                 domains: tuple[str, ...] = tiny_world.DOMAINS, tokenizer: str | None = None,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        for name, value, low in (("block_size", block_size, 8), ("batch_size", batch_size, 1),
+                                 ("val_blocks", val_blocks, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        unknown = sorted(set(domains) - set(tiny_world.DOMAINS))
+        if unknown or not domains:
+            raise ValueError(f"domains {list(domains)!r}: choose one or more of {', '.join(tiny_world.DOMAINS)}")
+        self.block_size, self.batch_size, self.val_blocks = block_size, batch_size, val_blocks
+        self.domains = tuple(domains)
+        self.tokenizer_path = tokenizer
+        self.num_workers = num_workers
+        self.tokenizer = None
+        self.train_set: BlockDataset | None = None
+        self.val_set: BlockDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        tok = _resolve_tokenizer(self, self.tokenizer_path)
+        self.tokenizer = tok
+        train = [tiny_world.token_stream(d, "train", tok) for d in self.domains]
+        test = [tiny_world.token_stream(d, "test", tok) for d in self.domains]
+        self.train_set = BlockDataset(train, self.block_size)
+        self.val_set = BlockDataset(test, self.block_size, limit=self.val_blocks)
+
+    def train_dataloader(self) -> DataLoader:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return _resumable_loader(self, self.train_set, self.batch_size, seed, self.num_workers, None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
 
 def _resolve_tokenizer(datamodule: L.LightningDataModule, path: str | None):
