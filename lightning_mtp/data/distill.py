@@ -170,13 +170,14 @@ def _cached_records(model, tokenizer, prompts: list[str], settings, cache_dir: s
 
 
 def cached_self_distill(model, tokenizer, prompts: list[str], settings, cache_dir: str | None = None,
-                        shipped: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+                        shipped: str | os.PathLike | None = None, keep_unfinished: bool = False
+                        ) -> tuple[list[str], list[str]]:
     """Self-distilled ``(prompts, responses)``, from the cache when the same model/prompts/settings ran before.
 
     ``shipped``: a file written by :func:`export_self_distill`; its answers are used when they were generated for
     this model, these prompts and these settings (else they are generated and cached as usual). Exact duplicate
-    pairs are dropped when ``settings.deduplicate``; empty and unfinished responses (cut at ``max_new_tokens``)
-    always are.
+    pairs are dropped when ``settings.deduplicate``; empty responses always are, and unfinished ones (cut at
+    ``max_new_tokens``) unless ``keep_unfinished`` (continuations of documents, which rarely end within it).
     """
     fingerprint = self_distill_fingerprint(model, prompts, settings)
     records = read_self_distill_file(shipped, fingerprint) if shipped is not None else None
@@ -188,7 +189,8 @@ def cached_self_distill(model, tokenizer, prompts: list[str], settings, cache_di
     out_p, out_r = [], []
     for rec in records:
         key = (rec["prompt"], rec["response"])
-        if not rec["response"].strip() or not rec["complete"] or (settings.deduplicate and key in seen):
+        unfinished = not rec["complete"] and not keep_unfinished
+        if not rec["response"].strip() or unfinished or (settings.deduplicate and key in seen):
             continue
         seen.add(key)
         out_p.append(rec["prompt"])

@@ -37,7 +37,8 @@ from transformers import LlamaConfig
 from lightning_mtp.data import tiny_math
 from lightning_mtp.data.tokenizer import train_tokenizer
 
-__all__ = ["DOMAINS", "SOURCES", "Document", "Source", "documents", "evaluation_prompts", "fetch", "split_of", "token_stream"]
+__all__ = ["DOMAINS", "SOURCES", "Document", "Source", "documents", "domain_metrics", "evaluation_prompts", "fetch",
+           "make_init", "passages", "split_of", "token_stream", "write_prompts"]
 
 DOMAINS = ("code", "prose", "math")
 TEST_FRACTION = 0.1  # of the code and prose documents, held out
@@ -210,6 +211,47 @@ def token_stream(domain: str, split: str, tokenizer) -> torch.Tensor:
     save_file({"ids": stream}, tmp)
     os.replace(tmp, path)
     return stream
+
+
+def passages(domains: tuple[str, ...], n: int, prompt_tokens: int, tokenizer, seed: int = 0) -> list[str]:
+    """``n`` prompts from the train documents, evenly over ``domains`` (what heads self-distil on): tiny-math train
+    questions, and code or prose passages of ``prompt_tokens`` tokens inside one document, at seeded offsets."""
+    out: list[str] = []
+    for i, domain in enumerate(domains):
+        count = n // len(domains) + (i < n % len(domains))
+        if domain == "math":
+            out += [p.prompt for p in tiny_math.problems("train", count)]
+            continue
+        stream = token_stream(domain, "train", tokenizer)
+        rng = random.Random(f"passages-{domain}-{seed}")
+        while count:
+            start = rng.randrange(len(stream) - prompt_tokens)
+            window = stream[start : start + prompt_tokens]
+            if (window == tokenizer.eos_token_id).any():  # spans two documents
+                continue
+            out.append(tokenizer.decode(window.tolist()))
+            count -= 1
+    return out
+
+
+@torch.no_grad()
+def domain_metrics(model, tokenizer, block_size: int = 512, blocks: int = 32,
+                   domains: tuple[str, ...] = DOMAINS) -> dict[str, dict[str, float]]:
+    """Per domain, over the first ``blocks`` windows of its held-out stream: the model's next-token ``loss`` (mean
+    cross-entropy, nats) and ``top1`` (how often its argmax is the next token). How saturated the world is."""
+    out = {}
+    for domain in domains:
+        stream = token_stream(domain, "test", tokenizer)
+        n = min(blocks, len(stream) // block_size)
+        ids = stream[: n * block_size].long().view(n, block_size).to(model.device)  # (n, T)
+        loss, correct = 0.0, 0
+        for row in ids.split(8):
+            logits = model(input_ids=row).logits[:, :-1].float()  # (b, T-1, V)
+            target = row[:, 1:]
+            loss += torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="sum").item()
+            correct += (logits.argmax(-1) == target).sum().item()
+        out[domain] = {"loss": loss / (n * (block_size - 1)), "top1": correct / (n * (block_size - 1))}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- evaluation prompts
