@@ -51,7 +51,7 @@ base: install
 
 # Re-create the shipped tiny-world base from scratch (about two hours on 2 CPU cores; docs/tiny_world.md).
 world-base: install
-	$(BIN)/python -m lightning_mtp.data.tiny_world recipes/tiny-world/base-init
+	$(BIN)/python -m lightning_mtp.data.tiny_world init recipes/tiny-world/base-init
 	$(BIN)/lightning-mtp fit --config recipes/tiny-world/base.yaml
 
 # Re-create the tiny-math base's self-distilled answers that recipes/tiny-math/fast_mtp.yaml trains on (shipped in

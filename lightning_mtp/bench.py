@@ -47,8 +47,8 @@ from lightning_mtp.progress import progress_bar
 __all__ = ["Decoder", "load_models", "load_prompts", "prompt_sets", "read_prompts", "render_prompts", "run_bench",
            "main", "markdown_table", "summary_rows", "write_plots"]
 
-TINY_MATH_BASE = "tiny-math-base"
-TINY_MATH_DRAFT = "tiny-math-draft"
+# the shipped worlds' bases and the draft models of their hf_assisted peer (peers default to on for them)
+SHIPPED_DRAFTS = {"tiny-math-base": "tiny-math-draft", "tiny-world-base": "tiny-world-draft"}
 BASE = -1  # Decoder.reference of the entries that run on the untouched base model (baselines, peers)
 CHAT = RecordFormat(fields="messages")  # how a prompt file's chat records are read
 PROMPTS_DIR = ZOO_DIR.parent / "benchmarks" / "prompts"  # the shipped prompt sets, in the checkout
@@ -375,8 +375,10 @@ def _untouched(modules) -> MTPModule:
                      "lightning_mtp.bench.load_models")
 
 
-def _is_tiny_math(module) -> bool:
-    return Path(str(module.backbone_ref)).name == TINY_MATH_BASE
+def _shipped_draft(module) -> str | None:
+    """The zoo's draft model for the base of a shipped world (tiny-math, tiny-world), once it is in the zoo."""
+    draft = SHIPPED_DRAFTS.get(Path(str(module.backbone_ref)).name)
+    return draft if draft is not None and zoo.has(draft) else None
 
 
 def _load_draft(draft_model: str, base: MTPModule) -> PreTrainedModel:
@@ -441,7 +443,7 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     ``modules`` are MTPModules (or a single one). ``base`` is the untouched base model they were trained on (see
     :func:`load_models`): the baselines (``hf_greedy``, ``ntp``) and the peers run on it; None takes the first
     module whose backbone is that base (a frozen backbone without LoRA), and refuses when there is none. ``peers``
-    (HF prompt lookup and assisted generation) default to on for tiny-math models, whose draft model ships in the
+    (HF prompt lookup and assisted generation) default to on for the shipped worlds' models, whose draft model is in the
     zoo; ``batch_size`` > 1 adds batched entries. ``model_names`` (one per module, e.g. the ``--model``
     arguments) fill each method row's ``model`` field.
     """
@@ -453,9 +455,9 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if peers is None:
-        peers = _is_tiny_math(base)
-    if peers and draft_model is None and _is_tiny_math(base):
-        draft_model = TINY_MATH_DRAFT
+        peers = _shipped_draft(base) is not None
+    if peers and draft_model is None:
+        draft_model = _shipped_draft(base)
     for m in [base, *modules]:
         m.eval()
     counter = _CountForwards(base.backbone)
@@ -822,10 +824,11 @@ def _parser() -> CommandParser:
     parser.add_argument("--batch-size", type=int, default=8, help="batch size of the batched entries (1: none)")
     peers = parser.add_mutually_exclusive_group()
     peers.add_argument("--peers", dest="peers", action="store_true", default=None,
-                       help="run HF prompt lookup and assisted generation (default: on for tiny-math models)")
+                       help="run HF prompt lookup and assisted generation (default: on for the tiny-math and tiny-world "
+                            "models, whose draft models ship in the zoo)")
     peers.add_argument("--no-peers", dest="peers", action="store_false")
     parser.add_argument("--draft-model", default=None, help="draft model of hf_assisted, with the base model's "
-                        f"tokenizer (default for tiny-math: {TINY_MATH_DRAFT})")
+                        "tokenizer (default for the shipped worlds' bases: " + ", ".join(SHIPPED_DRAFTS.values()) + ")")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup")
     parser.add_argument("--sweep", action="store_true",
                         help="also run each method's speed/accuracy sweep (e.g. ConfAdapt thresholds, static draft lengths)")

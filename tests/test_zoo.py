@@ -90,6 +90,22 @@ def test_shipped_variant_loads_offline_instantly_and_decodes_losslessly(monkeypa
     assert torch.equal(same.generate(ids, max_new_tokens=24).sequences, out.sequences)
 
 
+TINY_WORLD = sorted(p.stem for p in (REPO / "zoo").glob("tiny-world-*.yaml"))
+
+
+@pytest.mark.parametrize("name", TINY_WORLD)
+def test_every_tiny_world_entry_decodes_its_domains_losslessly(name):
+    """Two held-out prompts of each domain, 16 tokens each: the entry's own decoding equals HF greedy on its base."""
+    module = zoo.load(name)
+    base = zoo.load("tiny-world-base").backbone
+    for domain in ("code", "prose", "math"):
+        lines = (REPO / "benchmarks/prompts/tiny-world" / f"{domain}.jsonl").read_text().splitlines()[:2]
+        for prompt in (json.loads(line)["prompt"] for line in lines):
+            ids = module.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            out = module.generate(ids, max_new_tokens=16).sequences
+            assert torch.equal(out, base.generate(ids, do_sample=False, max_new_tokens=16)), (name, domain)
+
+
 def test_zoo_base_entry_is_a_backbone_name_and_loads_as_plain_model():
     base = zoo.load("tiny-math-base")
     assert base.method is None and base.backbone_ref == "tiny-math-base"
@@ -409,9 +425,9 @@ def test_missing_native_tensor_is_named(mimo, tmp_path):
 
 
 def test_shipped_weights_stay_within_the_repo_budget():
-    """Everything under zoo/ is cloned by every user and CI run: all shipped weights together stay <= 25 MB."""
+    """Everything under zoo/ is cloned by every user and CI run: all shipped weights together stay <= 60 MB."""
     weights = [p for p in (REPO / "zoo").rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
     assert weights and not [p for p in weights if p.suffix != ".safetensors"]  # safetensors only
     total = sum(p.stat().st_size for p in weights)
-    assert total <= 25 * 2**20, f"shipped weights take {total / 2**20:.1f} MB: " + ", ".join(
+    assert total <= 60 * 2**20, f"shipped weights take {total / 2**20:.1f} MB: " + ", ".join(
         f"{p.relative_to(REPO)} {p.stat().st_size / 2**20:.1f} MB" for p in sorted(weights))

@@ -15,6 +15,7 @@ and their licences.
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import hashlib
 import json
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from lightning_mtp.data import tiny_math
 from lightning_mtp.data.tokenizer import train_tokenizer
@@ -317,7 +318,31 @@ def make_init(out_dir: str | Path, vocab_size: int = 8192, hidden_size: int = 25
     tok.save_pretrained(out_dir)
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lightning_mtp.data.tiny_world {init,prompts,evaluate}``."""
+    parser = argparse.ArgumentParser(prog="python -m lightning_mtp.data.tiny_world", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", help="write the untrained base: tokenizer and config").add_argument(
+        "out", nargs="?", default="recipes/tiny-world/base-init")
+    sub.add_parser("prompts", help="write the evaluation prompts, DOMAIN.jsonl each").add_argument(
+        "out", nargs="?", default="benchmarks/prompts/tiny-world")
+    evaluate = sub.add_parser("evaluate", help="held-out loss and top-1 next-token accuracy per domain")
+    evaluate.add_argument("model", help="a model directory (e.g. zoo/tiny-world-base)")
+    evaluate.add_argument("--blocks", type=int, default=32, help="512-token windows per domain")
+    evaluate.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    if args.command == "init":
+        make_init(args.out)
+    elif args.command == "prompts":
+        write_prompts(args.out)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        metrics = domain_metrics(model, AutoTokenizer.from_pretrained(args.model), blocks=args.blocks)
+        for domain, m in metrics.items():
+            print(f"{domain}: loss {m['loss']:.3f}, top-1 {m['top1']:.3f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
 
-    make_init(sys.argv[1] if len(sys.argv) > 1 else "recipes/tiny-world/base-init")
+
+if __name__ == "__main__":
+    main()
