@@ -7,8 +7,7 @@ import pytest
 from arch_sweep import DOC, KNOWN_FAILURES, architectures, header, render_row, sweep_one
 
 PAGE = DOC.read_text() if DOC.is_file() else ""
-SLOW = {"dots3_note_text"}  # known failures too slow to run in CI (see KNOWN_FAILURES)
-ARCHS = [pytest.param(a, marks=pytest.mark.xfail(strict=True, run=a not in SLOW, reason=KNOWN_FAILURES[a]))
+ARCHS = [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[a]))
          if a in KNOWN_FAILURES else a for a in architectures()]
 
 
