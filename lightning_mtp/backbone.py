@@ -10,12 +10,14 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from lightning_mtp.hub_transport import fetch
+from lightning_mtp.resolve import resolve_model_path
 
 __all__ = [
     "BackboneParts",
@@ -23,39 +25,17 @@ __all__ = [
     "backbone_parts",
     "build_decoder_layer",
     "cache_layer_types",
+    "cached_forward",
     "head_layer_index",
     "takes_cache",
     "call_decoder_layer",
     "causal_mask",
     "slot_mask",
     "load_backbone",
-    "resolve_model_path",
-    "ZOO_DIR",
+    "context_length",
+    "eos_ids",
+    "pad_token_id",
 ]
-
-ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
-
-
-def resolve_model_path(name: str) -> str:
-    """A local directory, a zoo entry (``tiny-math-base``: the directory of its weights, fetched through the Hub
-    cache for Hub entries; see :mod:`lightning_mtp.zoo`), or a Hub id."""
-    from lightning_mtp import zoo  # the zoo imports this module
-
-    if os.path.isdir(name):
-        return name
-    if zoo.has(name):
-        return str(zoo.weights_path(name))
-    zoo_dir = ZOO_DIR / name
-    if zoo_dir.is_dir():
-        return str(zoo_dir)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    if looks_local or not name:
-        raise ValueError(
-            f"backbone {name!r} not found: no such directory, and it is not a zoo name "
-            f"(zoo: {zoo.names()}) or a Hub id"
-        )
-    return name  # a Hub id: from_pretrained resolves it (cache, or download when online)
-
 
 def load_backbone(
     name_or_path: str,
@@ -70,8 +50,6 @@ def load_backbone(
     ``config_overrides`` change config fields first (e.g. ``{"num_hidden_layers": 2}`` for a small draft model)."""
     path = resolve_model_path(name_or_path)
     if not os.path.isdir(path):
-        from lightning_mtp.hub import fetch
-
         path = str(fetch(path))  # a Hub id: through the cache, with one clear error when offline and not cached
     kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -96,6 +74,36 @@ def load_backbone(
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a backbone without a tokenizer still trains on token ids
     return model, tokenizer
+
+
+def eos_ids(model: PreTrainedModel) -> set[int]:
+    """The ids that end a sequence: the generation config's EOS, else the model config's (empty when neither has one)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def pad_token_id(model: PreTrainedModel) -> int:
+    """The id that fills the rows of a batch after they end, as HF generate does (pad, else EOS)."""
+    for source in (model.generation_config, model.config):
+        pad = getattr(source, "pad_token_id", None)
+        if pad is not None:
+            return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+    eos = eos_ids(model)
+    return min(eos) if eos else 0
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's positions cover, when its config says (None: no limit known)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @dataclass
@@ -426,3 +434,22 @@ class LastHiddenState:
             return outputs.hidden_states[-1]
         value, self.value = self.value, None
         return value
+
+
+def cached_forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
+                   position_ids=None, start: int = 0):
+    """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
+    the final hidden states when ``grab`` is given. Without ``position_ids`` the tokens sit at ``start``, ``start``
+    + 1, ...: positions are always explicit, because a hybrid's cache may not know them (the length transformers
+    reads off its first layer is 0 when that layer keeps a recurrent state instead of keys)."""
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is None and "position_ids" in forward_params(model):
+        position_ids = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if keep_last is not None and "logits_to_keep" in forward_params(model):
+        kwargs["logits_to_keep"] = keep_last
+    out = model(input_ids=ids, **kwargs)
+    return out.logits, (grab.get(out) if grab is not None else None)

@@ -35,13 +35,14 @@ from transformers import PreTrainedModel
 
 from lightning_mtp import convert, hub, zoo
 from lightning_mtp.artifacts import MTP_CONFIG, atomic_write_text, read_mtp_config
-from lightning_mtp.backbone import load_backbone, resolve_model_path
+from lightning_mtp.backbone import eos_ids, load_backbone
 from lightning_mtp.cli import CommandParser
 from lightning_mtp.data.chat import RecordFormat, prompt_of, render_chat
 from lightning_mtp.data.tiny_math import answer_accuracy, problems
-from lightning_mtp.decoding.speculative import _eos_ids, pad_token_id
+from lightning_mtp.decoding.speculative import pad_token_id
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import progress_bar
+from lightning_mtp.resolve import resolve_model_path
 
 __all__ = ["Decoder", "load_models", "load_prompts", "read_prompts", "render_prompts", "run_bench", "main",
            "markdown_table", "write_plots"]
@@ -374,7 +375,7 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
     """Every entry: the baselines and peers on ``base`` (the untouched base model), then each module's own."""
     base = base if base is not None else _untouched(modules)
     backbone = base.backbone
-    eos, pad = _eos_ids(backbone), pad_token_id(backbone)
+    eos, pad = eos_ids(backbone), pad_token_id(backbone)
 
     def hf(**kwargs):
         return _hf_decoder(backbone, counter, eos, pad, max_new_tokens, **kwargs)
@@ -511,7 +512,7 @@ def _reference_outputs(modules, base, decoders, max_new_tokens, tok, prompts) ->
         if module.backbone is base.backbone:
             refs[i] = refs[BASE]
             continue
-        eos = _eos_ids(module.backbone)
+        eos = eos_ids(module.backbone)
         refs[i] = [
             _cut(module.generate(ids.to(module.device), max_new_tokens=max_new_tokens, num_draft_tokens=0,
                                  decoding="speculative").sequences, ids.shape[1], eos)[0]

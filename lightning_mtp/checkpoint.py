@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from lightning_mtp.record import IDENTITY_FIELDS, base_model_record, base_revision, mtp_record
+
 __all__ = [
     "IDENTITY_KEY",
     "check_identity",
@@ -171,24 +173,11 @@ def _weights(module) -> str:
 
 
 def run_identity(module) -> dict[str, Any]:
-    """What a checkpoint of ``module`` must match to be loaded into another module (plain JSON-like values)."""
-    from lightning_mtp import __version__
-
-    base = module._base_model
-    revision = getattr(module, "base_revision", None) or getattr(base.config, "_commit_hash", None) or None
-    return {
-        "library_version": __version__,
-        "base_model": {
-            "name_or_path": _reference(module.backbone_ref),
-            "revision": revision,
-            "vocab_size": module.parts.vocab_size,
-            "hidden_size": module.parts.hidden_size,
-            "model_type": base.config.model_type,
-        },
-        "method": None if module.method_config is None else module.method_config.to_dict(),
-        "lora": module.lora,
-        "weights": _weights(module),
-    }
+    """What a checkpoint of ``module`` must match to be loaded into another module (plain JSON-like values): the
+    identity fields of its artefact record, with the base named as checkpoints name it."""
+    base = base_model_record(module, _reference(module.backbone_ref), base_revision(module))
+    record = mtp_record(module, weights=_weights(module), base_model=base)
+    return {key: record[key] for key in IDENTITY_FIELDS}
 
 
 def _describe(identity: dict[str, Any]) -> str:

@@ -25,7 +25,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from transformers import TextStreamer
 
+from lightning_mtp.commands import CommandParser
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import LogProgressBar, is_terminal
 
@@ -41,14 +43,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("lightning_mtp.zoo:main", "the model zoo: lightning-mtp zoo list | lightning-mtp zoo info NAME"),
     "push": ("lightning_mtp.hub:main", "upload to the Hub in one commit: lightning-mtp push CKPT_OR_DIR --repo-id NAMESPACE/NAME"),
 }
-
-
-class CommandParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors raise instead of printing the usage and exiting, so that
-    :func:`main` reports them as one line like every other bad input."""
-
-    def error(self, message: str):
-        raise argparse.ArgumentError(None, message)
 
 
 class MTPLightningCLI(LightningCLI):
@@ -156,10 +150,6 @@ def generate(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-
-    from transformers import TextStreamer
-
-    from lightning_mtp.module import MTPModule
 
     module = MTPModule.from_pretrained(args.model).merge_lora()  # decoding only: no adapter overhead per forward
     if module.tokenizer is None:

@@ -9,10 +9,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 import lightning_mtp.methods  # noqa: F401  (registers the built-in methods)
-from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone
+from lightning_mtp import upload
+from lightning_mtp.artifacts import load_artifact, save_artifact
+from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone, pad_token_id
+from lightning_mtp.callbacks import ExactResume
 from lightning_mtp.checkpoint import (
     IDENTITY_KEY,
     check_identity,
@@ -20,7 +24,12 @@ from lightning_mtp.checkpoint import (
     install_trained_state_dict,
     run_identity,
 )
-from lightning_mtp.decoding.speculative import check_generate_inputs
+from lightning_mtp.decoding.speculative import (
+    GenerateOutput,
+    check_generate_inputs,
+    needs_row_by_row,
+    speculative_generate,
+)
 from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
 
@@ -106,14 +115,12 @@ class MTPModule(L.LightningModule):
         if self.method_config is not None:
             self.method_config.prepare_backbone(model, self.tokenizer)  # e.g. add a token, before LoRA wraps it
         if lora is not None:
-            from peft import LoraConfig, get_peft_model
-
             model = get_peft_model(model, LoraConfig(**lora))
         self.backbone = model
         if self.freeze_backbone:
             for name, p in self.backbone.named_parameters():
                 p.requires_grad_(lora is not None and "lora_" in name)
-        self.parts: BackboneParts = backbone_parts(self._base_model)
+        self.parts: BackboneParts = backbone_parts(self.base_model)
         self.method: MTPMethod | None = None if self.method_config is None else self.method_config.build(self.parts)
         if self.method is not None:
             self.method.attach(self)
@@ -128,8 +135,13 @@ class MTPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ properties
     @property
-    def _base_model(self) -> PreTrainedModel:
+    def base_model(self) -> PreTrainedModel:
+        """The backbone without its LoRA wrapper (the same model when there is no adapter)."""
         return self.backbone.get_base_model() if self.lora is not None else self.backbone
+
+    @property
+    def _base_model(self) -> PreTrainedModel:  # the name code written before base_model went public uses
+        return self.base_model
 
     @property
     def num_draft_tokens(self) -> int:
@@ -209,8 +221,6 @@ class MTPModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         """:class:`~lightning_mtp.callbacks.ExactResume`: checkpoints carry the random state, so resumes are exact."""
-        from lightning_mtp.callbacks import ExactResume
-
         return [ExactResume()]
 
     # ------------------------------------------------------------------ decoding
@@ -274,8 +284,6 @@ class MTPModule(L.LightningModule):
             if decoding != "speculative":
                 return self.method.generate(self, input_ids.to(self.device), decoding=decoding,
                                             max_new_tokens=max_new_tokens, streamer=streamer, **sampling, **options)
-            from lightning_mtp.decoding.speculative import needs_row_by_row, pad_token_id, speculative_generate
-
             def decode(ids: torch.Tensor, mask: torch.Tensor | None):
                 drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None
                 return speculative_generate(
@@ -291,7 +299,7 @@ class MTPModule(L.LightningModule):
                     **sampling,
                 )
 
-            if input_ids.dim() == 2 and input_ids.shape[0] > 1 and needs_row_by_row(self._base_model):
+            if input_ids.dim() == 2 and input_ids.shape[0] > 1 and needs_row_by_row(self.base_model):
                 return _row_by_row(decode, input_ids, attention_mask, pad_token_id(self.backbone))
             return decode(input_ids, attention_mask)
         finally:
@@ -309,7 +317,7 @@ class MTPModule(L.LightningModule):
         """
         if self.lora is None:
             return self
-        base = self._base_model
+        base = self.base_model
         out = base.get_output_embeddings()
         trains_tokens = any("trainable_tokens_delta" in name for name, _ in self.backbone.named_parameters())
         tied = out is not None and any(out.weight is p for p in base.get_input_embeddings().parameters())
@@ -336,8 +344,6 @@ class MTPModule(L.LightningModule):
         self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, metrics: dict | None = None
     ) -> Path:
         """Save only what was trained, atomically; see :mod:`lightning_mtp.artifacts` for the format."""
-        from lightning_mtp.artifacts import save_artifact
-
         return save_artifact(self, save_directory, dtype=dtype, metrics=metrics)
 
     @classmethod
@@ -349,8 +355,6 @@ class MTPModule(L.LightningModule):
         ``backbone`` overrides the base model the artefact names (e.g. a local copy of it); ``kwargs`` go to
         the constructor.
         """
-        from lightning_mtp.artifacts import load_artifact
-
         return load_artifact(cls, directory, backbone=backbone, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None, **kwargs: Any):
@@ -359,15 +363,11 @@ class MTPModule(L.LightningModule):
         The token comes from the usual ``huggingface_hub`` sources when None and is never printed; ``kwargs``
         go to :func:`lightning_mtp.hub.push_to_hub` (``endpoint``, ``base_model``, ``metrics``, ...).
         """
-        from lightning_mtp.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, token=token, **kwargs)
+        return upload.push_to_hub(self, repo_id, private=private, token=token, **kwargs)
 
 
 def _row_by_row(decode, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int):
     """Decode each row of a left-padded batch on its own and put the results back in HF's batch layout."""
-    from lightning_mtp.decoding.speculative import GenerateOutput
-
     outs, stats = [], None
     for row in range(input_ids.shape[0]):
         ids = input_ids[row : row + 1]

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -32,50 +31,26 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_mtp.backbone import ZOO_DIR
 from lightning_mtp.data import tiny_math
-from lightning_mtp.data.distill import cached_self_distill, export_self_distill
+from lightning_mtp.data.chat import (
+    STATUS_NAMES,
+    TRUNCATED,
+    TRUNCATIONS,
+    RecordEncoder,
+    RecordFormat,
+    require_chat_template,
+    require_usable,
+)
+from lightning_mtp.data.distill import SelfDistill, cached_self_distill, default_cache_dir, export_self_distill
+from lightning_mtp.data.files import DATA_FORMATS, load_source
+from lightning_mtp.data.packing import PACKING_MASKS, PackedDataset, block_causal_mask, collate_packed, pack_best_fit
 from lightning_mtp.module import MTPModule
+from lightning_mtp.zoo_index import ZOO_DIR
 
 __all__ = ["PromptResponseDataset", "SFTDataModule", "SelfDistill", "TinyMathDataModule", "collate_right_padded",
            "ship_self_distill"]
 
 CHECKOUT = ZOO_DIR.parent  # where a relative self_distill_file is looked for when the working directory lacks it
-
-
-@dataclass
-class SelfDistill:
-    """Let the backbone write its own responses to the training prompts, and train on those.
-
-    Defaults are FastMTP's sampling settings (temperature 0.6, top-k 20, top-p 0.95).
-    """
-
-    temperature: float = 0.6
-    """Sampling temperature; 0 means greedy."""
-    top_k: int = 20
-    """Keep only the k most likely tokens (0 disables)."""
-    top_p: float = 0.95
-    """Nucleus sampling threshold (1.0 disables)."""
-    max_new_tokens: int = 128
-    """Longest response generated."""
-    batch_size: int = 64
-    """Prompts generated together."""
-    seed: int = 0
-    """Seed of the sampling RNG (the cache key includes it)."""
-    deduplicate: bool = True
-    """Drop exact duplicate (prompt, response) pairs."""
-
-    def __post_init__(self) -> None:
-        checks = {
-            "temperature": (self.temperature, self.temperature >= 0, ">= 0 (0 is greedy)"),
-            "top_k": (self.top_k, self.top_k >= 0, ">= 0 (0 disables)"),
-            "top_p": (self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables)"),
-            "max_new_tokens": (self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
-            "batch_size": (self.batch_size, self.batch_size >= 1, ">= 1"),
-        }
-        for name, (value, ok, valid) in checks.items():
-            if not ok:
-                raise ValueError(f"SelfDistill {name} must be {valid}, got {value!r}")
 
 
 class PromptResponseDataset(Dataset):
@@ -240,7 +215,7 @@ class TinyMathDataModule(L.LightningDataModule):
 
     @staticmethod
     def default_cache_dir() -> Path:
-        return Path.home() / ".cache" / "lightning-mtp" / "distill"
+        return default_cache_dir()
 
 
 def _resolve_tokenizer(datamodule: L.LightningDataModule, path: str | None):
@@ -336,9 +311,6 @@ class SFTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        from lightning_mtp.data.chat import TRUNCATIONS, RecordFormat
-        from lightning_mtp.data.files import DATA_FORMATS
-        from lightning_mtp.data.packing import PACKING_MASKS
 
         self.format = RecordFormat(  # validates fields and loss_on
             fields=fields, prompt_field=prompt_field, response_field=response_field, messages_field=messages_field,
@@ -369,7 +341,6 @@ class SFTDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ reading
     def _load(self, source: str, split: str, what: str):
-        from lightning_mtp.data.files import load_source
 
         return load_source(source, split=split, data_format=self.data_format, dataset_config=self.dataset_config,
                            cache_dir=self.cache_dir, what=what)
@@ -409,14 +380,6 @@ class SFTDataModule(L.LightningDataModule):
         import numpy as np
         from lightning.pytorch.utilities import rank_zero_info
 
-        from lightning_mtp.data.chat import (
-            STATUS_NAMES,
-            TRUNCATED,
-            RecordEncoder,
-            require_chat_template,
-            require_usable,
-        )
-        from lightning_mtp.data.packing import PackedDataset, pack_best_fit
 
         fmt = self.format.resolve(raw.column_names, source)
         template = None
@@ -456,7 +419,6 @@ class SFTDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loading
     def _collate(self):
-        from lightning_mtp.data.packing import collate_packed
 
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -484,7 +446,6 @@ class SFTDataModule(L.LightningDataModule):
         if mask is not None and mask.dim() == 4 and self.trainer is not None:
             dtype = _compute_dtype(self.trainer)
             if dtype != mask.dtype:
-                from lightning_mtp.data.packing import block_causal_mask
 
                 batch["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
         return batch

@@ -46,14 +46,20 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_mtp.artifacts import atomic_write_text
-from lightning_mtp.data.files import DISTILL_FORMAT
+from lightning_mtp.backbone import load_backbone
+from lightning_mtp.commands import CommandParser
+from lightning_mtp.data.chat import RecordFormat, prompt_of, require_chat_template
+from lightning_mtp.data.files import DISTILL_FORMAT, load_source
+from lightning_mtp.io import atomic_write_text
 from lightning_mtp.progress import LogProgressBar, is_terminal, progress_bar
+from lightning_mtp.resolve import resolve_model_path
 
 __all__ = [
     "DistillSummary",
     "OpenAIServer",
+    "SelfDistill",
     "cached_self_distill",
+    "default_cache_dir",
     "distill",
     "export_self_distill",
     "generate_batch",
@@ -69,6 +75,47 @@ APIS = ("auto", "completions", "chat")
 
 
 # ---------------------------------------------------------------------------------------------- generation
+@dataclass
+class SelfDistill:
+    """Let the backbone write its own responses to the training prompts, and train on those.
+
+    Defaults are FastMTP's sampling settings (temperature 0.6, top-k 20, top-p 0.95).
+    """
+
+    temperature: float = 0.6
+    """Sampling temperature; 0 means greedy."""
+    top_k: int = 20
+    """Keep only the k most likely tokens (0 disables)."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold (1.0 disables)."""
+    max_new_tokens: int = 128
+    """Longest response generated."""
+    batch_size: int = 64
+    """Prompts generated together."""
+    seed: int = 0
+    """Seed of the sampling RNG (the cache key includes it)."""
+    deduplicate: bool = True
+    """Drop exact duplicate (prompt, response) pairs."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "temperature": (self.temperature, self.temperature >= 0, ">= 0 (0 is greedy)"),
+            "top_k": (self.top_k, self.top_k >= 0, ">= 0 (0 disables)"),
+            "top_p": (self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables)"),
+            "max_new_tokens": (self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            "batch_size": (self.batch_size, self.batch_size >= 1, ">= 1"),
+        }
+        for name, (value, ok, valid) in checks.items():
+            if not ok:
+                raise ValueError(f"SelfDistill {name} must be {valid}, got {value!r}")
+
+
+
+def default_cache_dir() -> Path:
+    """Where self-distilled answers are cached unless a ``cache_dir`` is given."""
+    return Path.home() / ".cache" / "lightning-mtp" / "distill"
+
+
 def generate_batch(model, prompts: Sequence[Sequence[int]], settings, pad_id: int,
                    stop_ids: set[int]) -> list[tuple[list[int], bool]]:
     """Sample one response per prompt (token ids) in one left-padded ``generate`` call.
@@ -157,9 +204,7 @@ def self_distill_fingerprint(model, prompts: list[str], settings) -> str:
 def _cached_records(model, tokenizer, prompts: list[str], settings, cache_dir: str | None,
                     fingerprint: str) -> list[dict]:
     """Every generated ``{prompt, response, complete}`` record, from the cache or generated and cached."""
-    from lightning_mtp.data.datamodule import TinyMathDataModule
-
-    root = Path(cache_dir) if cache_dir else TinyMathDataModule.default_cache_dir()
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = root / f"{fingerprint}.jsonl"
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -362,9 +407,6 @@ def distill(
         overwrite: replace a different job found in ``out``.
         cache_dir: the ``datasets`` cache for reading ``data``.
     """
-    from lightning_mtp.data.chat import RecordFormat, prompt_of, require_chat_template
-    from lightning_mtp.data.datamodule import SelfDistill
-
     settings = settings if settings is not None else SelfDistill()
     _check_settings(settings, shard_size, max_shards, min_response_tokens, max_response_tokens, api, concurrency)
     started = time.perf_counter()
@@ -411,8 +453,6 @@ def distill(
         shards = [{"index": s, "items": items[s * shard_size:(s + 1) * shard_size]} for s in pending]
         if server is None:
             if model is None:
-                from lightning_mtp.backbone import load_backbone
-
                 model = load_backbone(model_ref, dtype=dtype)[0]
             rank_zero = _generate_local(model, tokenizer, shards, settings, shard_dir, accelerator, devices, strategy,
                                         callbacks or [], progress)
@@ -473,8 +513,6 @@ def _resolve_model(model, tokenizer, server: str | None):
         if tokenizer is None:
             raise ValueError("distill with a loaded model needs its tokenizer: pass tokenizer")
         return getattr(model, "name_or_path", "") or type(model).__name__, model, tokenizer
-    from lightning_mtp.backbone import resolve_model_path
-
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(model)))
@@ -485,8 +523,6 @@ def _resolve_model(model, tokenizer, server: str | None):
 
 def _read_prompts(data, split, dataset_config, data_format, max_prompts, cache_dir):
     import datasets
-
-    from lightning_mtp.data.files import load_source
 
     if isinstance(data, str):
         records, source = load_source(data, split=split, data_format=data_format, dataset_config=dataset_config,
@@ -775,9 +811,6 @@ def _finish(out: Path, manifest: dict, settings, min_tokens: int, max_tokens: in
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str]) -> None:
     """``lightning-mtp distill --model M --data D --out DIR [options]``."""
-    from lightning_mtp.cli import CommandParser
-    from lightning_mtp.data.datamodule import SelfDistill
-
     d = SelfDistill()
     p = CommandParser(prog="lightning-mtp distill",
                       description="Let a model answer prompts (resumable, sharded) and write training data.")

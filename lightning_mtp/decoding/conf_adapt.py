@@ -21,15 +21,12 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from lightning_mtp.backbone import forward_params
+from lightning_mtp.backbone import cached_forward, context_length, eos_ids, forward_params
 from lightning_mtp.decoding.sampling import make_probs_fn, sample
 from lightning_mtp.decoding.speculative import (
     DecodeStats,
     GenerateOutput,
     RecurrentStates,
-    _context_length,
-    _eos_ids,
-    _forward,
     is_recurrent,
     new_cache,
     verifies_several_tokens,
@@ -83,11 +80,11 @@ def conf_adapt_generate(
     if k > 1 and not verifies_several_tokens(model):
         raise ValueError(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, "
                          "so mask tokens cannot ride along: decode with k=1 or decoding='speculative'")
-    context = _context_length(model)
+    context = context_length(model)
     if context is not None and n >= context:
         raise ValueError(f"the prompt has {n} tokens but the model's context is {context}: shorten the prompt")
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     device = input_ids.device
     keep_logits = "logits_to_keep" in forward_params(model)
     stats = DecodeStats(sequences=1, reached=[0] * (k - 1), accepted=[0] * (k - 1))
@@ -98,7 +95,7 @@ def conf_adapt_generate(
     filled = 0  # tokens in the cache: where the next forward's tokens sit
 
     def forward(ids: torch.Tensor, last: int) -> torch.Tensor:  # (1, m) -> (last, V) logits of the last positions
-        logits, _ = _forward(model, ids, cache, None, last if keep_logits else None, start=filled)
+        logits, _ = cached_forward(model, ids, cache, None, last if keep_logits else None, start=filled)
         stats.backbone_forwards += 1
         stats.row_forwards += 1
         return logits[0, -last:]

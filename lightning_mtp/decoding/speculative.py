@@ -46,11 +46,15 @@ from lightning_mtp.backbone import (
     backbone_parts,
     cache_kwarg,
     cache_layer_types,
+    cached_forward,
+    context_length,
+    eos_ids,
     forward_params,
+    pad_token_id,
     takes_cache,
 )
+from lightning_mtp.decoding.drafter import AppendedOutputs, Drafter
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
-from lightning_mtp.methods.base import AppendedOutputs, Drafter
 
 __all__ = [
     "DecodeStats",
@@ -147,34 +151,6 @@ class GenerateOutput:
     stats: DecodeStats
 
 
-def _eos_ids(model: PreTrainedModel) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
-def pad_token_id(model: PreTrainedModel) -> int:
-    """The id that fills the rows of a batch after they end, as HF generate does (pad, else EOS)."""
-    for source in (model.generation_config, model.config):
-        pad = getattr(source, "pad_token_id", None)
-        if pad is not None:
-            return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
-    eos = _eos_ids(model)
-    return min(eos) if eos else 0
-
-
-def _context_length(model: PreTrainedModel) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def needs_row_by_row(model: PreTrainedModel) -> bool:
     """True when the backbone's cache cannot hold the masked-out slots batched decoding leaves behind.
 
@@ -218,25 +194,6 @@ def _honours_holes(model: PreTrainedModel) -> bool:
     return _HOLES[model]
 
 
-def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
-             position_ids=None, start: int = 0):
-    """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
-    the final hidden states when ``grab`` is given. Without ``position_ids`` the tokens sit at ``start``, ``start``
-    + 1, ...: positions are always explicit, because a hybrid's cache may not know them (the length transformers
-    reads off its first layer is 0 when that layer keeps a recurrent state instead of keys)."""
-    kwargs = {cache_kwarg(model): cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if position_ids is None and "position_ids" in forward_params(model):
-        position_ids = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    if keep_last is not None and "logits_to_keep" in forward_params(model):
-        kwargs["logits_to_keep"] = keep_last
-    out = model(input_ids=ids, **kwargs)
-    return out.logits, (grab.get(out) if grab is not None else None)
-
-
 @torch.no_grad()
 def speculative_generate(
     model: PreTrainedModel,
@@ -275,7 +232,7 @@ def speculative_generate(
         raise ValueError(f"draft_confidence_threshold must be within [0, 1], got {draft_confidence_threshold}")
     real = _check_mask(attention_mask, input_ids)  # (B, n) bool, or None when there is no padding
     lengths = real.sum(1) if real is not None else torch.full((B,), n)
-    context = _context_length(model)
+    context = context_length(model)
     if context is not None and int(lengths.max()) >= context:
         raise ValueError(
             f"the prompt has {int(lengths.max())} tokens but the model's context is {context}: shorten the prompt"
@@ -437,7 +394,7 @@ class _Decoder:
         self.model, self.drafter, self.K = model, drafter, K
         self.max_new_tokens, self.probs_fn, self.generator = max_new_tokens, probs_fn, generator
         self.streamer, self.grab = streamer, grab
-        self.eos = _eos_ids(model)
+        self.eos = eos_ids(model)
         self.stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
 
     def draft_length(self, generated: list[list[int]], rows: torch.Tensor, done: list[bool]) -> int:
@@ -476,13 +433,13 @@ class _Decoder:
         recurrent = self.K > 0 and is_recurrent(model)
         if A and recurrent:  # a recurrent state cannot drop the appended tokens: they run on a cache thrown away
             throwaway = new_cache(model, rollback=True)
-            logits, hidden = _forward(model, ids, throwaway, self.grab, 1 + A, mask, position_ids)
-            _forward(model, input_ids, cache, None, 1, real.long() if real is not None else None,
+            logits, hidden = cached_forward(model, ids, throwaway, self.grab, 1 + A, mask, position_ids)
+            cached_forward(model, input_ids, cache, None, 1, real.long() if real is not None else None,
                      position_ids[:, :n] if position_ids is not None else None)
             stats.backbone_forwards += 1
             stats.row_forwards += B
         else:
-            logits, hidden = _forward(model, ids, cache, self.grab, 1 + A, mask, position_ids)
+            logits, hidden = cached_forward(model, ids, cache, self.grab, 1 + A, mask, position_ids)
             if A:
                 cache.crop(-A)  # a negative count removes that many trailing slots
         logits, hidden, appended = _split_appended(logits, hidden, A)
@@ -559,7 +516,7 @@ class _Decoder:
                 step_pos = pos[:, None] + step.long().cumsum(1) - 1  # (b, 1 + k + A); a hidden slot repeats one
             if states is not None and states.active and (k or A):
                 states.save()
-            logits, hidden = _forward(model, step_ids, cache, self.grab, 1 if k == 0 and A == 0 else None, mask,
+            logits, hidden = cached_forward(model, step_ids, cache, self.grab, 1 if k == 0 and A == 0 else None, mask,
                                       step_pos, filled)
             logits, hidden, appended = _split_appended(logits, hidden, A)
             stats.backbone_forwards += 1
@@ -599,7 +556,7 @@ class _Decoder:
             if (kept < k or A) and states is not None and states.active:  # b == 1: such backbones decode row by row
                 states.restore()
                 cache.crop(-(1 + k + A))
-                _forward(model, step_ids[:, : 1 + kept], cache, None, 1, None, None, filled)  # again, from the saved state
+                cached_forward(model, step_ids[:, : 1 + kept], cache, None, 1, None, None, filled)  # again, from the saved state
                 stats.backbone_forwards += 1
                 stats.row_forwards += b
             elif kept < k or A:

@@ -51,6 +51,8 @@ SWEEP_CHAINS = (8, 16, 32)
 class FastMTP(MethodConfig):
     """FastMTP: one shared head applied recursively."""
 
+    summary = "one shared FastMTP head applied recursively (Cai et al., arXiv 2509.18362)"
+
     num_steps: int = 3
     """K: recursive applications of the head in training, and draft tokens per decoding step."""
     beta: float = 0.6

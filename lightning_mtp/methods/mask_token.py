@@ -60,7 +60,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_mtp.backbone import BackboneParts, forward_params
+from lightning_mtp.backbone import BackboneParts, eos_ids, forward_params, load_backbone
+from lightning_mtp.decoding.conf_adapt import conf_adapt_generate
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.methods.base import (
     AppendedOutputs,
@@ -87,6 +88,8 @@ class MaskToken(MethodConfig):
     """Mask-token MTP: the backbone fills ``<MTP>`` mask tokens with the next tokens (on-policy self-distillation)."""
 
     trains_backbone_by_default = True  # full fine-tuning, as the paper; lora={...} trains an adapter instead
+    summary = ("mask-token multi-token prediction by on-policy self-distillation "
+               "(Kirchenbauer et al., arXiv 2602.06019)")
 
     k_max: int = 16
     """Largest k (predictions from one prefix: its last token plus k - 1 masks); ConfAdapt's predictions per forward."""
@@ -309,9 +312,7 @@ class MaskTokenMTP(MTPMethod):
 
     # ------------------------------------------------------------------ set-up
     def attach(self, module) -> None:
-        from lightning_mtp.decoding.speculative import _eos_ids
-
-        self._eos = _eos_ids(module._base_model)
+        self._eos = eos_ids(module.base_model)
         if module.lora is not None:
             _train_row_in_adapter(module.backbone, self.config.mask_token_id)
         # a checkpoint's weights replace the initial ones: take the teacher copy before they do
@@ -341,8 +342,6 @@ class MaskTokenMTP(MTPMethod):
         Used when the backbone's weights are already sharded (FSDP wraps the module before the first step):
         each process then holds its own unsharded frozen teacher.
         """
-        from lightning_mtp.backbone import load_backbone
-
         ref = module.backbone_ref
         if not ref:
             raise ValueError("mask_token: the backbone is sharded and was given as a model object, so its initial "
@@ -468,8 +467,6 @@ class MaskTokenMTP(MTPMethod):
     def generate(self, module, input_ids: torch.Tensor, *, decoding: str, **options: Any):
         """ConfAdapt (``tau``, ``k``: predictions per forward, default ``k_max``) or static k (``k``), one
         sequence at a time; both are lossy. ``"speculative"`` (lossless) goes through the shared decoder."""
-        from lightning_mtp.decoding.conf_adapt import conf_adapt_generate
-
         cfg: MaskToken = self.config
         if decoding not in ("confadapt", "static"):
             raise ValueError(f"method 'mask_token' has no decoding {decoding!r}; choose one of {list(self.decodings)}")

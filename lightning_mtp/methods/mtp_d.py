@@ -49,6 +49,7 @@ from transformers import DynamicCache
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
 from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.io import read_safetensors
 from lightning_mtp.methods.base import (
     DraftChain,
     Drafter,
@@ -59,6 +60,8 @@ from lightning_mtp.methods.base import (
     register_method,
 )
 from lightning_mtp.methods.mtp_block import MTPBlock
+from lightning_mtp.record import METHOD_WEIGHTS, MTP_CONFIG, read_mtp_config
+from lightning_mtp.resolve import is_zoo_name, resolve_model_path
 
 __all__ = ["MTPD", "MTPDHeads", "MTPDDrafter", "distillation_kl", "extend_heads"]
 
@@ -69,6 +72,8 @@ PAPER_TOP_N = 10_000
 @dataclass
 class MTPD(MethodConfig):
     """MTP-D: K sequential heads trained with CE and self-distillation from the main head."""
+
+    summary = "K sequential MTP-D heads trained with self-distillation (Zhao et al., arXiv 2603.23911)"
 
     num_heads: int = 4
     """K: sequential MTP heads, and draft tokens per decoding step."""
@@ -128,9 +133,7 @@ class MTPD(MethodConfig):
         (``init_from`` names one), read from it again on load and checked against ``init_from_sha256``."""
         if not (self.frozen_heads and self.init_from and self.init_from_sha256) or Path(self.init_from).is_dir():
             return False
-        from lightning_mtp import zoo
-
-        return zoo.has(self.init_from)
+        return is_zoo_name(self.init_from)
 
     def to_dict(self) -> dict:
         if self.shares_frozen_heads:
@@ -248,9 +251,6 @@ class MTPDHeads(MTPMethod):
 def _read_trained_heads(reference: str, parts: BackboneParts) -> tuple[dict[str, torch.Tensor], str]:
     """The head weights of a trained mtp_d artefact (directory or zoo name), checked against this backbone, and
     the SHA-256 of their file."""
-    from lightning_mtp.artifacts import METHOD_WEIGHTS, MTP_CONFIG, _read_safetensors, read_mtp_config
-    from lightning_mtp.backbone import resolve_model_path
-
     path = Path(resolve_model_path(reference))
     if not (path / MTP_CONFIG).is_file():
         raise ValueError(f"mtp_d init_from {reference!r} is not a saved lightning-mtp artefact (no {MTP_CONFIG})")
@@ -264,7 +264,7 @@ def _read_trained_heads(reference: str, parts: BackboneParts) -> tuple[dict[str,
                          f"hidden size {base['hidden_size']}, but this backbone has vocab {parts.vocab_size} and "
                          f"hidden size {parts.hidden_size}")
     weights = path / METHOD_WEIGHTS
-    return _read_safetensors(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
+    return read_safetensors(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
@@ -273,8 +273,6 @@ def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
     The backbone is shared with ``module``. With ``freeze_trained`` the old heads do not train (the looped
     extension); decoding the result without training is the paper's training-free loop.
     """
-    from lightning_mtp.module import MTPModule
-
     cfg = module.method_config
     if cfg is None or cfg.name != "mtp_d":
         raise ValueError(f"extend_heads needs an mtp_d model, got method {None if cfg is None else cfg.name!r}")
@@ -285,7 +283,7 @@ def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
     new_cfg = dataclasses.replace(cfg, num_heads=num_heads, frozen_heads=cfg.num_heads if freeze_trained else 0,
                                   init_from=None, init_from_sha256=None)
     hp = module.hparams
-    extended = MTPModule(module.backbone, method=new_cfg, freeze_backbone=True, learning_rate=hp.learning_rate,
+    extended = type(module)(module.backbone, method=new_cfg, freeze_backbone=True, learning_rate=hp.learning_rate,
                          weight_decay=hp.weight_decay, betas=tuple(hp.betas), warmup_ratio=hp.warmup_ratio,
                          min_lr_ratio=hp.min_lr_ratio)
     extended.tokenizer, extended.backbone_ref = module.tokenizer, module.backbone_ref
