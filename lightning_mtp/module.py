@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
@@ -123,7 +124,7 @@ class MTPModule(L.LightningModule):
         self.parts: BackboneParts = backbone_parts(self.base_model)
         self.method: MTPMethod | None = None if self.method_config is None else self.method_config.build(self.parts)
         if self.method is not None:
-            self.method.attach(self)
+            self.method.attach(self)  # the module is the methods' MethodContext
         k = 0 if self.method_config is None else self.method_config.num_draft_tokens
         self.val_acceptance = AcceptanceRate(max(k, 1))
         self.decoding_defaults: dict[str, Any] = {}
@@ -142,6 +143,31 @@ class MTPModule(L.LightningModule):
     @property
     def _base_model(self) -> PreTrainedModel:  # the name code written before base_model went public uses
         return self.base_model
+
+    # ------------------------------------------------------------------ what methods see (MethodContext)
+    @property
+    def backbone_trains(self) -> bool:
+        """Whether any backbone weight (its own, or its LoRA adapter's) has ``requires_grad``."""
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when a sharding strategy (FSDP, FSDP2, DeepSpeed) trains this module: its weights may be split
+        across processes, so a copy of them is not the model."""
+        trainer = self._trainer  # .trainer raises when none is attached
+        if trainer is not None and isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+            return True
+        try:  # optional: a torch build without distributed support has neither
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            return False
+        return any(isinstance(m, FullyShardedDataParallel) for m in self.modules()) or any(
+            isinstance(p, DTensor) for p in self.parameters())
+
+    def on_load_state_dict(self, hook) -> None:
+        """Run ``hook()`` before a state dict (a checkpoint's weights) is loaded into this module."""
+        self.register_load_state_dict_pre_hook(lambda *args, **kwargs: hook())
 
     @property
     def num_draft_tokens(self) -> int:

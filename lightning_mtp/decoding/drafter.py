@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from lightning_mtp.decoding.sampling import sample
+
 __all__ = ["AppendedOutputs", "DraftChain", "Drafter"]
 
 
@@ -117,6 +119,19 @@ class DraftChain:
             return False
         self._append(token.masked_fill(~keep, -1), probs)
         return bool(self.open.any())
+
+    def pick(
+        self,
+        logits: torch.Tensor,  # (B, V) the drafter's logits for the next draft
+        probs_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next draft per row (B,) and the distribution it came from (B, V): the argmax when greedy (its
+        probabilities only when :attr:`needs_probs`), a sample of ``probs_fn(logits)`` when sampling."""
+        if probs_fn is None:
+            return logits.argmax(-1), (logits.softmax(-1) if self.needs_probs else None)
+        probs = probs_fn(logits)
+        return sample(probs, generator), probs
 
     def _append(self, token: torch.Tensor, probs: torch.Tensor | None) -> None:
         self.tokens.append(token)

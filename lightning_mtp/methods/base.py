@@ -8,16 +8,18 @@ the drafter interface in :mod:`lightning_mtp.decoding.drafter`; both are re-expo
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from lightning_mtp.backbone import BackboneParts, LastHiddenState
 from lightning_mtp.decoding.drafter import AppendedOutputs, DraftChain, Drafter
 from lightning_mtp.methods.registry import METHODS, MethodConfig, register_method, resolve_method
 
-__all__ = ["METHODS", "AppendedOutputs", "Drafter", "DraftChain", "MTPMethod", "MethodConfig", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
+__all__ = ["METHODS", "AppendedOutputs", "Drafter", "DraftChain", "MTPMethod", "MethodConfig", "MethodContext", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
 
 
 def future_tokens(ids: torch.Tensor, offset: int, fill: float) -> torch.Tensor:
@@ -60,6 +62,37 @@ def main_head_metrics(logits: torch.Tensor, labels: torch.Tensor, position_ids: 
         }
 
 
+class MethodContext(Protocol):
+    """What a method sees of the model it is attached to, and all it may use (``MTPModule`` provides it).
+
+    Methods receive this in :meth:`MTPMethod.attach`, :meth:`MTPMethod.training_loss` and
+    :meth:`MTPMethod.generate`: the backbone and its parts, whether the backbone trains, and the LoRA handle.
+    The values are live (merging the adapter replaces ``backbone`` and ``parts``; ``training`` follows
+    train/eval), so a method reads them when it needs them rather than keeping copies.
+    """
+
+    backbone: nn.Module  # the causal LM, wrapped by PEFT when a LoRA adapter trains
+    parts: BackboneParts  # handles into the backbone (embeddings, lm_head, layers, config)
+    lora: dict | None  # the LoRA configuration (PEFT ``LoraConfig`` arguments), None without an adapter
+    backbone_ref: str  # how the backbone was named (directory, zoo name, Hub id); "" for a model object
+    training: bool  # train or eval mode of the owning module
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The backbone without its LoRA wrapper."""
+
+    @property
+    def backbone_trains(self) -> bool:
+        """Whether any backbone weight (its own, or its LoRA adapter's) has ``requires_grad``."""
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether a sharding strategy (FSDP, FSDP2, DeepSpeed) may have split the weights across processes."""
+
+    def on_load_state_dict(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` before a state dict (a checkpoint's weights) is loaded into the model."""
+
+
 class MTPMethod(nn.Module):
     """A trainable multi-token-prediction method attached to a backbone.
 
@@ -83,15 +116,16 @@ class MTPMethod(nn.Module):
         super().__init__()
         self.config = config
 
-    def attach(self, module) -> None:
+    def attach(self, context: MethodContext) -> None:
         """Called once the owning MTPModule is built (default: nothing); e.g. to set up a teacher."""
 
     def artifact_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters a saved artefact stores (default: all of the method's state)."""
         return self.state_dict()
 
-    def training_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of one batch for ``module`` (an MTPModule).
+    def training_loss(self, context: MethodContext, batch: dict[str, torch.Tensor]
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one batch of the model ``context`` describes.
 
         The batch holds ``input_ids`` and ``labels`` (B, T), and optionally ``attention_mask`` (a (B, T)
         padding mask, or an additive float (B, 1, T, T) mask such as the block-diagonal one of packed
@@ -101,9 +135,9 @@ class MTPMethod(nn.Module):
         """
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
-        trains_backbone = module.training and any(p.requires_grad for p in module.backbone.parameters())
-        with torch.set_grad_enabled(trains_backbone), LastHiddenState(module.parts) as grab:
-            out = module.backbone(
+        trains_backbone = context.training and context.backbone_trains
+        with torch.set_grad_enabled(trains_backbone), LastHiddenState(context.parts) as grab:
+            out = context.backbone(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
@@ -112,14 +146,14 @@ class MTPMethod(nn.Module):
             )
             hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm)
         loss, logs = self.loss(
-            module.parts, input_ids, labels, hidden, out.logits,
+            context.parts, input_ids, labels, hidden, out.logits,
             attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None,
             position_ids=position_ids,
         )
         if trains_backbone and out.loss is not None:
             logs["ntp_loss"] = out.loss.detach()
             loss = loss + out.loss
-        if not module.training:  # the main head's own quality, to see whether joint training hurt it
+        if not context.training:  # the main head's own quality, to see whether joint training hurt it
             logs.update(main_head_metrics(out.logits, labels, position_ids))
         return loss, logs
 
@@ -147,7 +181,7 @@ class MTPMethod(nn.Module):
     def drafter(self, parts: BackboneParts) -> Drafter:
         raise NotImplementedError
 
-    def generate(self, module, input_ids: torch.Tensor, *, decoding: str, **options: Any):
+    def generate(self, context: MethodContext, input_ids: torch.Tensor, *, decoding: str, **options: Any):
         """Decode with one of the method's own modes (any of :attr:`decodings` but ``"speculative"``)."""
         raise ValueError(f"method {self.config.name!r} has no decoding {decoding!r}; choose one of {list(self.decodings)}")
 

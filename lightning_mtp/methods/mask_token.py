@@ -68,6 +68,7 @@ from lightning_mtp.methods.base import (
     DraftChain,
     Drafter,
     MethodConfig,
+    MethodContext,
     MTPMethod,
     future_labels,
     register_method,
@@ -311,58 +312,58 @@ class MaskTokenMTP(MTPMethod):
         self._eos: set[int] = set()
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, module) -> None:
-        self._eos = eos_ids(module.base_model)
-        if module.lora is not None:
-            _train_row_in_adapter(module.backbone, self.config.mask_token_id)
+    def attach(self, context: MethodContext) -> None:
+        self._eos = eos_ids(context.base_model)
+        if context.lora is not None:
+            _train_row_in_adapter(context.backbone, self.config.mask_token_id)
         # a checkpoint's weights replace the initial ones: take the teacher copy before they do
-        module.register_load_state_dict_pre_hook(lambda *args, **kwargs: self._snapshot_teacher(module))
+        context.on_load_state_dict(lambda: self._snapshot_teacher(context))
 
-    def _teacher_kind(self, module) -> str:
+    def _teacher_kind(self, context: MethodContext) -> str:
         if self.config.teacher == "copy":
             return "copy"
-        if module.lora is not None:
+        if context.lora is not None:
             return "adapter"
-        return "copy" if any(p.requires_grad for p in module.backbone.parameters()) else "self"
+        return "copy" if context.backbone_trains else "self"
 
-    def _snapshot_teacher(self, module) -> None:
-        if self._teacher is None and self._teacher_kind(module) == "copy":
-            if _is_sharded(module):  # FSDP already split the weights: read the initial model again
-                teacher = self.load_teacher(module)
+    def _snapshot_teacher(self, context: MethodContext) -> None:
+        if self._teacher is None and self._teacher_kind(context) == "copy":
+            if context.is_sharded:  # FSDP already split the weights: read the initial model again
+                teacher = self.load_teacher(context)
             else:
-                teacher = copy.deepcopy(module.backbone)  # a PeftModel copy runs with its adapter disabled
+                teacher = copy.deepcopy(context.backbone)  # a PeftModel copy runs with its adapter disabled
             teacher.eval().requires_grad_(False)
             if self.config.teacher_dtype is not None:
                 teacher.to(getattr(torch, self.config.teacher_dtype))
             object.__setattr__(self, "_teacher", teacher)
 
-    def load_teacher(self, module):
+    def load_teacher(self, context: MethodContext):
         """The initial model read again from the module's backbone reference, with its mask row prepared.
 
         Used when the backbone's weights are already sharded (FSDP wraps the module before the first step):
         each process then holds its own unsharded frozen teacher.
         """
-        ref = module.backbone_ref
+        ref = context.backbone_ref
         if not ref:
             raise ValueError("mask_token: the backbone is sharded and was given as a model object, so its initial "
                              "weights cannot be read again for the teacher; pass the backbone by name or directory, "
                              "or train with LoRA (teacher = the adapter-disabled model)")
-        dtype = next(p for p in module.backbone.parameters() if p.is_floating_point()).dtype
+        dtype = next(p for p in context.backbone.parameters() if p.is_floating_point()).dtype
         teacher, tokenizer = load_backbone(ref, dtype=dtype)
         self.config.prepare_backbone(teacher, tokenizer)  # the id is set: this only re-adds a row the student got
         return teacher
 
-    def teacher_logits(self, module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, first: int
+    def teacher_logits(self, context: MethodContext, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, first: int
                        ) -> torch.Tensor:
         """The teacher's logits (B, L - first, V), without gradients (see the module docstring for who it is)."""
-        kind = self._teacher_kind(module)
+        kind = self._teacher_kind(context)
         with torch.no_grad():
             if kind == "self":
-                return _logits_at(module.backbone, ids, mask, positions, first)
+                return _logits_at(context.backbone, ids, mask, positions, first)
             if kind == "adapter":
-                with module.backbone.disable_adapter():
-                    return _logits_at(module.backbone, ids, mask, positions, first)
-            self._snapshot_teacher(module)
+                with context.backbone.disable_adapter():
+                    return _logits_at(context.backbone, ids, mask, positions, first)
+            self._snapshot_teacher(context)
             teacher = self._teacher
             device = ids.device
             if next(teacher.parameters()).device != device:
@@ -373,7 +374,7 @@ class MaskTokenMTP(MTPMethod):
             return _logits_at(teacher, ids, mask, positions, first)
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(self, context: MethodContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Pack regions, roll the student out, label with the teacher, and score (see the module docstring).
 
         In eval mode (validation) k is ``k_max`` and anchors come from a fixed seed, so validation numbers
@@ -385,7 +386,7 @@ class MaskTokenMTP(MTPMethod):
         attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
         B, T = input_ids.shape
         device = input_ids.device
-        training = module.training
+        training = context.training
         generator = None if training else torch.Generator(device=device).manual_seed(0)
         k = int(torch.randint(cfg.k_min, cfg.k_max + 1, (1,))) if training else cfg.k_max
         R = min(cfg.regions_per_sequence, T)
@@ -398,23 +399,23 @@ class MaskTokenMTP(MTPMethod):
 
         allowed, positions = real_attention(attention_mask, position_ids, input_ids)
         layout, packed_pos = packed_layout(allowed, positions, anchors, k)  # (B, L, L), (B, L)
-        dtype = module.parts.embed_tokens.weight.dtype
+        dtype = context.parts.embed_tokens.weight.dtype
         mask = additive_mask(layout, dtype)  # (B, 1, L, L)
         anchor_ids = input_ids.gather(1, anchors)  # (B, R)
         masks = anchor_ids.new_full((B, R, k - 1), cfg.mask_token_id)
         student_regions = torch.cat([anchor_ids[:, :, None], masks], dim=2)  # (B, R, k)
         student_ids = torch.cat([input_ids, student_regions.reshape(B, R * k)], dim=1)  # (B, L)
 
-        trains = training and any(p.requires_grad for p in module.backbone.parameters())
+        trains = training and context.backbone_trains
         first = 0 if cfg.ntp_weight > 0 else T  # the real tokens' logits only feed the optional NTP term
         with torch.set_grad_enabled(trains):
-            student_all = _logits_at(module.backbone, student_ids, mask, packed_pos, first)
+            student_all = _logits_at(context.backbone, student_ids, mask, packed_pos, first)
         student = student_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         rollout = student.detach().argmax(-1)  # (B, R, k): y'_1 .. y'_k
 
         teacher_regions = torch.cat([anchor_ids[:, :, None], rollout[:, :, : k - 1]], dim=2)  # (B, R, k)
         teacher_ids = torch.cat([input_ids, teacher_regions.reshape(B, R * k)], dim=1)  # (B, L)
-        teacher_all = self.teacher_logits(module, teacher_ids, mask, packed_pos, first)
+        teacher_all = self.teacher_logits(context, teacher_ids, mask, packed_pos, first)
         teacher = teacher_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         target = teacher.argmax(-1)  # (B, R, k)
 
@@ -464,7 +465,7 @@ class MaskTokenMTP(MTPMethod):
     def drafter(self, parts: BackboneParts) -> MaskTokenDrafter:
         return MaskTokenDrafter(self.config.mask_token_id)
 
-    def generate(self, module, input_ids: torch.Tensor, *, decoding: str, **options: Any):
+    def generate(self, context: MethodContext, input_ids: torch.Tensor, *, decoding: str, **options: Any):
         """ConfAdapt (``tau``, ``k``: predictions per forward, default ``k_max``) or static k (``k``), one
         sequence at a time; both are lossy. ``"speculative"`` (lossless) goes through the shared decoder."""
         cfg: MaskToken = self.config
@@ -493,7 +494,7 @@ class MaskTokenMTP(MTPMethod):
                 raise ValueError("mask_token decoding 'static' needs k (tokens kept per forward, 1 = plain greedy)")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"mask_token k (predictions per forward) must be an integer >= 1, got {k!r}")
-        return conf_adapt_generate(module.backbone, input_ids, mask_token_id=cfg.mask_token_id, k=k, tau=tau,
+        return conf_adapt_generate(context.backbone, input_ids, mask_token_id=cfg.mask_token_id, k=k, tau=tau,
                                    **options)
 
     def bench_entries(self, sweep: bool = False) -> list[tuple[str, dict[str, Any]]]:
@@ -514,24 +515,6 @@ def _distill(log_p: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Ten
         return -log_p.gather(-1, teacher.argmax(-1, keepdim=True))[..., 0]  # CE against the teacher's argmax
     log_q = F.log_softmax(teacher, dim=-1)
     return (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(teacher || student)
-
-
-def _is_sharded(module) -> bool:
-    """True when a sharding strategy (FSDP, FSDP2, DeepSpeed) trains ``module`` (an MTPModule): its weights may
-    be split across processes, so a copy of them is not the model."""
-    trainer = getattr(module, "_trainer", None)  # .trainer raises when none is attached
-    if trainer is not None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
-            return True
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed support
-        return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules()) or any(
-        isinstance(p, DTensor) for p in module.parameters())
 
 
 def _train_row_in_adapter(peft_model, mask_id: int) -> None:
