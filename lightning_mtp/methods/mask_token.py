@@ -91,6 +91,7 @@ class MaskToken(MethodConfig):
     trains_backbone_by_default = True  # full fine-tuning, as the paper; lora={...} trains an adapter instead
     summary = ("mask-token multi-token prediction by on-policy self-distillation "
                "(Kirchenbauer et al., arXiv 2602.06019)")
+    even_loss_options = {"k_min": 4, "k_max": 4, "regions_per_sequence": 32}  # one k, every position a region
 
     k_max: int = 16
     """Largest k (predictions from one prefix: its last token plus k - 1 masks); ConfAdapt's predictions per forward."""

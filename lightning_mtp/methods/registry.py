@@ -33,6 +33,9 @@ class MethodConfig:
     """Whether the backbone's own weights train unless ``freeze_backbone`` says otherwise."""
     summary: ClassVar[str] = ""
     """One line for model cards: what the method is, with its paper (default: "the '<name>' method")."""
+    even_loss_options: ClassVar[dict[str, Any]] = {}
+    """Options under which the loss is a plain mean over equally many tokens per process (no random draws per
+    row): the distributed tests compare two processes with one under them."""
 
     @property
     def num_draft_tokens(self) -> int:
