@@ -42,6 +42,7 @@ from transformers import PreTrainedModel
 
 from lightning_mtp import zoo_index
 from lightning_mtp.card import model_card
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import fetch, is_hub_id
 from lightning_mtp.io import atomic_dir, atomic_write_text, read_safetensors
 from lightning_mtp.methods.registry import resolve_method
@@ -193,7 +194,7 @@ def load_artifact(
     method = config["method"]
     if method_overrides:
         if method is None:
-            raise ValueError(f"{path} has no method; method options {sorted(method_overrides)} do not apply")
+            raise UserInputError(f"{path} has no method; method options {sorted(method_overrides)} do not apply")
         method = {**method, **method_overrides}
     base = config["base_model"]
     base_ref = base.get("name_or_path") or ""
@@ -240,7 +241,7 @@ def _backbone_name(backbone, base_ref: str) -> str:
 def _check_base(module, path: Path, base: dict, backbone: str) -> None:
     want_v, want_h = base["vocab_size"], base["hidden_size"]
     if (module.parts.vocab_size, module.parts.hidden_size) != (want_v, want_h):
-        raise ValueError(
+        raise UserInputError(
             f"{path} was trained on a base with vocab {want_v} and hidden size {want_h}, but the backbone "
             f"{backbone!r} has vocab {module.parts.vocab_size} and hidden size {module.parts.hidden_size}"
         )
@@ -254,7 +255,7 @@ def _load_method_weights(method, path: Path, config: dict) -> None:
     wanted = method.artifact_state_dict()
     if not weights_file.is_file():
         if wanted:
-            raise ValueError(
+            raise UserInputError(
                 f"{path} lacks {METHOD_WEIGHTS}: its {MTP_CONFIG} records method {name!r} (weights "
                 f"{config.get('weights', 'method')!r}), whose {len(wanted)} trained tensor(s) live in that file; "
                 "without it the heads would be untrained. Copy the whole artefact directory again, or save it anew "
@@ -265,14 +266,14 @@ def _load_method_weights(method, path: Path, config: dict) -> None:
     own = method.state_dict()
     for key, tensor in state.items():
         if key in own and tensor.shape != own[key].shape:
-            raise ValueError(f"{weights_file}: tensor {key!r} has shape {tuple(tensor.shape)}, but method {name!r} "
-                             f"on this backbone has shape {tuple(own[key].shape)}; the file belongs to another "
-                             "method configuration or base model")
+            raise UserInputError(f"{weights_file}: tensor {key!r} has shape {tuple(tensor.shape)}, but method {name!r} "
+                                 f"on this backbone has shape {tuple(own[key].shape)}; the file belongs to another "
+                                 "method configuration or base model")
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"{weights_file} does not fit method {name!r}: missing keys {missing}, unexpected keys "
-                         f"{unexpected}")
+        raise UserInputError(f"{weights_file} does not fit method {name!r}: missing keys {missing}, unexpected keys "
+                             f"{unexpected}")
     # not strict: heads shared with a zoo entry are not in the file; missing and unexpected keys were checked above
     method.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
@@ -281,17 +282,17 @@ def _load_adapter(backbone, path: Path) -> None:
     """Load the PEFT adapter into ``backbone``; wrong shapes and unexpected keys are one-line errors."""
     adapter = path / ADAPTER_DIR / "adapter_model.safetensors"
     if not adapter.is_file():
-        raise ValueError(f"{path} was trained with LoRA but holds no adapter at {adapter}")
+        raise UserInputError(f"{path} was trained with LoRA but holds no adapter at {adapter}")
     state = read_safetensors(adapter)
     own = get_peft_model_state_dict(backbone)  # the names and shapes the file should have
     for key, tensor in state.items():
         if key in own and tensor.shape != own[key].shape:
-            raise ValueError(f"{adapter}: tensor {key!r} has shape {tuple(tensor.shape)}, but the LoRA adapter on "
-                             f"this backbone has shape {tuple(own[key].shape)}; the adapter belongs to another LoRA "
-                             "configuration or base model")
+            raise UserInputError(f"{adapter}: tensor {key!r} has shape {tuple(tensor.shape)}, but the LoRA adapter on "
+                                 f"this backbone has shape {tuple(own[key].shape)}; the adapter belongs to another LoRA "
+                                 "configuration or base model")
     result = set_peft_model_state_dict(backbone, state)
     if result.unexpected_keys:
-        raise ValueError(f"{adapter} does not fit the backbone: unexpected keys {result.unexpected_keys}")
+        raise UserInputError(f"{adapter} does not fit the backbone: unexpected keys {result.unexpected_keys}")
 
 
 def load_entry(
@@ -315,14 +316,14 @@ def load_entry(
     overrides = dict(method_overrides or {})
     method = None if entry.method is None else {**entry.method, **overrides}
     if entry.method is None and overrides:
-        raise ValueError(f"zoo entry {entry.name!r} has no method; method options {sorted(overrides)} do not apply")
+        raise UserInputError(f"zoo entry {entry.name!r} has no method; method options {sorted(overrides)} do not apply")
     if fmt == "artifact":
         directory = zoo_index.weights_location(entry, revision, hub)
         saved = read_mtp_config(directory / MTP_CONFIG)["method"] if (directory / MTP_CONFIG).is_file() else None
         if saved is not None and entry.method is not None:
             ours, theirs = entry.method_config(), resolve_method(saved)
             if ours.to_dict() != theirs.to_dict():
-                raise ValueError(f"{entry.origin}: field 'method' {entry.method} disagrees with the artefact's {saved}")
+                raise UserInputError(f"{entry.origin}: field 'method' {entry.method} disagrees with the artefact's {saved}")
         if backbone is None:
             base_dir, base_ref, base_rev = zoo_index.base_location(entry, None, hub)
             backbone = load_native_backbone(base_dir) if detect_native_layout(base_dir) else str(base_dir)
@@ -368,25 +369,25 @@ def load_native_mtp(
     directory = Path(directory)
     layout = detect_native_layout(directory)
     if layout is None:
-        raise ValueError(f"{directory} is not a model with a native MTP layer (layouts: {sorted(NATIVE_LAYOUTS)})")
+        raise UserInputError(f"{directory} is not a model with a native MTP layer (layouts: {sorted(NATIVE_LAYOUTS)})")
     lay = NATIVE_LAYOUTS[layout]
     config = resolve_method(method if method is not None else dict(lay.default_method))
     if config is None or config.name != "fast_mtp":
-        raise ValueError(f"a native {layout} MTP layer converts to the 'fast_mtp' method, got "
-                         f"{None if config is None else config.name!r}")
+        raise UserInputError(f"a native {layout} MTP layer converts to the 'fast_mtp' method, got "
+                             f"{None if config is None else config.name!r}")
     if getattr(config, "draft_vocab_size", None) is not None:
-        raise ValueError("fast_mtp draft_vocab_size (vocabulary compression) needs the token subset of training; "
-                         "convert with draft_vocab_size=None")
+        raise UserInputError("fast_mtp draft_vocab_size (vocabulary compression) needs the token subset of training; "
+                             "convert with draft_vocab_size=None")
     layers = read_native_mtp_tensors(directory, layout)
     if not layers:
-        raise ValueError(f"{directory} declares a native MTP layer but its weights hold no '{lay.prefix}*' tensors")
+        raise UserInputError(f"{directory} declares a native MTP layer but its weights hold no '{lay.prefix}*' tensors")
     if mtp_layer is None:
         if len(layers) > 1:
-            raise ValueError(f"{directory} holds {len(layers)} native MTP layers {sorted(layers)}; fast_mtp uses one "
-                             "shared head: choose it with mtp_layer=")
+            raise UserInputError(f"{directory} holds {len(layers)} native MTP layers {sorted(layers)}; fast_mtp uses one "
+                                 "shared head: choose it with mtp_layer=")
         mtp_layer = next(iter(layers))
     if mtp_layer not in layers:
-        raise ValueError(f"mtp_layer {mtp_layer} not in {directory}; it holds layers {sorted(layers)}")
+        raise UserInputError(f"mtp_layer {mtp_layer} not in {directory}; it holds layers {sorted(layers)}")
     model, tokenizer = load_native_backbone(directory, dtype=dtype)
     module = cls(model, method=config, **module_kwargs)
     module.tokenizer = tokenizer
@@ -395,10 +396,10 @@ def load_native_mtp(
     own = module.method.state_dict()
     missing = sorted(set(own) - set(state))
     if missing:
-        raise ValueError(f"the native {layout} MTP layer {mtp_layer} of {directory} lacks tensors for {missing}")
+        raise UserInputError(f"the native {layout} MTP layer {mtp_layer} of {directory} lacks tensors for {missing}")
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            raise ValueError(f"native tensor for {key} has shape {tuple(value.shape)}, our head expects "
-                             f"{tuple(own[key].shape)}")
+            raise UserInputError(f"native tensor for {key} has shape {tuple(value.shape)}, our head expects "
+                                 f"{tuple(own[key].shape)}")
     module.method.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return module.eval()

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import fetch
 from lightning_mtp.resolve import resolve_model_path
 
@@ -59,7 +60,7 @@ def load_backbone(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         for key, value in (config_overrides or {}).items():
             if not hasattr(config, key):
-                raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+                raise UserInputError(f"config_overrides: {type(config).__name__} has no field {key!r}")
             setattr(config, key, value)
         if from_scratch:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -68,7 +69,7 @@ def load_backbone(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
     except OSError as err:
-        raise ValueError(f"backbone {name_or_path!r} could not be loaded: {err}") from None
+        raise UserInputError(f"backbone {name_or_path!r} could not be loaded: {err}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
@@ -170,9 +171,9 @@ def head_layer_index(parts: BackboneParts) -> int:
     sliding-window one. A head attends over the positions it has seen, so it needs an attention layer; on a
     backbone without one (a pure SSM) head-based methods cannot be built."""
     if parts.layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(parts.base).__name__} (expected base.layers, base.h "
-                         "or a ModuleList of num_hidden_layers layers) to build a draft head from; use a method without "
-                         "heads, e.g. mask_token")
+        raise UserInputError(f"cannot find the decoder layers of {type(parts.base).__name__} (expected base.layers, base.h "
+                             "or a ModuleList of num_hidden_layers layers) to build a draft head from; use a method without "
+                             "heads, e.g. mask_token")
     kinds = cache_layer_types(parts.config)
     if not kinds:
         return 0
@@ -181,8 +182,8 @@ def head_layer_index(parts: BackboneParts) -> int:
             if kind is wanted:
                 return i
     found = sorted({k.__name__ for k in kinds})
-    raise ValueError(f"{type(parts.layers[0]).__name__}: the backbone has no plain attention layer to build a draft "
-                     f"head from (its cache layers are {found}); use a method without heads, e.g. mask_token")
+    raise UserInputError(f"{type(parts.layers[0]).__name__}: the backbone has no plain attention layer to build a draft "
+                         f"head from (its cache layers are {found}); use a method without heads, e.g. mask_token")
 
 
 def layer_type(parts: BackboneParts, index: int) -> str | None:
@@ -219,11 +220,11 @@ def _refuse_unusable_class(cls: type, layer: nn.Module) -> None:
     unknown = [name for name, p in list(inspect.signature(cls.forward).parameters.items())[2:]
                if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name not in _LAYER_INPUTS]
     if unknown:
-        raise ValueError(f"{cls.__name__} needs {unknown}, which lightning-mtp cannot compute for a draft head; use a "
-                         "method without heads, e.g. mask_token")
+        raise UserInputError(f"{cls.__name__} needs {unknown}, which lightning-mtp cannot compute for a draft head; use a "
+                             "method without heads, e.g. mask_token")
     if not forward_params(layer) & _CACHE_KWARGS:
-        raise ValueError(f"{cls.__name__} takes no KV cache, which a draft head needs; use a method without heads, "
-                         "e.g. mask_token")
+        raise UserInputError(f"{cls.__name__} takes no KV cache, which a draft head needs; use a method without heads, "
+                             "e.g. mask_token")
 
 
 def _construct(cls: type, parts: BackboneParts, index: int, kind: str | None) -> nn.Module:
@@ -236,8 +237,8 @@ def _construct(cls: type, parts: BackboneParts, index: int, kind: str | None) ->
     try:
         layer = cls(parts.config, **kwargs)
     except TypeError as err:  # a constructor that needs more than the config (and its index)
-        raise ValueError(f"{cls.__name__} cannot be built from the config alone ({err}); use a method without heads, "
-                         "e.g. mask_token") from None
+        raise UserInputError(f"{cls.__name__} cannot be built from the config alone ({err}); use a method without heads, "
+                             "e.g. mask_token") from None
     init = getattr(parts.base, "_init_weights", None)
     if init is not None:  # some parameters are created empty and set only by the model's own initialisation
         with torch.no_grad():
@@ -252,8 +253,8 @@ def _check_rotary(cls: type, parts: BackboneParts, kind: str | None) -> None:
     try:
         parts.rotary_emb(parts.embed_tokens.weight[None, :1], torch.zeros(1, 1, dtype=torch.long), layer_type=kind)
     except (KeyError, AttributeError, TypeError) as err:
-        raise ValueError(f"{cls.__name__}: the backbone's rotary embedding has none for its {kind!r} layers ({err!r}); "
-                         "use a method without heads, e.g. mask_token") from None
+        raise UserInputError(f"{cls.__name__}: the backbone's rotary embedding has none for its {kind!r} layers ({err!r}); "
+                             "use a method without heads, e.g. mask_token") from None
 
 
 @torch.no_grad()
@@ -270,9 +271,9 @@ def _dry_run(layer: nn.Module, parts: BackboneParts, kind: str | None) -> None:
             call_decoder_layer(layer, parts, hidden, torch.arange(start, start + n, device=device)[None], cache,
                                kind=kind)
     except (TypeError, RuntimeError, AttributeError, KeyError, IndexError) as err:
-        raise ValueError(f"{type(layer).__name__} cannot run as a draft head outside its backbone ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); use a method without heads, e.g. mask_token"
-                         ) from None
+        raise UserInputError(f"{type(layer).__name__} cannot run as a draft head outside its backbone ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); use a method without heads, e.g. mask_token"
+                             ) from None
     finally:
         layer.training = training
 
@@ -391,8 +392,8 @@ def call_decoder_layer(
     out = layer(hidden, **kwargs)
     if cache is not None and cache.get_seq_length() != past + q_len:  # a layer that ignores the cache would
         # silently attend to the new tokens alone
-        raise ValueError(f"{type(layer).__name__} did not write its keys and values to the KV cache; its forward takes "
-                         f"none of the cache keywords lightning-mtp knows ({sorted(forward_params(layer))})")
+        raise UserInputError(f"{type(layer).__name__} did not write its keys and values to the KV cache; its forward takes "
+                             f"none of the cache keywords lightning-mtp knows ({sorted(forward_params(layer))})")
     return out[0] if isinstance(out, tuple) else out
 
 

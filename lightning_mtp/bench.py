@@ -40,6 +40,7 @@ from lightning_mtp.cli import CommandParser
 from lightning_mtp.data.chat import RecordFormat, prompt_of, render_chat
 from lightning_mtp.data.tiny_math import answer_accuracy, problems
 from lightning_mtp.decoding.speculative import pad_token_id
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import progress_bar
 from lightning_mtp.resolve import resolve_model_path
@@ -66,13 +67,13 @@ def read_prompts(spec: str, n: int) -> tuple[list[Prompt], list[int] | None]:
     Chats come back as message lists, for :func:`render_prompts`; ``answer`` (an int in every record) is kept.
     """
     if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+        raise UserInputError(f"--n must be >= 1, got {n}")
     if spec == "tiny-math":
         ps = problems("test", n)
         return [p.prompt for p in ps], [p.answer for p in ps]
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file")
+        raise UserInputError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file")
     prompts: list[Prompt] = []
     answers: list[int] = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
@@ -85,7 +86,7 @@ def read_prompts(spec: str, n: int) -> tuple[list[Prompt], list[int] | None]:
         if len(prompts) == n:
             break
     if not prompts:
-        raise ValueError(f"{spec} holds no prompts")
+        raise UserInputError(f"{spec} holds no prompts")
     return prompts, (answers if len(answers) == len(prompts) else None)
 
 
@@ -94,9 +95,9 @@ def _record(line: str, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
-        raise ValueError(f"{where} is not valid JSON ({expected})") from None
+        raise UserInputError(f"{where} is not valid JSON ({expected})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object ({expected})")
+        raise UserInputError(f"{where} is a JSON {type(record).__name__}, not an object ({expected})")
     return record
 
 
@@ -106,7 +107,7 @@ def _prompt(record: dict, where: str) -> Prompt:
         return record["prompt"]
     if "messages" in record:
         return prompt_of(record, CHAT, None, None, where)[2]  # no tokenizer yet: the checked chat
-    raise ValueError(f"{where} has no string 'prompt' field and no 'messages' field (a chat)")
+    raise UserInputError(f"{where} has no string 'prompt' field and no 'messages' field (a chat)")
 
 
 def render_prompts(prompts: list[Prompt], tokenizer, spec: str) -> list[str]:
@@ -114,13 +115,13 @@ def render_prompts(prompts: list[Prompt], tokenizer, spec: str) -> list[str]:
     if all(isinstance(p, str) for p in prompts):
         return list(prompts)
     if tokenizer is None:
-        raise ValueError(f"{spec} holds chats ('messages'): pass the tokenizer that renders them")
+        raise UserInputError(f"{spec} holds chats ('messages'): pass the tokenizer that renders them")
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or "the base model"
-        raise ValueError(f"{spec} holds chats ('messages'), which bench renders with the tokenizer's chat template, "
-                         f"but the tokenizer of {name!r} has none: write the prompts rendered as text in a 'prompt' "
-                         "field, or bench a model whose tokenizer has a chat template")
+        raise UserInputError(f"{spec} holds chats ('messages'), which bench renders with the tokenizer's chat template, "
+                             f"but the tokenizer of {name!r} has none: write the prompts rendered as text in a 'prompt' "
+                             "field, or bench a model whose tokenizer has a chat template")
     return [p if isinstance(p, str) else render_chat(tokenizer, p, template, f"{spec}, prompt {i}",
                                                      add_generation_prompt=True)
             for i, p in enumerate(prompts)]
@@ -298,8 +299,8 @@ def _one_base(specs: list[str], bases: list[_Base]) -> _Base:
     names = {b.name for b in bases}
     if len(names) > 1:
         which = ", ".join(f"{spec!r} on {b.name!r}" for spec, b in zip(specs, bases, strict=True))
-        raise ValueError(f"the models have different base models ({which}); one bench compares models of one base "
-                         "against that base's own decoding: bench each base in its own run")
+        raise UserInputError(f"the models have different base models ({which}); one bench compares models of one base "
+                             "against that base's own decoding: bench each base in its own run")
     return bases[0]
 
 
@@ -326,7 +327,7 @@ def load_models(specs: list[str]) -> tuple[list[MTPModule], MTPModule]:
     refused.
     """
     if not specs:
-        raise ValueError("no --model given")
+        raise UserInputError("no --model given")
     bases = [_base_of(spec) for spec in specs]
     base = _load_base(_one_base(specs, bases))
     modules = []
@@ -344,9 +345,9 @@ def _untouched(modules) -> MTPModule:
     for module in modules:
         if module.lora is None and (module.method is None or module.freeze_backbone):
             return module
-    raise ValueError("no model here has the untouched base model as its backbone (LoRA or fine-tuned backbones): "
-                     "pass base=MTPModule(<base model>, method=None), or load the models with "
-                     "lightning_mtp.bench.load_models")
+    raise UserInputError("no model here has the untouched base model as its backbone (LoRA or fine-tuned backbones): "
+                         "pass base=MTPModule(<base model>, method=None), or load the models with "
+                         "lightning_mtp.bench.load_models")
 
 
 def _is_tiny_math(module) -> bool:
@@ -359,13 +360,13 @@ def _load_draft(draft_model: str, base: MTPModule) -> PreTrainedModel:
     want = base.backbone.config.get_text_config().vocab_size
     have = assistant.config.get_text_config().vocab_size
     if have != want:
-        raise ValueError(f"--draft-model {draft_model!r} has a vocabulary of {have} tokens but the base model "
-                         f"{str(base.backbone_ref)!r} has {want}; hf_assisted needs a draft model with the base's "
-                         "tokenizer: pass one with --draft-model, or leave the peers out with --no-peers")
+        raise UserInputError(f"--draft-model {draft_model!r} has a vocabulary of {have} tokens but the base model "
+                             f"{str(base.backbone_ref)!r} has {want}; hf_assisted needs a draft model with the base's "
+                             "tokenizer: pass one with --draft-model, or leave the peers out with --no-peers")
     if tokenizer is not None and base.tokenizer is not None and tokenizer.get_vocab() != base.tokenizer.get_vocab():
-        raise ValueError(f"--draft-model {draft_model!r} has another tokenizer than the base model "
-                         f"{str(base.backbone_ref)!r} (same size, {have} tokens, different tokens); pass a draft "
-                         "model with the base's tokenizer, or leave the peers out with --no-peers")
+        raise UserInputError(f"--draft-model {draft_model!r} has another tokenizer than the base model "
+                             f"{str(base.backbone_ref)!r} (same size, {have} tokens, different tokens); pass a draft "
+                             "model with the base's tokenizer, or leave the peers out with --no-peers")
     return assistant.eval().to(base.device)
 
 
@@ -423,9 +424,9 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     base = base if base is not None else _untouched(modules)
     tok = base.tokenizer
     if tok is None:
-        raise ValueError("the base model has no tokenizer to encode the prompts with")
+        raise UserInputError("the base model has no tokenizer to encode the prompts with")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
     if peers is None:
         peers = _is_tiny_math(base)
     if peers and draft_model is None and _is_tiny_math(base):
@@ -712,7 +713,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1),
                              ("--prompt-lookup-tokens", args.prompt_lookup_tokens, 1)):
         if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
+            raise UserInputError(f"{flag} must be >= {low}, got {value}")
     prompts, answers = read_prompts(args.prompts, args.n)  # a bad file fails before the models load
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.record import IDENTITY_FIELDS, base_model_record, base_revision, mtp_record
 
 __all__ = [
@@ -215,21 +216,21 @@ def check_identity(module, checkpoint: dict[str, Any]) -> None:
     that lacks trained weights ``module`` needs."""
     saved = checkpoint.get(IDENTITY_KEY)
     if not isinstance(saved, dict) or "base_model" not in saved:
-        raise ValueError("this checkpoint was not written by a lightning-mtp MTPModule (it has no "
-                         f"{IDENTITY_KEY!r} record): resume only from checkpoints of an MTPModule fit")
+        raise UserInputError("this checkpoint was not written by a lightning-mtp MTPModule (it has no "
+                             f"{IDENTITY_KEY!r} record): resume only from checkpoints of an MTPModule fit")
     mine = run_identity(module)
     diffs = _differences(saved, mine)
     if diffs:
-        raise ValueError(f"the checkpoint belongs to another run: it was written for {_describe(saved)}, but this "
-                         f"module is {_describe(mine)}. Differences: {'; '.join(diffs)}. Resume with the same model "
-                         "and method settings as the checkpoint, or start a new run without ckpt_path")
+        raise UserInputError(f"the checkpoint belongs to another run: it was written for {_describe(saved)}, but this "
+                             f"module is {_describe(mine)}. Differences: {'; '.join(diffs)}. Resume with the same model "
+                             "and method settings as the checkpoint, or start a new run without ckpt_path")
     state = checkpoint.get("state_dict")
     if isinstance(state, dict):  # FSDP loads the weights itself before this hook; then there is nothing to see
         wanted = set(trained_keys(module))
         missing = sorted(wanted - set(state))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ValueError(f"the checkpoint lacks {len(missing)} trained weight(s) of this module: {shown}")
+            raise UserInputError(f"the checkpoint lacks {len(missing)} trained weight(s) of this module: {shown}")
 
 
 def checkpoint_tensors_bytes(state: dict[str, Any]) -> int:

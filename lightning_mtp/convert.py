@@ -35,6 +35,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from lightning_mtp import artifacts
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.io import atomic_dir
 from lightning_mtp.module import MTPModule
 from lightning_mtp.native import (
@@ -86,13 +87,13 @@ def export_native(module: MTPModule, directory: str | os.PathLike, layout: str =
     lay = native_layout(layout)
     base = module.base_model
     if module.method is None or module.method_config.name != "fast_mtp":
-        raise ValueError(f"export to the {layout} layout needs a fast_mtp module, got "
-                         f"{None if module.method is None else module.method_config.name!r}")
+        raise UserInputError(f"export to the {layout} layout needs a fast_mtp module, got "
+                             f"{None if module.method is None else module.method_config.name!r}")
     if module.method.draft_ids is not None or module.lora is not None:
-        raise ValueError(f"export to the {layout} layout supports neither vocabulary compression nor LoRA")
+        raise UserInputError(f"export to the {layout} layout supports neither vocabulary compression nor LoRA")
     if base.config.model_type != lay.backbone_model_type:
-        raise ValueError(f"the {layout} layout needs a {lay.backbone_model_type!r} backbone, this one is "
-                         f"{base.config.model_type!r}")
+        raise UserInputError(f"the {layout} layout needs a {lay.backbone_model_type!r} backbone, this one is "
+                             f"{base.config.model_type!r}")
     state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
     if base.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -33,6 +33,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import HFValidationError
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.version import __version__
 
 _HTTP_STACKS = []  # the HTTP client huggingface_hub talks through: httpx2 (huggingface_hub 2.x) or httpx (1.x)
@@ -105,13 +106,13 @@ def hub_settings(
 def validate_repo_id(repo_id: str, *, need_namespace: bool = False) -> str:
     """Return ``repo_id`` or raise a ``ValueError`` saying what a valid one looks like."""
     if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError(f"a Hub repo id must be a non-empty string like 'namespace/name', got {repo_id!r}")
+        raise UserInputError(f"a Hub repo id must be a non-empty string like 'namespace/name', got {repo_id!r}")
     try:
         hf_validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise ValueError(f"invalid Hub repo id {repo_id!r}: {err}") from None
+        raise UserInputError(f"invalid Hub repo id {repo_id!r}: {err}") from None
     if need_namespace and "/" not in repo_id:
-        raise ValueError(f"invalid Hub repo id {repo_id!r}: give the namespace too, e.g. 'your-name/{repo_id}'")
+        raise UserInputError(f"invalid Hub repo id {repo_id!r}: give the namespace too, e.g. 'your-name/{repo_id}'")
     return repo_id
 
 
@@ -160,13 +161,13 @@ def fetch(
             return Path(snapshot_download(**common, endpoint=s.endpoint, token=token, etag_timeout=s.timeout,
                                           library_name="lightning-mtp", library_version=__version__))
         except GatedRepoError:
-            raise ValueError(f"{repo_id!r} on {s.endpoint} is gated: accept its terms on the model page, then log "
-                             "in (`hf auth login`) or pass token=") from None
+            raise UserInputError(f"{repo_id!r} on {s.endpoint} is gated: accept its terms on the model page, then log "
+                                 "in (`hf auth login`) or pass token=") from None
         except RepositoryNotFoundError:
-            raise ValueError(f"repository {repo_id!r} not found on {s.endpoint}; check the id, or log in "
-                             "(`hf auth login`, HF_TOKEN or token=) if it is private") from None
+            raise UserInputError(f"repository {repo_id!r} not found on {s.endpoint}; check the id, or log in "
+                                 "(`hf auth login`, HF_TOKEN or token=) if it is private") from None
         except RevisionNotFoundError:
-            raise ValueError(f"revision {rev!r} of {repo_id!r} not found on {s.endpoint}") from None
+            raise UserInputError(f"revision {rev!r} of {repo_id!r} not found on {s.endpoint}") from None
         except network_errors() as err:
             problem = err
     try:
@@ -175,7 +176,7 @@ def fetch(
         why = ("HF_HUB_OFFLINE is set" if s.offline
                else f"the Hub at {s.endpoint} cannot be reached ({type(problem).__name__}: {first_line(problem)})")
         get = f"hf download {repo_id}" + (f" --revision {rev}" if rev != "main" else "")
-        raise ValueError(
+        raise UserInputError(
             f"{repo_id!r} (revision {rev!r}) is not in the local Hugging Face cache {s.cache_dir}, and {why}. "
             f"Fetch it once with network access: `{get}` (same HF_HUB_CACHE/HF_HOME), then load again"
         ) from err

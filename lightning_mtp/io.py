@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lightning_mtp.errors import UserInputError
+
 __all__ = ["atomic_dir", "atomic_write_text", "read_safetensors"]
 
 
@@ -58,4 +60,4 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"cannot read {path}: {err}") from None
+        raise UserInputError(f"cannot read {path}: {err}") from None

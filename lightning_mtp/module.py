@@ -31,6 +31,7 @@ from lightning_mtp.decoding.speculative import (
     needs_row_by_row,
     speculative_generate,
 )
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
 
@@ -84,9 +85,9 @@ class MTPModule(L.LightningModule):
         super().__init__()
         self.method_config = resolve_method(method)  # validates before any loading
         if not learning_rate > 0:  # NaN too
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+            raise UserInputError(f"learning_rate must be > 0, got {learning_rate}")
         if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+            raise UserInputError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if isinstance(backbone, PreTrainedModel):
             model, self.tokenizer = backbone, None
             self.backbone_ref = getattr(backbone, "name_or_path", "") or ""
@@ -222,7 +223,7 @@ class MTPModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("nothing to train: the backbone is frozen and the method has no parameters")
+            raise UserInputError("nothing to train: the backbone is frozen and the method has no parameters")
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * hp.warmup_ratio)
@@ -292,17 +293,17 @@ class MTPModule(L.LightningModule):
         if num_draft_tokens is None:
             num_draft_tokens = default_k
         if draft_confidence_threshold is not None and decoding != "speculative":
-            raise ValueError(f"draft_confidence_threshold applies to speculative decoding, not {decoding!r}")
+            raise UserInputError(f"draft_confidence_threshold applies to speculative decoding, not {decoding!r}")
         if draft_confidence_threshold is None:
             draft_confidence_threshold = default_threshold
         offered = ("speculative",) if self.method is None else self.method.decodings
         if decoding not in offered:
-            raise ValueError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
+            raise UserInputError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
         if decoding == "speculative" and options:
-            raise ValueError(f"unknown generate option(s) {sorted(options)} for speculative decoding")
+            raise UserInputError(f"unknown generate option(s) {sorted(options)} for speculative decoding")
         k = self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if k < 0:
-            raise ValueError(f"num_draft_tokens must be >= 0, got {k}")
+            raise UserInputError(f"num_draft_tokens must be >= 0, got {k}")
         modes = {mod: mod.training for mod in self.modules()}  # restore each one: a blanket .train() would
         self.eval()  # switch on dropout in a backbone that was in eval mode
         sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)

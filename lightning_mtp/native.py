@@ -35,6 +35,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from lightning_mtp.errors import UserInputError
+
 __all__ = [
     "NATIVE_LAYOUTS",
     "NativeLayout",
@@ -107,7 +109,7 @@ NATIVE_LAYOUTS: dict[str, NativeLayout] = {
 def native_layout(name: str) -> NativeLayout:
     """The layout called ``name``; an unknown name is a ``ValueError`` listing the known ones."""
     if name not in NATIVE_LAYOUTS:
-        raise ValueError(f"unknown native MTP layout {name!r}; known layouts are {sorted(NATIVE_LAYOUTS)}")
+        raise UserInputError(f"unknown native MTP layout {name!r}; known layouts are {sorted(NATIVE_LAYOUTS)}")
     return NATIVE_LAYOUTS[name]
 
 
@@ -150,8 +152,8 @@ def from_native(tensors: dict[str, torch.Tensor], layout: str = "mimo") -> dict[
     for key, value in tensors.items():
         rename = next(((src, dst) for src, dst in lay.renames if key.startswith(src)), None)
         if rename is None:
-            raise ValueError(f"native {layout} MTP key {key!r} has no place in our FastMTP head "
-                             f"(known prefixes: {[src for src, _ in lay.renames]})")
+            raise UserInputError(f"native {layout} MTP key {key!r} has no place in our FastMTP head "
+                                 f"(known prefixes: {[src for src, _ in lay.renames]})")
         ours = rename[1] + key[len(rename[0]):]
         out[ours] = _swap_halves(value) if lay.swap_proj_halves and ours == "block.proj.weight" else value
     return out
@@ -164,7 +166,7 @@ def to_native(state: dict[str, torch.Tensor], layout: str = "mimo") -> dict[str,
     for key, value in state.items():
         rename = next(((src, dst) for src, dst in lay.renames if key.startswith(dst)), None)
         if rename is None:
-            raise ValueError(f"FastMTP head key {key!r} has no place in the native {layout} MTP layer")
+            raise UserInputError(f"FastMTP head key {key!r} has no place in the native {layout} MTP layer")
         native = rename[0] + key[len(rename[1]):]
         out[native] = _swap_halves(value) if lay.swap_proj_halves and key == "block.proj.weight" else value
     return out
@@ -176,11 +178,11 @@ def _safetensors_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{index} is not a safetensors index (no 'weight_map'): {err}") from None
+            raise UserInputError(f"{index} is not a safetensors index (no 'weight_map'): {err}") from None
         return [directory / f for f in sorted(set(weight_map.values()))]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{directory} holds no *.safetensors weights")
+        raise UserInputError(f"{directory} holds no *.safetensors weights")
     return files
 
 
@@ -193,11 +195,11 @@ def read_native_mtp_tensors(directory: str | os.PathLike, layout: str = "mimo") 
             with safe_open(str(file), framework="pt") as f:
                 found = {key: f.get_tensor(key) for key in f.keys() if key.startswith(lay.prefix)}  # noqa: SIM118
         except Exception as err:  # safetensors raises its own error types for missing or corrupt files
-            raise ValueError(f"cannot read {file}: {err}") from None
+            raise UserInputError(f"cannot read {file}: {err}") from None
         for key, tensor in found.items():
             index, _, rest = key[len(lay.prefix):].partition(".")
             if not index.isdigit() or not rest:
-                raise ValueError(f"{file}: key {key!r} is not '{lay.prefix}<index>.<name>'")
+                raise UserInputError(f"{file}: key {key!r} is not '{lay.prefix}<index>.<name>'")
             layers.setdefault(int(index), {})[rest] = tensor
     return layers
 
@@ -214,7 +216,7 @@ def load_native_backbone(directory: str | os.PathLike, *, dtype: str | torch.dty
     directory = Path(directory)
     name = detect_native_layout(directory)
     if name is None:
-        raise ValueError(f"{directory} is not a model with a native MTP layer we know (layouts: {sorted(NATIVE_LAYOUTS)})")
+        raise UserInputError(f"{directory} is not a model with a native MTP layer we know (layouts: {sorted(NATIVE_LAYOUTS)})")
     lay = NATIVE_LAYOUTS[name]
     raw = _read_config(directory)
     kwargs = {k: v for k, v in raw.items() if k not in {"model_type", "architectures", "auto_map", "transformers_version"}}
@@ -227,14 +229,14 @@ def load_native_backbone(directory: str | os.PathLike, *, dtype: str | torch.dty
             directory, config=config, dtype=torch_dtype, output_loading_info=True, trust_remote_code=False
         )
     except OSError as err:
-        raise ValueError(f"backbone of {directory} could not be loaded: {err}") from None
+        raise UserInputError(f"backbone of {directory} could not be loaded: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(lay.prefix)]
     missing = [k for k in info.get("missing_keys", []) if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if unexpected or missing:
-        raise ValueError(f"{directory} does not load as {type(model).__name__}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
+        raise UserInputError(f"{directory} does not load as {type(model).__name__}: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
     model.config.architectures = [type(model).__name__]
     try:
         # the backbone's config, not config.json: its auto_map would make transformers ask about remote code

@@ -15,6 +15,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.version import __version__
 
 __all__ = [
@@ -90,18 +91,18 @@ def read_mtp_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise UserInputError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+        raise UserInputError(f"{path} must hold a JSON object, got {type(config).__name__}")
     for key in ("method", "base_model"):
         if key not in config:
-            raise ValueError(f"{path} lacks the {key!r} field; is it a lightning-mtp artefact?")
+            raise UserInputError(f"{path} lacks the {key!r} field; is it a lightning-mtp artefact?")
     _check_library(path, config)
     _check_fields(path, config)
     if config["method"] is None and (path.parent / METHOD_WEIGHTS).is_file():
-        raise ValueError(f"{path} records no method (\"method\": null), but {METHOD_WEIGHTS} holds method weights "
-                         "that nothing would load; restore the method's configuration in the 'method' field, or "
-                         "save the artefact again")
+        raise UserInputError(f"{path} records no method (\"method\": null), but {METHOD_WEIGHTS} holds method weights "
+                             "that nothing would load; restore the method's configuration in the 'method' field, or "
+                             "save the artefact again")
     unknown = sorted(set(config) - _KNOWN_KEYS)
     if unknown:
         warnings.warn(f"{path} has field(s) {unknown} unknown to lightning-mtp {__version__} (written by "
@@ -113,12 +114,12 @@ def _check_library(path: Path, config: dict) -> None:
     """Written by lightning-mtp, by a version this one can read (a newer one is warned about, as PEFT does)."""
     library = config.get("library", "lightning-mtp")
     if library != "lightning-mtp":
-        raise ValueError(f"{path}: field 'library' is {library!r}; expected 'lightning-mtp' (this is not a "
-                         "lightning-mtp artefact)")
+        raise UserInputError(f"{path}: field 'library' is {library!r}; expected 'lightning-mtp' (this is not a "
+                             "lightning-mtp artefact)")
     saved = config.get("library_version")
     if saved is None:
         return
-    bad = ValueError(f"{path}: field 'library_version' is {saved!r}; expected a version string such as {__version__!r}")
+    bad = UserInputError(f"{path}: field 'library_version' is {saved!r}; expected a version string such as {__version__!r}")
     if not isinstance(saved, str):
         raise bad
     try:
@@ -164,11 +165,11 @@ def _check_fields(path: Path, config: dict) -> None:
     """Each known field of the right type (what loading reads, before it reads it)."""
     for field, (ok, expected) in _TOP_FIELDS.items():
         if field in config and not ok(config[field]):
-            raise ValueError(f"{path}: field {field!r} is {config[field]!r}; expected {expected}")
+            raise UserInputError(f"{path}: field {field!r} is {config[field]!r}; expected {expected}")
     base = config["base_model"]
     for field in _BASE_REQUIRED:
         if field not in base:
-            raise ValueError(f"{path}: field 'base_model' lacks {field!r} (the base's {field}, a positive integer)")
+            raise UserInputError(f"{path}: field 'base_model' lacks {field!r} (the base's {field}, a positive integer)")
     for field, (ok, expected) in _BASE_FIELDS.items():
         if field in base and not ok(base[field]):
-            raise ValueError(f"{path}: field 'base_model.{field}' is {base[field]!r}; expected {expected}")
+            raise UserInputError(f"{path}: field 'base_model.{field}' is {base[field]!r}; expected {expected}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_mtp import zoo_index
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import fetch, is_hub_id
 
 __all__ = ["is_zoo_name", "locate_artifact", "resolve_base_reference", "resolve_model_path"]
@@ -31,7 +32,7 @@ def resolve_model_path(name: str) -> str:
         return str(zoo_dir)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
     if looks_local or not name:
-        raise ValueError(
+        raise UserInputError(
             f"backbone {name!r} not found: no such directory, and it is not a zoo name "
             f"(zoo: {zoo_index.names()}) or a Hub id"
         )
@@ -64,5 +65,5 @@ def locate_artifact(directory: str | os.PathLike, hub: dict[str, Any]) -> tuple[
     if not os.path.isdir(path):
         close = difflib.get_close_matches(name, zoo_index.names(), n=3, cutoff=0.5)
         hint = f"; did you mean the zoo entr{'y' if len(close) == 1 else 'ies'} {close}?" if close else ""
-        raise ValueError(f"{name!r} is not a local directory, a zoo name or a Hub repo id ('namespace/name'){hint}")
+        raise UserInputError(f"{name!r} is not a local directory, a zoo name or a Hub repo id ('namespace/name'){hint}")
     return Path(path), None

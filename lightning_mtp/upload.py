@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 
 from lightning_mtp.card import model_card
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import first_line, hub_settings, is_hub_id, network_errors, validate_repo_id
 from lightning_mtp.record import MTP_CONFIG, read_mtp_config
 from lightning_mtp.resolve import is_zoo_name
@@ -32,8 +33,8 @@ def _materialise(source: Any, tmp: Path, load_checkpoint: Callable[[str], Any] |
     if path.is_file() and path.suffix == ".ckpt" and load_checkpoint is not None:
         return load_checkpoint(str(path)).save_pretrained(tmp / "artifact")
     if not path.is_dir():
-        raise ValueError(f"nothing to push at {str(source)!r}: give an artefact directory, a Lightning .ckpt file "
-                         "or an MTPModule")
+        raise UserInputError(f"nothing to push at {str(source)!r}: give an artefact directory, a Lightning .ckpt file "
+                             "or an MTPModule")
     return path
 
 
@@ -75,13 +76,13 @@ def push_to_hub(
     validate_repo_id(repo_id, need_namespace=True)
     if base_model is not None and not is_hub_id(base_model):
         if not is_zoo_name(base_model):
-            raise ValueError(f"base_model {base_model!r} must be a Hub id ('namespace/name') or a zoo name")
+            raise UserInputError(f"base_model {base_model!r} must be a Hub id ('namespace/name') or a zoo name")
     s = hub_settings(endpoint)
     with tempfile.TemporaryDirectory(prefix="lightning-mtp-push-") as tmp:
         directory = _materialise(source, Path(tmp), load_checkpoint)
         files = _files(directory)
         if not files:
-            raise ValueError(f"{directory} holds no files to push")
+            raise UserInputError(f"{directory} holds no files to push")
         overrides: dict[str, bytes] = {}
         config = None
         if (directory / MTP_CONFIG).is_file():
@@ -95,7 +96,7 @@ def push_to_hub(
                 overrides[MTP_CONFIG] = (json.dumps(config, indent=2) + "\n").encode()
             native = config.get("weights") in {"full", "native"}
             if base_model is None and not native and not is_hub_id(ref) and not is_zoo_name(ref):
-                raise ValueError(
+                raise UserInputError(
                     f"{directory / MTP_CONFIG} names its base model by the local path {ref!r}, which nobody else can "
                     "load; pass base_model='namespace/name' (the Hub id of that base) to record it in the upload"
                 )
@@ -120,7 +121,7 @@ def push_to_hub(
                 repo_type="model",
             )
         except network_errors() + (ValueError,) as err:
-            raise ValueError(
+            raise UserInputError(
                 f"push of {directory} to {repo_id!r} on {s.endpoint} failed while {stage}: "
                 f"{type(err).__name__}: {first_line(err)}. Nothing from this push was committed (a Hub commit "
                 "lands whole or not at all) and the local files are unchanged; fix the cause and push again"

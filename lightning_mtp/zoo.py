@@ -47,6 +47,7 @@ from transformers import PreTrainedModel
 
 from lightning_mtp import artifacts
 from lightning_mtp.commands import CommandParser
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub import push_to_hub
 from lightning_mtp.hub_transport import fetch, is_hub_id
 from lightning_mtp.methods import METHODS
@@ -116,9 +117,9 @@ def load(name: str, **overrides: Any) -> MTPModule:
     rest = {k: v for k, v in overrides.items() if k not in method_fields}
     unknown = sorted(set(rest) - module_params - set(HUB_KWARGS))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for zoo entry {name!r}; method options are "
-                         f"{sorted(method_fields)}, module options {sorted(module_params)}, Hub options "
-                         f"{[*HUB_KWARGS]}")
+        raise UserInputError(f"unknown option(s) {unknown} for zoo entry {name!r}; method options are "
+                             f"{sorted(method_fields)}, module options {sorted(module_params)}, Hub options "
+                             f"{[*HUB_KWARGS]}")
     return load_entry(entry, method_overrides=method_overrides, **rest)
 
 
@@ -137,7 +138,7 @@ def push(source: Any, repo_id: str, *, name: str | None = None, license: str | N
     if isinstance(source, str) and not os.path.exists(source) and has(source):
         entry = info(source)
         if "path" not in entry.weights and not (entry.weights["format"] != "artifact" and "path" in entry.base_model):
-            raise ValueError(f"zoo entry {source!r} already lives on the Hub; nothing local to push")
+            raise UserInputError(f"zoo entry {source!r} already lives on the Hub; nothing local to push")
         source = weights_location(entry, None, {})
     if entry is not None and entry.metrics and "metrics" not in kwargs:
         kwargs["metrics"] = entry.metrics

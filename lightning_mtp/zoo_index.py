@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import fetch, snapshot_commit, validate_repo_id
 from lightning_mtp.methods.registry import resolve_method
 from lightning_mtp.native import NATIVE_LAYOUTS
@@ -99,55 +100,55 @@ class ZooEntry:
         _check_keys(data, _TOP, "", origin)
         name = data["name"]
         if not _NAME.match(name):
-            raise ValueError(f"{origin}: field 'name' must be lower-case letters, digits, '.', '_' or '-', got {name!r}")
+            raise UserInputError(f"{origin}: field 'name' must be lower-case letters, digits, '.', '_' or '-', got {name!r}")
         if origin.endswith((".yaml", ".yml")) and Path(origin).stem != name:
-            raise ValueError(f"{origin}: field 'name' is {name!r} but the file is named {Path(origin).name!r}; "
-                             "they must agree")
+            raise UserInputError(f"{origin}: field 'name' is {name!r} but the file is named {Path(origin).name!r}; "
+                                 "they must agree")
         base = data["base_model"]
         _check_keys(base, _BASE, "base_model", origin)
         kinds = [k for k in ("entry", "repo_id", "path") if k in base]
         if len(kinds) != 1:
-            raise ValueError(f"{origin}: field 'base_model' needs exactly one of 'entry', 'repo_id' or 'path', "
-                             f"got {kinds or 'none'}")
+            raise UserInputError(f"{origin}: field 'base_model' needs exactly one of 'entry', 'repo_id' or 'path', "
+                                 f"got {kinds or 'none'}")
         if "repo_id" in base:
             _check_repo_id(base["repo_id"], "base_model.repo_id", origin)
         elif "revision" in base:
-            raise ValueError(f"{origin}: field 'base_model.revision' applies to a 'repo_id' base only")
+            raise UserInputError(f"{origin}: field 'base_model.revision' applies to a 'repo_id' base only")
         weights = data["weights"]
         _check_keys(weights, _WEIGHTS, "weights", origin)
         fmt = weights["format"]
         if fmt not in FORMATS:
-            raise ValueError(f"{origin}: field 'weights.format' must be one of {[*FORMATS]}, got {fmt!r}")
+            raise UserInputError(f"{origin}: field 'weights.format' must be one of {[*FORMATS]}, got {fmt!r}")
         where = [k for k in ("path", "repo_id") if k in weights]
         if fmt == "artifact" and len(where) != 1:
-            raise ValueError(f"{origin}: field 'weights' of format 'artifact' needs exactly one of 'path' or "
-                             f"'repo_id', got {where or 'none'}")
+            raise UserInputError(f"{origin}: field 'weights' of format 'artifact' needs exactly one of 'path' or "
+                                 f"'repo_id', got {where or 'none'}")
         if fmt != "artifact" and where:
-            raise ValueError(f"{origin}: field 'weights.{where[0]}' does not apply to format {fmt!r}: those weights "
-                             "are the base_model itself")
+            raise UserInputError(f"{origin}: field 'weights.{where[0]}' does not apply to format {fmt!r}: those weights "
+                                 "are the base_model itself")
         if "repo_id" in weights:
             _check_repo_id(weights["repo_id"], "weights.repo_id", origin)
         if fmt == "native_mtp":
             if weights.get("layout") not in NATIVE_LAYOUTS:
-                raise ValueError(f"{origin}: field 'weights.layout' must be one of {sorted(NATIVE_LAYOUTS)} for "
-                                 f"format 'native_mtp', got {weights.get('layout')!r}")
+                raise UserInputError(f"{origin}: field 'weights.layout' must be one of {sorted(NATIVE_LAYOUTS)} for "
+                                     f"format 'native_mtp', got {weights.get('layout')!r}")
         elif "layout" in weights:
-            raise ValueError(f"{origin}: field 'weights.layout' applies to format 'native_mtp' only")
+            raise UserInputError(f"{origin}: field 'weights.layout' applies to format 'native_mtp' only")
         method = data["method"]
         if method is not None and not isinstance(method.get("name"), str):
-            raise ValueError(f"{origin}: field 'method.name' must be a method name (string), got "
-                             f"{type(method.get('name')).__name__} {method.get('name')!r}")
+            raise UserInputError(f"{origin}: field 'method.name' must be a method name (string), got "
+                                 f"{type(method.get('name')).__name__} {method.get('name')!r}")
         decoding = data.get("decoding") or {}
         _check_keys(decoding, _DECODING, "decoding", origin)
         metrics = data.get("metrics") or {}
         _check_keys(metrics, _METRICS, "metrics", origin)
         if (metrics.get("values") or metrics.get("rows")) and not (metrics.get("command") or metrics.get("source")):
-            raise ValueError(f"{origin}: field 'metrics' needs 'command' (how they were measured) or 'source' "
-                             "(where they were reported)")
+            raise UserInputError(f"{origin}: field 'metrics' needs 'command' (how they were measured) or 'source' "
+                                 "(where they were reported)")
         source = data["source"]
         _check_keys(source, _SOURCE, "source", origin)
         if not source:
-            raise ValueError(f"{origin}: field 'source' needs at least one of {sorted(_SOURCE)}")
+            raise UserInputError(f"{origin}: field 'source' needs at least one of {sorted(_SOURCE)}")
         return cls(
             name=name, description=data["description"], base_model=dict(base), method=None if method is None else dict(method),
             weights=dict(weights), license=data["license"], source=dict(source), decoding=dict(decoding),
@@ -160,9 +161,9 @@ class ZooEntry:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
+            raise UserInputError(f"{path}: not valid YAML: {err}") from None
         except OSError as err:
-            raise ValueError(f"cannot read zoo entry {path}: {err}") from None
+            raise UserInputError(f"cannot read zoo entry {path}: {err}") from None
         return cls.from_dict(data, origin=str(path), root=path.parent)
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,7 +179,7 @@ class ZooEntry:
         try:
             return resolve_method(self.method)
         except ValueError as err:
-            raise ValueError(f"{self.origin}: field 'method': {err}") from None
+            raise UserInputError(f"{self.origin}: field 'method': {err}") from None
 
     def local_path(self, key: str) -> Path:
         """``base_model.path`` / ``weights.path`` as an absolute directory (relative to the entry's file)."""
@@ -217,7 +218,7 @@ def _type_name(types: _T) -> str:
 def _check_mapping(value: Any, where: str, origin: str) -> None:
     if not isinstance(value, dict):
         what = f"field '{where}'" if where else "the entry"
-        raise ValueError(f"{origin}: {what} must be a mapping, got {type(value).__name__} {value!r}")
+        raise UserInputError(f"{origin}: {what} must be a mapping, got {type(value).__name__} {value!r}")
 
 
 def _check_keys(data: Any, spec: dict[str, tuple[_T, bool]], where: str, origin: str) -> None:
@@ -226,25 +227,25 @@ def _check_keys(data: Any, spec: dict[str, tuple[_T, bool]], where: str, origin:
     prefix = f"{where}." if where else ""
     unknown = sorted(set(data) - set(spec))
     if unknown:
-        raise ValueError(f"{origin}: unknown field '{prefix}{unknown[0]}'; valid fields are {sorted(spec)}")
+        raise UserInputError(f"{origin}: unknown field '{prefix}{unknown[0]}'; valid fields are {sorted(spec)}")
     for key, (types, required) in spec.items():
         if key not in data:
             if required:
-                raise ValueError(f"{origin}: missing required field '{prefix}{key}'")
+                raise UserInputError(f"{origin}: missing required field '{prefix}{key}'")
             continue
         value = data[key]
         allowed = types if isinstance(types, tuple) else (types,)
         bad_bool = isinstance(value, bool) and bool not in allowed  # YAML's true is an int to Python
         if bad_bool or not isinstance(value, allowed):
-            raise ValueError(f"{origin}: field '{prefix}{key}' must be {_type_name(types)}, got "
-                             f"{type(value).__name__} {value!r}")
+            raise UserInputError(f"{origin}: field '{prefix}{key}' must be {_type_name(types)}, got "
+                                 f"{type(value).__name__} {value!r}")
 
 
 def _check_repo_id(repo_id: str, where: str, origin: str) -> None:
     try:
         validate_repo_id(repo_id, need_namespace=True)
     except ValueError as err:
-        raise ValueError(f"{origin}: field '{where}': {err}") from None
+        raise UserInputError(f"{origin}: field '{where}': {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -270,7 +271,7 @@ def _entries() -> dict[str, ZooEntry]:
             for file in sorted(Path(d).glob("*.yaml")):
                 entry = ZooEntry.from_file(file)
                 if entry.name in found:
-                    raise ValueError(f"zoo entry {entry.name!r} is defined twice: {found[entry.name].origin} and {file}")
+                    raise UserInputError(f"zoo entry {entry.name!r} is defined twice: {found[entry.name].origin} and {file}")
                 found[entry.name] = entry
         _from_dirs = (dirs, found)
     return {**_from_dirs[1], **_registered}
@@ -297,7 +298,7 @@ def info(name: str) -> ZooEntry:
         return entries[name]
     close = difflib.get_close_matches(str(name), entries, n=3, cutoff=0.5)
     hint = f"did you mean {close}? " if close else ""
-    raise ValueError(f"{name!r} is not a zoo entry; {hint}known entries are {sorted(entries)}")
+    raise UserInputError(f"{name!r} is not a zoo entry; {hint}known entries are {sorted(entries)}")
 
 
 def register(
@@ -319,16 +320,16 @@ def register(
         if path.is_dir():
             new = [ZooEntry.from_file(f) for f in sorted(path.glob("*.yaml"))]
             if not new:
-                raise ValueError(f"{path} holds no *.yaml zoo entries")
+                raise UserInputError(f"{path} holds no *.yaml zoo entries")
         elif path.is_file():
             new = [ZooEntry.from_file(path)]
         else:
-            raise ValueError(f"cannot register {str(path)!r}: no such file or directory")
+            raise UserInputError(f"cannot register {str(path)!r}: no such file or directory")
     existing = _entries()
     for entry in new:
         if entry.name in existing and not replace:
-            raise ValueError(f"zoo entry {entry.name!r} already exists ({existing[entry.name].origin}); "
-                             "pass replace=True to override it")
+            raise UserInputError(f"zoo entry {entry.name!r} already exists ({existing[entry.name].origin}); "
+                                 "pass replace=True to override it")
     for entry in new:
         _registered[entry.name] = entry
     return new[0] if single or Path(path_or_dict).is_file() else new
@@ -346,17 +347,17 @@ def validate(name_or_entry: str | ZooEntry) -> ZooEntry:
     if "entry" in entry.base_model:
         base = info(entry.base_model["entry"])
         if base.weights["format"] != "full_model":
-            raise ValueError(f"{entry.origin}: field 'base_model.entry' names {base.name!r}, which is not a whole "
-                             "model (weights.format full_model)")
+            raise UserInputError(f"{entry.origin}: field 'base_model.entry' names {base.name!r}, which is not a whole "
+                                 "model (weights.format full_model)")
     for key in ("base_model", "weights"):
         if "path" in getattr(entry, key) and not entry.local_path(key).is_dir():
-            raise ValueError(f"{entry.origin}: field '{key}.path' -> {entry.local_path(key)} is not a directory")
+            raise UserInputError(f"{entry.origin}: field '{key}.path' -> {entry.local_path(key)} is not a directory")
     if entry.weights["format"] == "artifact" and "path" in entry.weights:
         saved = read_mtp_config(entry.local_path("weights") / MTP_CONFIG)
         theirs = resolve_method(saved["method"])
         if (None if config is None else config.to_dict()) != (None if theirs is None else theirs.to_dict()):
-            raise ValueError(f"{entry.origin}: field 'method' {entry.method} disagrees with the artefact's "
-                             f"{saved['method']}")
+            raise UserInputError(f"{entry.origin}: field 'method' {entry.method} disagrees with the artefact's "
+                                 f"{saved['method']}")
         base_dir = _local_base_dir(entry)
         if base_dir is not None and (base_dir / "config.json").is_file():
             cfg = json.loads((base_dir / "config.json").read_text())
@@ -366,8 +367,8 @@ def validate(name_or_entry: str | ZooEntry) -> ZooEntry:
             if theirs is not None and have[0] is not None:  # e.g. mask_token adds its <MTP> row to the base
                 have = (theirs.vocab_size_after_prepare(have[0]), have[1])
             if have != want:
-                raise ValueError(f"{entry.origin}: the artefact was trained on vocab/hidden {want}, but base "
-                                 f"{base_dir} gives {have}")
+                raise UserInputError(f"{entry.origin}: the artefact was trained on vocab/hidden {want}, but base "
+                                     f"{base_dir} gives {have}")
     return entry
 
 
@@ -389,14 +390,14 @@ def base_location(entry: ZooEntry, revision: str | None, hub: dict[str, Any]) ->
     if "entry" in base:
         parent = info(base["entry"])
         if parent.weights["format"] != "full_model":
-            raise ValueError(f"{entry.origin}: base_model.entry {parent.name!r} is not a whole model")
+            raise UserInputError(f"{entry.origin}: base_model.entry {parent.name!r} is not a whole model")
         path, _, rev = base_location(parent, None, hub)
         return path, parent.name, rev
     if "path" in base:
         path = entry.local_path("base_model")
         if not path.is_dir():
-            raise ValueError(f"{entry.origin}: base model directory {path} is missing (a non-editable install "
-                             "has no zoo/ directory: point LIGHTNING_MTP_ZOO at a checkout's zoo/)")
+            raise UserInputError(f"{entry.origin}: base model directory {path} is missing (a non-editable install "
+                                 "has no zoo/ directory: point LIGHTNING_MTP_ZOO at a checkout's zoo/)")
         return path, entry.name if entry.weights["format"] != "artifact" else str(path), None
     rev = revision or base.get("revision")
     path = fetch(base["repo_id"], rev, **hub)
@@ -410,8 +411,8 @@ def weights_location(entry: ZooEntry, revision: str | None, hub: dict[str, Any])
     if "path" in weights:
         path = entry.local_path("weights")
         if not path.is_dir():
-            raise ValueError(f"{entry.origin}: weights directory {path} is missing (a non-editable install has "
-                             "no zoo/ directory: point LIGHTNING_MTP_ZOO at a checkout's zoo/)")
+            raise UserInputError(f"{entry.origin}: weights directory {path} is missing (a non-editable install has "
+                                 "no zoo/ directory: point LIGHTNING_MTP_ZOO at a checkout's zoo/)")
         return path
     return fetch(weights["repo_id"], revision or weights.get("revision"), **hub)
 
@@ -430,4 +431,4 @@ def weights_path(name: str, **hub: Any) -> Path:
 def check_hub_kwargs(hub: Mapping[str, Any]) -> None:
     unknown = sorted(set(hub) - set(HUB_KWARGS))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; Hub options are {[*HUB_KWARGS]}")
+        raise UserInputError(f"unknown option(s) {unknown}; Hub options are {[*HUB_KWARGS]}")

@@ -31,6 +31,7 @@ from lightning_mtp.decoding.speculative import (
     new_cache,
     verifies_several_tokens,
 )
+from lightning_mtp.errors import UserInputError
 
 __all__ = ["conf_adapt_generate", "confident_prefix_length"]
 
@@ -68,21 +69,21 @@ def conf_adapt_generate(
     docstring). ``tau=None`` is static k. Sampling draws each prediction from its (warped) distribution and
     reads its confidence from that distribution."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"ConfAdapt decodes one sequence at a time: input_ids must be (1, n), got "
-                         f"{tuple(input_ids.shape)}")
+        raise UserInputError(f"ConfAdapt decodes one sequence at a time: input_ids must be (1, n), got "
+                             f"{tuple(input_ids.shape)}")
     n = input_ids.shape[1]
     if n == 0:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise UserInputError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise UserInputError(f"k must be >= 1, got {k}")
     if k > 1 and not verifies_several_tokens(model):
-        raise ValueError(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, "
-                         "so mask tokens cannot ride along: decode with k=1 or decoding='speculative'")
+        raise UserInputError(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, "
+                             "so mask tokens cannot ride along: decode with k=1 or decoding='speculative'")
     context = context_length(model)
     if context is not None and n >= context:
-        raise ValueError(f"the prompt has {n} tokens but the model's context is {context}: shorten the prompt")
+        raise UserInputError(f"the prompt has {n} tokens but the model's context is {context}: shorten the prompt")
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     eos = eos_ids(model)
     device = input_ids.device

@@ -55,6 +55,7 @@ from lightning_mtp.backbone import (
 )
 from lightning_mtp.decoding.drafter import AppendedOutputs, Drafter
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
+from lightning_mtp.errors import UserInputError
 
 __all__ = [
     "DecodeStats",
@@ -221,26 +222,26 @@ def speculative_generate(
     """
     check_generate_inputs(model, input_ids, max_new_tokens)
     if not takes_cache(model):
-        raise ValueError(f"{type(model).__name__} takes no transformers KV cache (its forward has none of the cache "
-                         "keywords), which speculative decoding needs")
+        raise UserInputError(f"{type(model).__name__} takes no transformers KV cache (its forward has none of the cache "
+                             "keywords), which speculative decoding needs")
     B, n = input_ids.shape
     if not _is_int(num_draft_tokens):
-        raise ValueError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
+        raise UserInputError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
     if num_draft_tokens < 0:
-        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+        raise UserInputError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
     if not 0.0 <= draft_confidence_threshold <= 1.0:
-        raise ValueError(f"draft_confidence_threshold must be within [0, 1], got {draft_confidence_threshold}")
+        raise UserInputError(f"draft_confidence_threshold must be within [0, 1], got {draft_confidence_threshold}")
     real = _check_mask(attention_mask, input_ids)  # (B, n) bool, or None when there is no padding
     lengths = real.sum(1) if real is not None else torch.full((B,), n)
     context = context_length(model)
     if context is not None and int(lengths.max()) >= context:
-        raise ValueError(
+        raise UserInputError(
             f"the prompt has {int(lengths.max())} tokens but the model's context is {context}: shorten the prompt"
         )
     if B > 1 and streamer is not None:
-        raise ValueError(f"a streamer takes one sequence, got a batch of {B}; stream one prompt at a time")
+        raise UserInputError(f"a streamer takes one sequence, got a batch of {B}; stream one prompt at a time")
     if B > 1 and needs_row_by_row(model):
-        raise ValueError(
+        raise UserInputError(
             f"{type(model).__name__} has sliding-window or recurrent cache layers or no position ids, which batched "
             "speculative decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
         )
@@ -275,22 +276,22 @@ def check_generate_inputs(model: PreTrainedModel, input_ids, max_new_tokens) -> 
     """Refuse what ``generate`` cannot decode with one clear error, before any forward (an id outside the
     vocabulary would otherwise be an index error deep in the embedding, or a device assert on a GPU)."""
     if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        raise UserInputError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
-        raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
+        raise UserInputError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        raise UserInputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise UserInputError("the prompt is empty: give at least one token")
     if not _is_int(max_new_tokens):
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise UserInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     vocab = model.get_input_embeddings().weight.shape[0]
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
-        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab})")
+        raise UserInputError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab})")
 
 
 def _split_appended(logits: torch.Tensor, hidden: torch.Tensor | None, A: int):
@@ -317,14 +318,14 @@ def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) ->
     if attention_mask is None:
         return None
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
+        raise UserInputError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
         )
     real = attention_mask.to(device=input_ids.device).bool()
     if real.all():
         return None
     if not real[:, -1].all() or (real[:, 1:].long() < real[:, :-1].long()).any():
-        raise ValueError("padding must be on the left (tokenizer.padding_side = 'left') and every row needs a token")
+        raise UserInputError("padding must be on the left (tokenizer.padding_side = 'left') and every row needs a token")
     return real
 
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from lightning_mtp.backbone import BackboneParts, LastHiddenState
 from lightning_mtp.decoding.drafter import AppendedOutputs, DraftChain, Drafter
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.registry import METHODS, MethodConfig, register_method, resolve_method
 
 __all__ = ["METHODS", "AppendedOutputs", "Drafter", "DraftChain", "MTPMethod", "MethodConfig", "MethodContext", "future_labels", "future_tokens", "main_head_metrics", "register_method", "resolve_method"]
@@ -183,7 +184,7 @@ class MTPMethod(nn.Module):
 
     def generate(self, context: MethodContext, input_ids: torch.Tensor, *, decoding: str, **options: Any):
         """Decode with one of the method's own modes (any of :attr:`decodings` but ``"speculative"``)."""
-        raise ValueError(f"method {self.config.name!r} has no decoding {decoding!r}; choose one of {list(self.decodings)}")
+        raise UserInputError(f"method {self.config.name!r} has no decoding {decoding!r}; choose one of {list(self.decodings)}")
 
     def bench_entries(self, sweep: bool = False) -> list[tuple[str, dict[str, Any]]]:
         """``(entry name, generate options)`` for each decoder ``lightning-mtp bench`` runs for this method.

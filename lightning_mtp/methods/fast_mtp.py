@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import (
     DraftChain,
     MethodConfig,
@@ -67,11 +68,11 @@ class FastMTP(MethodConfig):
 
     def validate(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"fast_mtp num_steps (K) must be an integer >= 1, got {self.num_steps!r}")
+            raise UserInputError(f"fast_mtp num_steps (K) must be an integer >= 1, got {self.num_steps!r}")
         if not self.beta > 0:
-            raise ValueError(f"fast_mtp beta must be > 0, got {self.beta!r}")
+            raise UserInputError(f"fast_mtp beta must be > 0, got {self.beta!r}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            raise ValueError(f"fast_mtp draft_vocab_size must be >= 1 or None, got {self.draft_vocab_size!r}")
+            raise UserInputError(f"fast_mtp draft_vocab_size must be >= 1 or None, got {self.draft_vocab_size!r}")
 
     def loss_weights(self) -> list[float]:
         raw = [self.beta**k for k in range(self.num_steps)]
@@ -88,7 +89,7 @@ class FastMTPHead(MTPMethod):
         super().__init__(config)
         V = parts.vocab_size
         if config.draft_vocab_size is not None and config.draft_vocab_size > V:
-            raise ValueError(f"fast_mtp draft_vocab_size {config.draft_vocab_size} exceeds the backbone's vocabulary ({V})")
+            raise UserInputError(f"fast_mtp draft_vocab_size {config.draft_vocab_size} exceeds the backbone's vocabulary ({V})")
         self.block = MTPBlock(parts)
         self.needs_token_counts = config.draft_vocab_size is not None
         if config.draft_vocab_size is not None:

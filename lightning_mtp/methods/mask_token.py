@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from lightning_mtp.backbone import BackboneParts, eos_ids, forward_params, load_backbone
 from lightning_mtp.decoding.conf_adapt import conf_adapt_generate
 from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import (
     AppendedOutputs,
     DraftChain,
@@ -133,35 +134,35 @@ class MaskToken(MethodConfig):
             return isinstance(v, int) and not isinstance(v, bool)
 
         if not is_int(self.k_max) or self.k_max < 2:
-            raise ValueError(f"mask_token k_max must be an integer >= 2 (k is drawn from [k_min, k_max]), "
-                             f"got {self.k_max!r}")
+            raise UserInputError(f"mask_token k_max must be an integer >= 2 (k is drawn from [k_min, k_max]), "
+                                 f"got {self.k_max!r}")
         if not is_int(self.k_min) or not 2 <= self.k_min <= self.k_max:
-            raise ValueError(f"mask_token k_min must be an integer in [2, k_max={self.k_max}], got {self.k_min!r}")
+            raise UserInputError(f"mask_token k_min must be an integer in [2, k_max={self.k_max}], got {self.k_min!r}")
         if self.mask_token_id is not None and (not is_int(self.mask_token_id) or self.mask_token_id < 0):
-            raise ValueError(f"mask_token mask_token_id must be a token id >= 0 or None, got {self.mask_token_id!r}")
+            raise UserInputError(f"mask_token mask_token_id must be a token id >= 0 or None, got {self.mask_token_id!r}")
         if not isinstance(self.mask_token, str) or not self.mask_token.strip():
-            raise ValueError(f"mask_token mask_token must be a non-empty string, got {self.mask_token!r}")
+            raise UserInputError(f"mask_token mask_token must be a non-empty string, got {self.mask_token!r}")
         _check_tau(self.tau)
         if self.loss not in LOSSES:
-            raise ValueError(f"mask_token loss must be one of {list(LOSSES)}, got {self.loss!r}")
+            raise UserInputError(f"mask_token loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if not isinstance(self.entropy_weight, (int, float)) or not self.entropy_weight >= 0:
-            raise ValueError(f"mask_token entropy_weight must be a number >= 0, got {self.entropy_weight!r}")
+            raise UserInputError(f"mask_token entropy_weight must be a number >= 0, got {self.entropy_weight!r}")
         if not isinstance(self.ntp_weight, (int, float)) or not self.ntp_weight >= 0:
-            raise ValueError(f"mask_token ntp_weight must be a number >= 0, got {self.ntp_weight!r}")
+            raise UserInputError(f"mask_token ntp_weight must be a number >= 0, got {self.ntp_weight!r}")
         if not is_int(self.regions_per_sequence) or self.regions_per_sequence < 1:
-            raise ValueError(f"mask_token regions_per_sequence must be an integer >= 1, got {self.regions_per_sequence!r}")
+            raise UserInputError(f"mask_token regions_per_sequence must be an integer >= 1, got {self.regions_per_sequence!r}")
         if self.teacher not in TEACHERS:
-            raise ValueError(f"mask_token teacher must be one of {list(TEACHERS)}, got {self.teacher!r}")
+            raise UserInputError(f"mask_token teacher must be one of {list(TEACHERS)}, got {self.teacher!r}")
         if self.teacher_dtype is not None and not (
                 isinstance(self.teacher_dtype, str) and isinstance(getattr(torch, self.teacher_dtype, None), torch.dtype)
                 and getattr(torch, self.teacher_dtype).is_floating_point):
-            raise ValueError(f"mask_token teacher_dtype must be a floating torch dtype name such as 'bfloat16', "
-                             f"'float16' or 'float32', or None; got {self.teacher_dtype!r}")
+            raise UserInputError(f"mask_token teacher_dtype must be a floating torch dtype name such as 'bfloat16', "
+                                 f"'float16' or 'float32', or None; got {self.teacher_dtype!r}")
         if not is_int(self.num_speculative_tokens) or not 1 <= self.num_speculative_tokens <= self.k_max - 1:
-            raise ValueError(f"mask_token num_speculative_tokens must be an integer in [1, k_max - 1 = {self.k_max - 1}], "
-                             f"got {self.num_speculative_tokens!r}")
+            raise UserInputError(f"mask_token num_speculative_tokens must be an integer in [1, k_max - 1 = {self.k_max - 1}], "
+                                 f"got {self.num_speculative_tokens!r}")
         if self.decoding not in DECODINGS:
-            raise ValueError(f"mask_token decoding must be one of {list(DECODINGS)}, got {self.decoding!r}")
+            raise UserInputError(f"mask_token decoding must be one of {list(DECODINGS)}, got {self.decoding!r}")
 
     def vocab_size_after_prepare(self, vocab_size: int) -> int:
         return vocab_size if self.mask_token_id is None else max(vocab_size, self.mask_token_id + 1)
@@ -179,7 +180,7 @@ class MaskToken(MethodConfig):
         mask_id = self.mask_token_id
         if mask_id is None:
             if existing is not None:
-                raise ValueError(
+                raise UserInputError(
                     f"the tokenizer already has a token {self.mask_token!r} (id {existing}): pass "
                     f"mask_token_id={existing} to use it as the mask token, or choose another mask_token text"
                 )
@@ -189,20 +190,20 @@ class MaskToken(MethodConfig):
                 self.mask_token_id = self._add_row(model, tokenizer, rows)
             return
         if existing is not None and existing != mask_id:
-            raise ValueError(f"mask_token_id is {mask_id} but the tokenizer has {self.mask_token!r} at id {existing}; "
-                             f"pass mask_token_id={existing}")
+            raise UserInputError(f"mask_token_id is {mask_id} but the tokenizer has {self.mask_token!r} at id {existing}; "
+                                 f"pass mask_token_id={existing}")
         if mask_id < rows:
             if tokenizer is not None and mask_id < n_tok and existing != mask_id \
                     and mask_id not in tokenizer.added_tokens_decoder:
                 word = tokenizer.convert_ids_to_tokens(mask_id)
-                raise ValueError(f"mask_token_id {mask_id} is the ordinary token {word!r} of the tokenizer; use an "
-                                 f"unused embedding row (>= {n_tok}, < {rows}), an added special token, or None")
+                raise UserInputError(f"mask_token_id {mask_id} is the ordinary token {word!r} of the tokenizer; use an "
+                                     f"unused embedding row (>= {n_tok}, < {rows}), an added special token, or None")
             return
         if mask_id == rows and (n_tok is None or n_tok == rows):
             self._add_row(model, tokenizer, rows)
             return
-        raise ValueError(f"mask_token_id {mask_id} is outside the vocabulary: the backbone has {rows} embedding rows "
-                         f"(valid ids 0..{rows - 1}, or {rows} to add a {self.mask_token!r} row; None chooses)")
+        raise UserInputError(f"mask_token_id {mask_id} is outside the vocabulary: the backbone has {rows} embedding rows "
+                             f"(valid ids 0..{rows - 1}, or {rows} to add a {self.mask_token!r} row; None chooses)")
 
     def _add_row(self, model, tokenizer, rows: int) -> int:
         """Add the mask token as a new embedding row ``rows`` (mean-initialised), and to the tokenizer if any."""
@@ -210,8 +211,8 @@ class MaskToken(MethodConfig):
             tokenizer.add_tokens([self.mask_token], special_tokens=True)
             new_id = tokenizer.convert_tokens_to_ids(self.mask_token)
             if new_id != rows:
-                raise ValueError(f"adding {self.mask_token!r} to the tokenizer gave id {new_id}, but the new embedding "
-                                 f"row is {rows}; the tokenizer ({len(tokenizer)} tokens) and the embeddings disagree")
+                raise UserInputError(f"adding {self.mask_token!r} to the tokenizer gave id {new_id}, but the new embedding "
+                                     f"row is {rows}; the tokenizer ({len(tokenizer)} tokens) and the embeddings disagree")
         model.resize_token_embeddings(rows + 1, mean_resizing=True)
         return rows
 
@@ -221,7 +222,7 @@ class MaskToken(MethodConfig):
 
 def _check_tau(tau: Any) -> None:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
-        raise ValueError(f"mask_token tau must be a number in (0, 1], got {tau!r}")
+        raise UserInputError(f"mask_token tau must be a number in (0, 1], got {tau!r}")
 
 
 # ---------------------------------------------------------------------------------------------- packed layout
@@ -304,10 +305,10 @@ class MaskTokenMTP(MTPMethod):
     def __init__(self, config: MaskToken, parts: BackboneParts) -> None:
         super().__init__(config)
         if config.mask_token_id is None:
-            raise ValueError("mask_token: the mask token id is chosen by prepare_backbone; build the method "
+            raise UserInputError("mask_token: the mask token id is chosen by prepare_backbone; build the method "
                              "through MTPModule (or call MaskToken.prepare_backbone first)")
         if config.mask_token_id >= parts.vocab_size:
-            raise ValueError(f"mask_token_id {config.mask_token_id} is outside the backbone's vocabulary "
+            raise UserInputError(f"mask_token_id {config.mask_token_id} is outside the backbone's vocabulary "
                              f"({parts.vocab_size} rows)")
         object.__setattr__(self, "_teacher", None)  # not a submodule: never in state_dict or checkpoints
         self._eos: set[int] = set()
@@ -346,7 +347,7 @@ class MaskTokenMTP(MTPMethod):
         """
         ref = context.backbone_ref
         if not ref:
-            raise ValueError("mask_token: the backbone is sharded and was given as a model object, so its initial "
+            raise UserInputError("mask_token: the backbone is sharded and was given as a model object, so its initial "
                              "weights cannot be read again for the teacher; pass the backbone by name or directory, "
                              "or train with LoRA (teacher = the adapter-disabled model)")
         dtype = next(p for p in context.backbone.parameters() if p.is_floating_point()).dtype
@@ -471,14 +472,14 @@ class MaskTokenMTP(MTPMethod):
         sequence at a time; both are lossy. ``"speculative"`` (lossless) goes through the shared decoder."""
         cfg: MaskToken = self.config
         if decoding not in ("confadapt", "static"):
-            raise ValueError(f"method 'mask_token' has no decoding {decoding!r}; choose one of {list(self.decodings)}")
+            raise UserInputError(f"method 'mask_token' has no decoding {decoding!r}; choose one of {list(self.decodings)}")
         own = {"confadapt": ("tau", "k"), "static": ("k",)}[decoding]
         common = ("max_new_tokens", "streamer", "do_sample", "temperature", "top_p", "top_k", "generator")
         unknown = sorted(set(options) - set(own) - set(common))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for mask_token decoding {decoding!r}; its options are {list(own)}")
+            raise UserInputError(f"unknown option(s) {unknown} for mask_token decoding {decoding!r}; its options are {list(own)}")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"mask_token decoding {decoding!r} is lossy and decodes one sequence at a time, got input_ids of "
                 f"shape {tuple(input_ids.shape)}; decode the rows one by one, or use decoding='speculative' "
                 "(lossless, batched)"
@@ -492,9 +493,9 @@ class MaskTokenMTP(MTPMethod):
         else:
             tau = None
             if k is None:
-                raise ValueError("mask_token decoding 'static' needs k (tokens kept per forward, 1 = plain greedy)")
+                raise UserInputError("mask_token decoding 'static' needs k (tokens kept per forward, 1 = plain greedy)")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"mask_token k (predictions per forward) must be an integer >= 1, got {k!r}")
+            raise UserInputError(f"mask_token k (predictions per forward) must be an integer >= 1, got {k!r}")
         return conf_adapt_generate(context.backbone, input_ids, mask_token_id=cfg.mask_token_id, k=k, tau=tau,
                                    **options)
 
@@ -529,7 +530,7 @@ def _train_row_in_adapter(peft_model, mask_id: int) -> None:
     if given is not None:
         indices = given if isinstance(given, list) else [i for ids in given.values() for i in ids]
         if mask_id not in indices:
-            raise ValueError(f"lora trainable_token_indices {given} leaves out the mask token {mask_id}; add it, "
+            raise UserInputError(f"lora trainable_token_indices {given} leaves out the mask token {mask_id}; add it, "
                              "or leave trainable_token_indices out (mask_token then trains the mask row itself)")
         return
     config.trainable_token_indices = [mask_id]
@@ -566,7 +567,7 @@ class MaskTokenDrafter(Drafter):
         appended: AppendedOutputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if appended is None:
-            raise ValueError("MaskTokenDrafter drafts from the mask tokens a decoder appends (Drafter.appended_tokens); "
+            raise UserInputError("MaskTokenDrafter drafts from the mask tokens a decoder appends (Drafter.appended_tokens); "
                              "use it with lightning_mtp.decoding.speculative_generate")
         logits = appended.logits[:, :k]  # (B, k, V): mask j predicts the token j after the next one
         if probs_fn is None:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.io import read_safetensors
 from lightning_mtp.methods.base import (
     DraftChain,
@@ -102,27 +103,27 @@ class MTPD(MethodConfig):
 
     def validate(self) -> None:
         if not isinstance(self.num_heads, int) or isinstance(self.num_heads, bool) or self.num_heads < 1:
-            raise ValueError(f"mtp_d num_heads (K) must be an integer >= 1, got {self.num_heads!r}")
+            raise UserInputError(f"mtp_d num_heads (K) must be an integer >= 1, got {self.num_heads!r}")
         for name in ("alpha", "beta"):
             values = self.per_head(name)
             if any(not isinstance(v, (int, float)) or v < 0 for v in values):
-                raise ValueError(f"mtp_d {name} must be >= 0 (one number or one per head), got {getattr(self, name)!r}")
+                raise UserInputError(f"mtp_d {name} must be >= 0 (one number or one per head), got {getattr(self, name)!r}")
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
-            raise ValueError(f"mtp_d top_n must be an integer >= 1 or None, got {self.top_n!r}")
+            raise UserInputError(f"mtp_d top_n must be an integer >= 1 or None, got {self.top_n!r}")
         if not self.temperature > 0:
-            raise ValueError(f"mtp_d temperature must be > 0, got {self.temperature!r}")
+            raise UserInputError(f"mtp_d temperature must be > 0, got {self.temperature!r}")
         if self.kl_direction not in ("forward", "reverse"):
-            raise ValueError(f"mtp_d kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
+            raise UserInputError(f"mtp_d kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
         if not isinstance(self.frozen_heads, int) or not 0 <= self.frozen_heads < self.num_heads:
-            raise ValueError(f"mtp_d frozen_heads must be in [0, num_heads={self.num_heads}), got {self.frozen_heads!r}")
+            raise UserInputError(f"mtp_d frozen_heads must be in [0, num_heads={self.num_heads}), got {self.frozen_heads!r}")
 
     def per_head(self, name: str) -> list[float]:
         """``alpha`` or ``beta`` as one weight per head."""
         value = getattr(self, name)
         if isinstance(value, (list, tuple)):
             if len(value) != self.num_heads:
-                raise ValueError(f"mtp_d {name} has {len(value)} values for {self.num_heads} heads: give one or "
-                                 f"{self.num_heads}")
+                raise UserInputError(f"mtp_d {name} has {len(value)} values for {self.num_heads} heads: give one or "
+                                     f"{self.num_heads}")
             return list(value)
         return [value] * self.num_heads
 
@@ -166,8 +167,8 @@ class MTPDHeads(MTPMethod):
         super().__init__(config)
         V = parts.vocab_size
         if config.top_n is not None and config.top_n > V:
-            raise ValueError(f"mtp_d top_n {config.top_n} exceeds the backbone's vocabulary ({V}); use at most {V}, "
-                             "or None for min(10000, vocabulary)")
+            raise UserInputError(f"mtp_d top_n {config.top_n} exceeds the backbone's vocabulary ({V}); use at most {V}, "
+                                 "or None for min(10000, vocabulary)")
         self.top_n = config.top_n if config.top_n is not None else min(PAPER_TOP_N, V)
         self.heads = nn.ModuleList([MTPBlock(parts) for _ in range(config.num_heads)])  # K separate modules
         for head in self.heads[: config.frozen_heads]:
@@ -178,10 +179,10 @@ class MTPDHeads(MTPMethod):
         if cfg.init_from:
             state, sha = _read_trained_heads(cfg.init_from, context.parts)
             if cfg.init_from_sha256 is not None and cfg.init_from_sha256 != sha:
-                raise ValueError(f"mtp_d init_from {cfg.init_from!r}: its head weights changed since this model was "
-                                 f"saved (sha256 {sha[:12]}..., expected {cfg.init_from_sha256[:12]}...); the frozen "
-                                 f"heads 1..{cfg.frozen_heads} are its heads. Restore that version of the entry, or "
-                                 "load an artefact that stores every head")
+                raise UserInputError(f"mtp_d init_from {cfg.init_from!r}: its head weights changed since this model was "
+                                     f"saved (sha256 {sha[:12]}..., expected {cfg.init_from_sha256[:12]}...); the frozen "
+                                     f"heads 1..{cfg.frozen_heads} are its heads. Restore that version of the entry, or "
+                                     "load an artefact that stores every head")
             cfg.init_from_sha256 = sha
             self.copy_heads_from(state)
 
@@ -196,7 +197,7 @@ class MTPDHeads(MTPMethod):
         """Initialise head i from head ``i mod K_trained`` of a trained mtp_d state dict (``heads.<k>.*`` keys)."""
         trained = sorted({int(key.split(".")[1]) for key in state if key.startswith("heads.")})
         if not trained or trained != list(range(len(trained))):
-            raise ValueError(f"expected mtp_d head weights 'heads.0.*' .. 'heads.K-1.*', got heads {trained}")
+            raise UserInputError(f"expected mtp_d head weights 'heads.0.*' .. 'heads.K-1.*', got heads {trained}")
         with torch.no_grad():
             for i, head in enumerate(self.heads):
                 source = i % len(trained)
@@ -204,8 +205,8 @@ class MTPDHeads(MTPMethod):
                 own = head.state_dict()
                 sub = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
                 if set(sub) != set(own):
-                    raise ValueError(f"trained head {source} does not fit: missing {sorted(set(own) - set(sub))}, "
-                                     f"unexpected {sorted(set(sub) - set(own))}")
+                    raise UserInputError(f"trained head {source} does not fit: missing {sorted(set(own) - set(sub))}, "
+                                         f"unexpected {sorted(set(sub) - set(own))}")
                 head.load_state_dict({k: v.to(own[k].dtype) for k, v in sub.items()})
 
     def logits(self, parts: BackboneParts, head: MTPBlock, out: torch.Tensor) -> torch.Tensor:
@@ -252,16 +253,16 @@ def _read_trained_heads(reference: str, parts: BackboneParts) -> tuple[dict[str,
     the SHA-256 of their file."""
     path = Path(resolve_model_path(reference))
     if not (path / MTP_CONFIG).is_file():
-        raise ValueError(f"mtp_d init_from {reference!r} is not a saved lightning-mtp artefact (no {MTP_CONFIG})")
+        raise UserInputError(f"mtp_d init_from {reference!r} is not a saved lightning-mtp artefact (no {MTP_CONFIG})")
     config = read_mtp_config(path / MTP_CONFIG)
     method = config.get("method") or {}
     if method.get("name") != "mtp_d":
-        raise ValueError(f"mtp_d init_from {reference!r} holds method {method.get('name')!r}, not 'mtp_d'")
+        raise UserInputError(f"mtp_d init_from {reference!r} holds method {method.get('name')!r}, not 'mtp_d'")
     base = config["base_model"]
     if (base["vocab_size"], base["hidden_size"]) != (parts.vocab_size, parts.hidden_size):
-        raise ValueError(f"mtp_d init_from {reference!r} was trained on a base with vocab {base['vocab_size']} and "
-                         f"hidden size {base['hidden_size']}, but this backbone has vocab {parts.vocab_size} and "
-                         f"hidden size {parts.hidden_size}")
+        raise UserInputError(f"mtp_d init_from {reference!r} was trained on a base with vocab {base['vocab_size']} and "
+                             f"hidden size {base['hidden_size']}, but this backbone has vocab {parts.vocab_size} and "
+                             f"hidden size {parts.hidden_size}")
     weights = path / METHOD_WEIGHTS
     return read_safetensors(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
 
@@ -274,11 +275,11 @@ def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
     """
     cfg = module.method_config
     if cfg is None or cfg.name != "mtp_d":
-        raise ValueError(f"extend_heads needs an mtp_d model, got method {None if cfg is None else cfg.name!r}")
+        raise UserInputError(f"extend_heads needs an mtp_d model, got method {None if cfg is None else cfg.name!r}")
     if num_heads <= cfg.num_heads:
-        raise ValueError(f"extend_heads: the model has {cfg.num_heads} heads; extend to more than that, got {num_heads}")
+        raise UserInputError(f"extend_heads: the model has {cfg.num_heads} heads; extend to more than that, got {num_heads}")
     if module.lora is not None:
-        raise ValueError("extend_heads: merge or drop the LoRA adapter first (the extension freezes the backbone)")
+        raise UserInputError("extend_heads: merge or drop the LoRA adapter first (the extension freezes the backbone)")
     new_cfg = dataclasses.replace(cfg, num_heads=num_heads, frozen_heads=cfg.num_heads if freeze_trained else 0,
                                   init_from=None, init_from_sha256=None)
     hp = module.hparams
@@ -328,7 +329,7 @@ class MTPDDrafter(CachedChainDrafter):
         method = self.method
         K = len(method.heads)
         if k > K:
-            raise ValueError(f"mtp_d has {K} heads, so it drafts at most {K} tokens per step; got num_draft_tokens={k}")
+            raise UserInputError(f"mtp_d has {K} heads, so it drafts at most {K} tokens per step; got num_draft_tokens={k}")
         B, m = next_ids.shape
         device = next_ids.device
         self.begin(B, device, holes=B > 1)  # from the first batched call on, every head tracks slots

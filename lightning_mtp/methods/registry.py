@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
+from lightning_mtp.errors import UserInputError
+
 if TYPE_CHECKING:  # annotations only: the registry must not import the layers that build methods
     from lightning_mtp.backbone import BackboneParts
     from lightning_mtp.methods.base import MTPMethod
@@ -72,7 +74,7 @@ def register_method(name: str) -> Callable[[type[MethodConfig]], type[MethodConf
 
     def wrap(cls: type[MethodConfig]) -> type[MethodConfig]:
         if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered by {METHODS[name].__qualname__}")
+            raise UserInputError(f"method {name!r} is already registered by {METHODS[name].__qualname__}")
         cls.name = name
         METHODS[name] = cls
         return cls
@@ -90,16 +92,16 @@ def resolve_method(method: str | dict | MethodConfig | None) -> MethodConfig | N
         kwargs = dict(method)
         name = kwargs.pop("name", None)
         if name is None:
-            raise ValueError(f"a method given as a mapping needs a 'name' key, one of {sorted(METHODS)}; got {method!r}")
+            raise UserInputError(f"a method given as a mapping needs a 'name' key, one of {sorted(METHODS)}; got {method!r}")
     else:
-        raise ValueError(f"method must be a name, a mapping or a MethodConfig, got {type(method).__name__}")
+        raise UserInputError(f"method must be a name, a mapping or a MethodConfig, got {type(method).__name__}")
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; registered methods are {sorted(METHODS)}")
+        raise UserInputError(f"unknown method {name!r}; registered methods are {sorted(METHODS)}")
     cls = METHODS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid options are {sorted(fields)}")
+        raise UserInputError(f"unknown option(s) {unknown} for method {name!r}; valid options are {sorted(fields)}")
     return cls(**_coerce_strings(cls, kwargs))
 
 
