@@ -421,13 +421,7 @@ class MaskTokenMTP(MTPMethod):
         teacher = teacher_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         target = teacher.argmax(-1)  # (B, R, k)
 
-        weight = region_ok[:, :, None].expand(B, R, k).clone()  # (B, R, k)
-        if self._eos:
-            is_eos = torch.zeros_like(target, dtype=torch.bool)
-            for e in self._eos:
-                is_eos |= target == e
-            after_eos = (is_eos.long().cumsum(2) - is_eos.long()) > 0  # a row after the teacher's first EOS
-            weight &= ~after_eos
+        weight = self._scored(region_ok, target)  # (B, R, k)
         w = weight.float()
         denom = w.sum().clamp(min=1.0)
 
@@ -436,32 +430,26 @@ class MaskTokenMTP(MTPMethod):
         loss = distill
         logs: dict[str, torch.Tensor] = {cfg.loss + "_loss": distill.detach()}
         if cfg.ntp_weight > 0:  # every response token's next-token prediction, against the teacher's
-            w_ntp = can_anchor.float()  # (B, T)
-            ntp_log_p = F.log_softmax(student_all[:, :T].float(), dim=-1)  # (B, T, V)
-            teacher_ntp = teacher_all[:, :T].float()
-            ntp = (_distill(ntp_log_p, teacher_ntp, cfg.loss) * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
-            loss = loss + cfg.ntp_weight * ntp
-            logs["ntp_loss"] = ntp.detach()
-            same = ntp_log_p.detach().argmax(-1) == teacher_ntp.argmax(-1)
-            logs["ntp_agreement"] = (same.float() * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
+            loss = loss + cfg.ntp_weight * _ntp_term(student_all[:, :T], teacher_all[:, :T], can_anchor, cfg.loss, logs)
         if cfg.entropy_weight > 0 or not training:
             entropy = (-(log_p.exp() * log_p).sum(-1) * w).sum() / denom
             if cfg.entropy_weight > 0:
                 loss = loss + cfg.entropy_weight * entropy
             logs["entropy"] = entropy.detach()
 
-        agree = rollout == target  # (B, R, k): the student's token is the teacher's
-        logs["agreement"] = (agree.float() * w).sum() / denom
-        if training:
-            logs["k"] = torch.tensor(float(k))
-        else:
-            for j in range(k):
-                wj = w[:, :, j]
-                logs[f"agree_{j}"] = (agree[:, :, j].float() * wj).sum() / wj.sum().clamp(min=1.0)
-            K = cfg.num_speculative_tokens
-            chain = weight[:, :, : K + 1].all(-1)  # (B, R) regions scored at every draft position
-            logs["draft_correct"] = agree[:, :, 1 : K + 1][chain].T  # (K, N): mask j against the teacher
+        logs.update(_agreement_logs(rollout == target, weight, training, cfg.num_speculative_tokens))
         return loss, logs
+
+    def _scored(self, region_ok: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, R, k) bool: the region positions that score, i.e. real regions up to the teacher's first EOS."""
+        weight = region_ok[:, :, None].expand(target.shape).clone()  # (B, R, k)
+        if self._eos:
+            is_eos = torch.zeros_like(target, dtype=torch.bool)
+            for e in self._eos:
+                is_eos |= target == e
+            after_eos = (is_eos.long().cumsum(2) - is_eos.long()) > 0  # a row after the teacher's first EOS
+            weight &= ~after_eos
+        return weight
 
     # ------------------------------------------------------------------ decoding
     def drafter(self, parts: BackboneParts) -> MaskTokenDrafter:
@@ -518,6 +506,36 @@ def _distill(log_p: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Ten
     log_q = F.log_softmax(teacher, dim=-1)
     return (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(teacher || student)
 
+
+
+def _ntp_term(student: torch.Tensor, teacher: torch.Tensor, scored: torch.Tensor, loss: str,
+              logs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The next-token term over the real tokens (B, T, V) where ``scored`` (B, T); logs it and its agreement."""
+    w_ntp = scored.float()  # (B, T)
+    ntp_log_p = F.log_softmax(student.float(), dim=-1)  # (B, T, V)
+    teacher_ntp = teacher.float()
+    ntp = (_distill(ntp_log_p, teacher_ntp, loss) * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
+    logs["ntp_loss"] = ntp.detach()
+    same = ntp_log_p.detach().argmax(-1) == teacher_ntp.argmax(-1)
+    logs["ntp_agreement"] = (same.float() * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
+    return ntp
+
+
+def _agreement_logs(agree: torch.Tensor, weight: torch.Tensor, training: bool, K: int) -> dict[str, torch.Tensor]:
+    """Student/teacher agreement (B, R, k) over the scored positions ``weight``: overall, and in validation per
+    position j and as ``draft_correct`` (K, N) for the acceptance metrics."""
+    w = weight.float()
+    k = agree.shape[2]
+    logs = {"agreement": (agree.float() * w).sum() / w.sum().clamp(min=1.0)}
+    if training:
+        logs["k"] = torch.tensor(float(k))
+        return logs
+    for j in range(k):
+        wj = w[:, :, j]
+        logs[f"agree_{j}"] = (agree[:, :, j].float() * wj).sum() / wj.sum().clamp(min=1.0)
+    chain = weight[:, :, : K + 1].all(-1)  # (B, R) regions scored at every draft position
+    logs["draft_correct"] = agree[:, :, 1 : K + 1][chain].T  # (K, N): mask j against the teacher
+    return logs
 
 def _train_row_in_adapter(peft_model, mask_id: int) -> None:
     """Make the mask row trainable in the LoRA adapter as PEFT trainable tokens (saved with the adapter)."""
