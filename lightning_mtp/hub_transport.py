@@ -1,19 +1,8 @@
 """Reaching the Hugging Face Hub: settings, repo-id checks, and fetch (cache first, offline aware). A leaf.
 
-Everything goes through the real ``huggingface_hub`` client. Its settings (endpoint, cache, offline mode) are
-read from the environment *at call time* (``HF_ENDPOINT``, ``HF_HUB_CACHE`` / ``HF_HOME``, ``HF_HUB_OFFLINE``),
-and can be given explicitly, so that a process can change them after ``huggingface_hub`` was imported (the
-client reads its own constants once, at import).
-
-Offline rules (:func:`fetch`): with ``HF_HUB_OFFLINE=1`` the local cache is the only source; without network
-(or with the Hub down) the cache is used when it holds the snapshot; otherwise one ``ValueError`` says what is
-missing and how to get it. The first request has a short timeout (``HF_HUB_ETAG_TIMEOUT``, 10 s by default),
-so an unreachable endpoint fails fast instead of hanging.
-
-Tokens come from the usual ``huggingface_hub`` sources (``token=``, ``HF_TOKEN``, ``hf auth login``) and are
-never printed or written anywhere.
+Settings are read from the environment at call time, and :func:`fetch` follows the offline rules described in
+:mod:`lightning_mtp.hub` (which re-exports this module's functions). Tokens are never printed or written.
 """
-
 
 from __future__ import annotations
 

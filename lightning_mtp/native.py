@@ -1,24 +1,6 @@
-"""Native MTP layouts of released checkpoints: what they are, how to spot one, how their tensors map onto our
-FastMTP head, and how to load their backbone without remote code (the format layer under
-:mod:`lightning_mtp.convert`, which builds modules from them and exports to them).
-
-Some models ship their own MTP layer inside the checkpoint. MiMo-7B (``XiaomiMiMo/MiMo-7B-RL``) and FastMTP
-(``TencentBAC/FastMTP``, MiMo-7B-RL with a fine-tuned MTP layer) store it under ``model.mtp_layers.0.*``::
-
-    token_layernorm, hidden_layernorm    RMSNorm of the next token's embedding / of the previous hidden state
-    input_proj                           Linear 2H -> H on cat([hidden, embedding])   (hidden FIRST)
-    input_layernorm, self_attn.*, post_attention_layernorm, mlp.*    one Qwen2 decoder layer
-    final_layernorm                      RMSNorm before the shared lm_head
-
-MiMo's backbone is exactly Qwen2 (``model.layers.*``, q/k/v biases); only its ``model_type`` ("mimo") needs
-remote code in transformers. We load it as ``Qwen2ForCausalLM`` from the same files (no remote code) and map
-the MTP layer onto :class:`~lightning_mtp.methods.mtp_block.MTPBlock`: ``enorm``/``hnorm``/``proj``/``layer``/
-``final_norm``. Our ``proj`` takes cat([embedding, hidden]) (DeepSeek-V3's order), so the two column halves
-of ``input_proj`` swap. Every tensor under the prefix is mapped and every head parameter is filled, or the
-conversion stops naming the key.
-
-Decoding note: MiMo (and SGLang/vLLM serving it) feed the *final-normed* MTP output back in for further draft
-steps, so converted heads set ``recurse_on_normed=True`` and draft exactly as the engines do.
+"""Native MTP layouts of released checkpoints (what they are, how to spot one, how their tensors map onto our
+FastMTP head, how to load their backbone without remote code): the format layer under :mod:`lightning_mtp.convert`,
+whose docstring describes the MiMo layout.
 """
 
 from __future__ import annotations

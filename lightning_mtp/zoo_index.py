@@ -1,31 +1,8 @@
 """The zoo index: entries, their schema, lookup and validation, and where their weights are. No loading (that is
-:mod:`lightning_mtp.zoo`, which re-exports everything here).
+:mod:`lightning_mtp.zoo`, which re-exports everything here and shows an entry's YAML).
 
-One YAML file per entry (``zoo/<name>.yaml``)::
-
-    name: tiny-math-fastmtp                    # = the file name
-    description: FastMTP head (K=3) for the shipped tiny-math base
-    base_model:                                # what the backbone is: exactly one of
-      entry: tiny-math-base                    #   another zoo entry,
-      # repo_id: Qwen/Qwen3-4B                 #   a Hub repo (with revision:), or
-      # path: tiny-math-base                   #   a directory (relative to this file)
-    method: {name: fast_mtp, num_steps: 3}     # the method and its config (null: plain next-token model)
-    weights:                                   # where the trained weights live, and in which format:
-      format: artifact                         #   artifact: a lightning-mtp artefact (save_pretrained output)
-      path: tiny-math-fastmtp                  #     at path: (relative to this file) or repo_id: (+ revision:)
-                                               #   full_model: the base_model is the whole trained model
-                                               #   native_mtp: the base_model holds a native MTP layer
-                                               #     (layout: mimo), converted by lightning_mtp.convert
-    decoding: {decoding: speculative, num_draft_tokens: 3}   # defaults: keyword arguments of MTPModule.generate
-    metrics:                                   # measured numbers and the command that produced them
-      values: {tokens_per_forward: 3.83, speedup_vs_hf: 2.14, accuracy: 1.0}
-      command: lightning-mtp bench --model zoo/tiny-math-fastmtp --prompts tiny-math --n 50
-    license: apache-2.0
-    source: {recipe: recipes/tiny-math/fast_mtp.yaml, paper: arXiv 2509.18362}
-
-Where entries come from: the ``zoo/`` directory of the source tree, every directory listed in the
-``LIGHTNING_MTP_ZOO`` environment variable (``os.pathsep``-separated; this is how an installed, non-editable
-lightning-mtp finds a zoo checkout or a team's own entries), and :func:`register` at run time.
+Entries come from the ``zoo/`` directory of the source tree, every directory listed in ``LIGHTNING_MTP_ZOO``
+(``os.pathsep``-separated) and :func:`register` at run time.
 """
 
 from __future__ import annotations
