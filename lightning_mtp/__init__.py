@@ -1,9 +1,7 @@
 """lightning-mtp: teach any Hugging Face causal LM to emit several tokens per forward pass."""
 
-__version__ = "0.1.0"
-
-from lightning_mtp import zoo  # noqa: E402
-from lightning_mtp.methods import (  # noqa: E402
+from lightning_mtp import zoo
+from lightning_mtp.methods import (
     METHODS,
     MTPD,
     FastMTP,
@@ -12,7 +10,8 @@ from lightning_mtp.methods import (  # noqa: E402
     extend_heads,
     register_method,
 )
-from lightning_mtp.module import MTPModule  # noqa: E402
+from lightning_mtp.module import MTPModule
+from lightning_mtp.version import __version__
 
 __all__ = [
     "METHODS",

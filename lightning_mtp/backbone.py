@@ -10,12 +10,15 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from lightning_mtp.errors import UserInputError
+from lightning_mtp.hub_transport import fetch
+from lightning_mtp.resolve import resolve_model_path
 
 __all__ = [
     "BackboneParts",
@@ -23,39 +26,17 @@ __all__ = [
     "backbone_parts",
     "build_decoder_layer",
     "cache_layer_types",
+    "cached_forward",
     "head_layer_index",
     "takes_cache",
     "call_decoder_layer",
     "causal_mask",
     "slot_mask",
     "load_backbone",
-    "resolve_model_path",
-    "ZOO_DIR",
+    "context_length",
+    "eos_ids",
+    "pad_token_id",
 ]
-
-ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
-
-
-def resolve_model_path(name: str) -> str:
-    """A local directory, a zoo entry (``tiny-math-base``: the directory of its weights, fetched through the Hub
-    cache for Hub entries; see :mod:`lightning_mtp.zoo`), or a Hub id."""
-    from lightning_mtp import zoo  # the zoo imports this module
-
-    if os.path.isdir(name):
-        return name
-    if zoo.has(name):
-        return str(zoo.weights_path(name))
-    zoo_dir = ZOO_DIR / name
-    if zoo_dir.is_dir():
-        return str(zoo_dir)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    if looks_local or not name:
-        raise ValueError(
-            f"backbone {name!r} not found: no such directory, and it is not a zoo name "
-            f"(zoo: {zoo.names()}) or a Hub id"
-        )
-    return name  # a Hub id: from_pretrained resolves it (cache, or download when online)
-
 
 def load_backbone(
     name_or_path: str,
@@ -70,8 +51,6 @@ def load_backbone(
     ``config_overrides`` change config fields first (e.g. ``{"num_hidden_layers": 2}`` for a small draft model)."""
     path = resolve_model_path(name_or_path)
     if not os.path.isdir(path):
-        from lightning_mtp.hub import fetch
-
         path = str(fetch(path))  # a Hub id: through the cache, with one clear error when offline and not cached
     kwargs = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -81,7 +60,7 @@ def load_backbone(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         for key, value in (config_overrides or {}).items():
             if not hasattr(config, key):
-                raise ValueError(f"config_overrides: {type(config).__name__} has no field {key!r}")
+                raise UserInputError(f"config_overrides: {type(config).__name__} has no field {key!r}")
             setattr(config, key, value)
         if from_scratch:
             model = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -90,12 +69,42 @@ def load_backbone(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch_dtype, **kwargs)
     except OSError as err:
-        raise ValueError(f"backbone {name_or_path!r} could not be loaded: {err}") from None
+        raise UserInputError(f"backbone {name_or_path!r} could not be loaded: {err}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None  # a backbone without a tokenizer still trains on token ids
     return model, tokenizer
+
+
+def eos_ids(model: PreTrainedModel) -> set[int]:
+    """The ids that end a sequence: the generation config's EOS, else the model config's (empty when neither has one)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def pad_token_id(model: PreTrainedModel) -> int:
+    """The id that fills the rows of a batch after they end, as HF generate does (pad, else EOS)."""
+    for source in (model.generation_config, model.config):
+        pad = getattr(source, "pad_token_id", None)
+        if pad is not None:
+            return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
+    eos = eos_ids(model)
+    return min(eos) if eos else 0
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's positions cover, when its config says (None: no limit known)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @dataclass
@@ -162,9 +171,9 @@ def head_layer_index(parts: BackboneParts) -> int:
     sliding-window one. A head attends over the positions it has seen, so it needs an attention layer; on a
     backbone without one (a pure SSM) head-based methods cannot be built."""
     if parts.layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(parts.base).__name__} (expected base.layers, base.h "
-                         "or a ModuleList of num_hidden_layers layers) to build a draft head from; use a method without "
-                         "heads, e.g. mask_token")
+        raise UserInputError(f"cannot find the decoder layers of {type(parts.base).__name__} (expected base.layers, base.h "
+                             "or a ModuleList of num_hidden_layers layers) to build a draft head from; use a method without "
+                             "heads, e.g. mask_token")
     kinds = cache_layer_types(parts.config)
     if not kinds:
         return 0
@@ -173,8 +182,8 @@ def head_layer_index(parts: BackboneParts) -> int:
             if kind is wanted:
                 return i
     found = sorted({k.__name__ for k in kinds})
-    raise ValueError(f"{type(parts.layers[0]).__name__}: the backbone has no plain attention layer to build a draft "
-                     f"head from (its cache layers are {found}); use a method without heads, e.g. mask_token")
+    raise UserInputError(f"{type(parts.layers[0]).__name__}: the backbone has no plain attention layer to build a draft "
+                         f"head from (its cache layers are {found}); use a method without heads, e.g. mask_token")
 
 
 def layer_type(parts: BackboneParts, index: int) -> str | None:
@@ -211,11 +220,11 @@ def _refuse_unusable_class(cls: type, layer: nn.Module) -> None:
     unknown = [name for name, p in list(inspect.signature(cls.forward).parameters.items())[2:]
                if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name not in _LAYER_INPUTS]
     if unknown:
-        raise ValueError(f"{cls.__name__} needs {unknown}, which lightning-mtp cannot compute for a draft head; use a "
-                         "method without heads, e.g. mask_token")
+        raise UserInputError(f"{cls.__name__} needs {unknown}, which lightning-mtp cannot compute for a draft head; use a "
+                             "method without heads, e.g. mask_token")
     if not forward_params(layer) & _CACHE_KWARGS:
-        raise ValueError(f"{cls.__name__} takes no KV cache, which a draft head needs; use a method without heads, "
-                         "e.g. mask_token")
+        raise UserInputError(f"{cls.__name__} takes no KV cache, which a draft head needs; use a method without heads, "
+                             "e.g. mask_token")
 
 
 def _construct(cls: type, parts: BackboneParts, index: int, kind: str | None) -> nn.Module:
@@ -228,8 +237,8 @@ def _construct(cls: type, parts: BackboneParts, index: int, kind: str | None) ->
     try:
         layer = cls(parts.config, **kwargs)
     except TypeError as err:  # a constructor that needs more than the config (and its index)
-        raise ValueError(f"{cls.__name__} cannot be built from the config alone ({err}); use a method without heads, "
-                         "e.g. mask_token") from None
+        raise UserInputError(f"{cls.__name__} cannot be built from the config alone ({err}); use a method without heads, "
+                             "e.g. mask_token") from None
     init = getattr(parts.base, "_init_weights", None)
     if init is not None:  # some parameters are created empty and set only by the model's own initialisation
         with torch.no_grad():
@@ -244,8 +253,8 @@ def _check_rotary(cls: type, parts: BackboneParts, kind: str | None) -> None:
     try:
         parts.rotary_emb(parts.embed_tokens.weight[None, :1], torch.zeros(1, 1, dtype=torch.long), layer_type=kind)
     except (KeyError, AttributeError, TypeError) as err:
-        raise ValueError(f"{cls.__name__}: the backbone's rotary embedding has none for its {kind!r} layers ({err!r}); "
-                         "use a method without heads, e.g. mask_token") from None
+        raise UserInputError(f"{cls.__name__}: the backbone's rotary embedding has none for its {kind!r} layers ({err!r}); "
+                             "use a method without heads, e.g. mask_token") from None
 
 
 @torch.no_grad()
@@ -262,9 +271,9 @@ def _dry_run(layer: nn.Module, parts: BackboneParts, kind: str | None) -> None:
             call_decoder_layer(layer, parts, hidden, torch.arange(start, start + n, device=device)[None], cache,
                                kind=kind)
     except (TypeError, RuntimeError, AttributeError, KeyError, IndexError) as err:
-        raise ValueError(f"{type(layer).__name__} cannot run as a draft head outside its backbone ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); use a method without heads, e.g. mask_token"
-                         ) from None
+        raise UserInputError(f"{type(layer).__name__} cannot run as a draft head outside its backbone ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''}); use a method without heads, e.g. mask_token"
+                             ) from None
     finally:
         layer.training = training
 
@@ -383,8 +392,8 @@ def call_decoder_layer(
     out = layer(hidden, **kwargs)
     if cache is not None and cache.get_seq_length() != past + q_len:  # a layer that ignores the cache would
         # silently attend to the new tokens alone
-        raise ValueError(f"{type(layer).__name__} did not write its keys and values to the KV cache; its forward takes "
-                         f"none of the cache keywords lightning-mtp knows ({sorted(forward_params(layer))})")
+        raise UserInputError(f"{type(layer).__name__} did not write its keys and values to the KV cache; its forward takes "
+                             f"none of the cache keywords lightning-mtp knows ({sorted(forward_params(layer))})")
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -426,3 +435,22 @@ class LastHiddenState:
             return outputs.hidden_states[-1]
         value, self.value = self.value, None
         return value
+
+
+def cached_forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
+                   position_ids=None, start: int = 0):
+    """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
+    the final hidden states when ``grab`` is given. Without ``position_ids`` the tokens sit at ``start``, ``start``
+    + 1, ...: positions are always explicit, because a hybrid's cache may not know them (the length transformers
+    reads off its first layer is 0 when that layer keeps a recurrent state instead of keys)."""
+    kwargs = {cache_kwarg(model): cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is None and "position_ids" in forward_params(model):
+        position_ids = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if keep_last is not None and "logits_to_keep" in forward_params(model):
+        kwargs["logits_to_keep"] = keep_last
+    out = model(input_ids=ids, **kwargs)
+    return out.logits, (grab.get(out) if grab is not None else None)

@@ -35,14 +35,17 @@ from transformers import PreTrainedModel
 
 from lightning_mtp import convert, hub, zoo
 from lightning_mtp.artifacts import MTP_CONFIG, atomic_write_text, read_mtp_config
-from lightning_mtp.backbone import ZOO_DIR, load_backbone, resolve_model_path
+from lightning_mtp.backbone import eos_ids, load_backbone
 from lightning_mtp.cli import CommandParser
 from lightning_mtp.data import tiny_world
 from lightning_mtp.data.chat import RecordFormat, prompt_of, render_chat
 from lightning_mtp.data.tiny_math import answer_accuracy, problems
-from lightning_mtp.decoding.speculative import _eos_ids, pad_token_id
+from lightning_mtp.decoding.speculative import pad_token_id
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import progress_bar
+from lightning_mtp.resolve import resolve_model_path
+from lightning_mtp.zoo_index import ZOO_DIR
 
 __all__ = ["Decoder", "load_models", "load_prompts", "prompt_sets", "read_prompts", "render_prompts", "run_bench",
            "main", "markdown_table", "summary_rows", "write_plots"]
@@ -68,14 +71,14 @@ def read_prompts(spec: str, n: int) -> tuple[list[Prompt], list[int] | None]:
     Chats come back as message lists, for :func:`render_prompts`; ``answer`` (an int in every record) is kept.
     """
     if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
+        raise UserInputError(f"--n must be >= 1, got {n}")
     if spec == "tiny-math":
         ps = problems("test", n)
         return [p.prompt for p in ps], [p.answer for p in ps]
     path = Path(spec)
     if not path.is_file():
-        raise ValueError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file (the other shipped "
-                         f"sets: tiny-world, or one of its domains {', '.join(WORLDS['tiny-world'])})")
+        raise UserInputError(f"prompt set {spec!r} is neither 'tiny-math' nor an existing JSONL file (the other "
+                             f"shipped sets: tiny-world, or one of its domains {', '.join(WORLDS['tiny-world'])})")
     prompts: list[Prompt] = []
     answers: list[int] = []
     for lineno, line in enumerate(path.read_text().splitlines(), start=1):
@@ -88,7 +91,7 @@ def read_prompts(spec: str, n: int) -> tuple[list[Prompt], list[int] | None]:
         if len(prompts) == n:
             break
     if not prompts:
-        raise ValueError(f"{spec} holds no prompts")
+        raise UserInputError(f"{spec} holds no prompts")
     return prompts, (answers if len(answers) == len(prompts) else None)
 
 
@@ -97,9 +100,9 @@ def _record(line: str, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
-        raise ValueError(f"{where} is not valid JSON ({expected})") from None
+        raise UserInputError(f"{where} is not valid JSON ({expected})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{where} is a JSON {type(record).__name__}, not an object ({expected})")
+        raise UserInputError(f"{where} is a JSON {type(record).__name__}, not an object ({expected})")
     return record
 
 
@@ -109,7 +112,7 @@ def _prompt(record: dict, where: str) -> Prompt:
         return record["prompt"]
     if "messages" in record:
         return prompt_of(record, CHAT, None, None, where)[2]  # no tokenizer yet: the checked chat
-    raise ValueError(f"{where} has no string 'prompt' field and no 'messages' field (a chat)")
+    raise UserInputError(f"{where} has no string 'prompt' field and no 'messages' field (a chat)")
 
 
 def render_prompts(prompts: list[Prompt], tokenizer, spec: str) -> list[str]:
@@ -117,13 +120,13 @@ def render_prompts(prompts: list[Prompt], tokenizer, spec: str) -> list[str]:
     if all(isinstance(p, str) for p in prompts):
         return list(prompts)
     if tokenizer is None:
-        raise ValueError(f"{spec} holds chats ('messages'): pass the tokenizer that renders them")
+        raise UserInputError(f"{spec} holds chats ('messages'): pass the tokenizer that renders them")
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or "the base model"
-        raise ValueError(f"{spec} holds chats ('messages'), which bench renders with the tokenizer's chat template, "
-                         f"but the tokenizer of {name!r} has none: write the prompts rendered as text in a 'prompt' "
-                         "field, or bench a model whose tokenizer has a chat template")
+        raise UserInputError(f"{spec} holds chats ('messages'), which bench renders with the tokenizer's chat template, "
+                             f"but the tokenizer of {name!r} has none: write the prompts rendered as text in a 'prompt' "
+                             "field, or bench a model whose tokenizer has a chat template")
     return [p if isinstance(p, str) else render_chat(tokenizer, p, template, f"{spec}, prompt {i}",
                                                      add_generation_prompt=True)
             for i, p in enumerate(prompts)]
@@ -145,10 +148,10 @@ def prompt_sets(spec: str) -> list[tuple[str, str]]:
         elif item:
             sets.append((item if item == "tiny-math" else Path(item).stem, item))
     if not sets:
-        raise ValueError(f"--prompts {spec!r} names no prompt set")
+        raise UserInputError(f"--prompts {spec!r} names no prompt set")
     names = [name for name, _ in sets]
     if len(set(names)) < len(names):
-        raise ValueError(f"--prompts {spec!r} names a domain twice ({', '.join(names)}): give each set once")
+        raise UserInputError(f"--prompts {spec!r} names a domain twice ({', '.join(names)}): give each set once")
     return sets
 
 
@@ -324,8 +327,8 @@ def _one_base(specs: list[str], bases: list[_Base]) -> _Base:
     names = {b.name for b in bases}
     if len(names) > 1:
         which = ", ".join(f"{spec!r} on {b.name!r}" for spec, b in zip(specs, bases, strict=True))
-        raise ValueError(f"the models have different base models ({which}); one bench compares models of one base "
-                         "against that base's own decoding: bench each base in its own run")
+        raise UserInputError(f"the models have different base models ({which}); one bench compares models of one base "
+                             "against that base's own decoding: bench each base in its own run")
     return bases[0]
 
 
@@ -352,7 +355,7 @@ def load_models(specs: list[str]) -> tuple[list[MTPModule], MTPModule]:
     refused.
     """
     if not specs:
-        raise ValueError("no --model given")
+        raise UserInputError("no --model given")
     bases = [_base_of(spec) for spec in specs]
     base = _load_base(_one_base(specs, bases))
     modules = []
@@ -370,9 +373,9 @@ def _untouched(modules) -> MTPModule:
     for module in modules:
         if module.lora is None and (module.method is None or module.freeze_backbone):
             return module
-    raise ValueError("no model here has the untouched base model as its backbone (LoRA or fine-tuned backbones): "
-                     "pass base=MTPModule(<base model>, method=None), or load the models with "
-                     "lightning_mtp.bench.load_models")
+    raise UserInputError("no model here has the untouched base model as its backbone (LoRA or fine-tuned backbones): "
+                         "pass base=MTPModule(<base model>, method=None), or load the models with "
+                         "lightning_mtp.bench.load_models")
 
 
 def _shipped_draft(module) -> str | None:
@@ -387,13 +390,13 @@ def _load_draft(draft_model: str, base: MTPModule) -> PreTrainedModel:
     want = base.backbone.config.get_text_config().vocab_size
     have = assistant.config.get_text_config().vocab_size
     if have != want:
-        raise ValueError(f"--draft-model {draft_model!r} has a vocabulary of {have} tokens but the base model "
-                         f"{str(base.backbone_ref)!r} has {want}; hf_assisted needs a draft model with the base's "
-                         "tokenizer: pass one with --draft-model, or leave the peers out with --no-peers")
+        raise UserInputError(f"--draft-model {draft_model!r} has a vocabulary of {have} tokens but the base model "
+                             f"{str(base.backbone_ref)!r} has {want}; hf_assisted needs a draft model with the base's "
+                             "tokenizer: pass one with --draft-model, or leave the peers out with --no-peers")
     if tokenizer is not None and base.tokenizer is not None and tokenizer.get_vocab() != base.tokenizer.get_vocab():
-        raise ValueError(f"--draft-model {draft_model!r} has another tokenizer than the base model "
-                         f"{str(base.backbone_ref)!r} (same size, {have} tokens, different tokens); pass a draft "
-                         "model with the base's tokenizer, or leave the peers out with --no-peers")
+        raise UserInputError(f"--draft-model {draft_model!r} has another tokenizer than the base model "
+                             f"{str(base.backbone_ref)!r} (same size, {have} tokens, different tokens); pass a draft "
+                             "model with the base's tokenizer, or leave the peers out with --no-peers")
     return assistant.eval().to(base.device)
 
 
@@ -403,7 +406,7 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
     """Every entry: the baselines and peers on ``base`` (the untouched base model), then each module's own."""
     base = base if base is not None else _untouched(modules)
     backbone = base.backbone
-    eos, pad = _eos_ids(backbone), pad_token_id(backbone)
+    eos, pad = eos_ids(backbone), pad_token_id(backbone)
 
     def hf(**kwargs):
         return _hf_decoder(backbone, counter, eos, pad, max_new_tokens, **kwargs)
@@ -451,9 +454,9 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     base = base if base is not None else _untouched(modules)
     tok = base.tokenizer
     if tok is None:
-        raise ValueError("the base model has no tokenizer to encode the prompts with")
+        raise UserInputError("the base model has no tokenizer to encode the prompts with")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
     if peers is None:
         peers = _shipped_draft(base) is not None
     if peers and draft_model is None:
@@ -564,7 +567,7 @@ def _reference_outputs(modules, base, decoders, max_new_tokens, tok, prompts) ->
         if module.backbone is base.backbone:
             refs[i] = refs[BASE]
             continue
-        eos = _eos_ids(module.backbone)
+        eos = eos_ids(module.backbone)
         refs[i] = [
             _cut(module.generate(ids.to(module.device), max_new_tokens=max_new_tokens, num_draft_tokens=0,
                                  decoding="speculative").sequences, ids.shape[1], eos)[0]
@@ -845,7 +848,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              ("--warmup", args.warmup, 0), ("--batch-size", args.batch_size, 1),
                              ("--prompt-lookup-tokens", args.prompt_lookup_tokens, 1)):
         if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
+            raise UserInputError(f"{flag} must be >= {low}, got {value}")
     sets = [(domain, spec, *read_prompts(spec, args.n)) for domain, spec in prompt_sets(args.prompts)]
     if args.threads:  # (the prompt files were read first: a bad one fails before the models load)
         torch.set_num_threads(args.threads)

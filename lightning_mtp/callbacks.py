@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_mtp.errors import UserInputError
+
 __all__ = ["ExactResume", "ExportPretrained", "NonFiniteGuard", "NonFiniteLossError"]
 
 
@@ -29,7 +31,7 @@ class ExportPretrained(L.Callback):
 
     def __init__(self, dirpath: str, dtype: str | None = None) -> None:
         if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float16' or 'float32'")
+            raise UserInputError(f"dtype {dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float16' or 'float32'")
         self.dirpath = dirpath
         self.dtype = getattr(torch, dtype) if dtype else None
 
@@ -64,7 +66,7 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self, max_consecutive: int = 3, check_gradients: bool = True) -> None:
         if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1:
-            raise ValueError(f"NonFiniteGuard max_consecutive must be an integer >= 1, got {max_consecutive!r}")
+            raise UserInputError(f"NonFiniteGuard max_consecutive must be an integer >= 1, got {max_consecutive!r}")
         self.max_consecutive = max_consecutive
         self.check_gradients = check_gradients
         self.consecutive = 0  # skipped steps in a row, up to now

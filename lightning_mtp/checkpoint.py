@@ -33,6 +33,9 @@ from typing import Any
 
 import torch
 
+from lightning_mtp.errors import UserInputError
+from lightning_mtp.record import IDENTITY_FIELDS, base_model_record, base_revision, mtp_record
+
 __all__ = [
     "IDENTITY_KEY",
     "check_identity",
@@ -171,24 +174,11 @@ def _weights(module) -> str:
 
 
 def run_identity(module) -> dict[str, Any]:
-    """What a checkpoint of ``module`` must match to be loaded into another module (plain JSON-like values)."""
-    from lightning_mtp import __version__
-
-    base = module._base_model
-    revision = getattr(module, "base_revision", None) or getattr(base.config, "_commit_hash", None) or None
-    return {
-        "library_version": __version__,
-        "base_model": {
-            "name_or_path": _reference(module.backbone_ref),
-            "revision": revision,
-            "vocab_size": module.parts.vocab_size,
-            "hidden_size": module.parts.hidden_size,
-            "model_type": base.config.model_type,
-        },
-        "method": None if module.method_config is None else module.method_config.to_dict(),
-        "lora": module.lora,
-        "weights": _weights(module),
-    }
+    """What a checkpoint of ``module`` must match to be loaded into another module (plain JSON-like values): the
+    identity fields of its artefact record, with the base named as checkpoints name it."""
+    base = base_model_record(module, _reference(module.backbone_ref), base_revision(module))
+    record = mtp_record(module, weights=_weights(module), base_model=base)
+    return {key: record[key] for key in IDENTITY_FIELDS}
 
 
 def _describe(identity: dict[str, Any]) -> str:
@@ -226,21 +216,21 @@ def check_identity(module, checkpoint: dict[str, Any]) -> None:
     that lacks trained weights ``module`` needs."""
     saved = checkpoint.get(IDENTITY_KEY)
     if not isinstance(saved, dict) or "base_model" not in saved:
-        raise ValueError("this checkpoint was not written by a lightning-mtp MTPModule (it has no "
-                         f"{IDENTITY_KEY!r} record): resume only from checkpoints of an MTPModule fit")
+        raise UserInputError("this checkpoint was not written by a lightning-mtp MTPModule (it has no "
+                             f"{IDENTITY_KEY!r} record): resume only from checkpoints of an MTPModule fit")
     mine = run_identity(module)
     diffs = _differences(saved, mine)
     if diffs:
-        raise ValueError(f"the checkpoint belongs to another run: it was written for {_describe(saved)}, but this "
-                         f"module is {_describe(mine)}. Differences: {'; '.join(diffs)}. Resume with the same model "
-                         "and method settings as the checkpoint, or start a new run without ckpt_path")
+        raise UserInputError(f"the checkpoint belongs to another run: it was written for {_describe(saved)}, but this "
+                             f"module is {_describe(mine)}. Differences: {'; '.join(diffs)}. Resume with the same model "
+                             "and method settings as the checkpoint, or start a new run without ckpt_path")
     state = checkpoint.get("state_dict")
     if isinstance(state, dict):  # FSDP loads the weights itself before this hook; then there is nothing to see
         wanted = set(trained_keys(module))
         missing = sorted(wanted - set(state))
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ValueError(f"the checkpoint lacks {len(missing)} trained weight(s) of this module: {shown}")
+            raise UserInputError(f"the checkpoint lacks {len(missing)} trained weight(s) of this module: {shown}")
 
 
 def checkpoint_tensors_bytes(state: dict[str, Any]) -> int:

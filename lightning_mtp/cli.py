@@ -3,11 +3,14 @@
 Each subcommand is a function ``main(argv)`` in some module, listed once in :data:`COMMANDS`. An expected user
 error becomes one line on stderr, no traceback (``--debug`` shows the traceback instead):
 
-- exit code 2, bad input: a ``ValueError`` from any command; a bad argument or recipe (jsonargparse's errors for
+- exit code 2, bad input: a :class:`~lightning_mtp.errors.UserInputError` (the ``ValueError`` the library raises
+  where it checks input) from any command; a bad argument or recipe (jsonargparse's errors for
   ``fit``/``validate``, :class:`CommandParser`'s for the others); a missing file (``FileNotFoundError``, e.g. a
   ``--ckpt_path``); a checkpoint that ``torch.load(weights_only=True)`` refuses (``pickle.UnpicklingError``); a
   Trainer setting this machine cannot honour (Lightning's ``MisconfigurationException``);
 - exit code 1, training failed: :class:`~lightning_mtp.callbacks.NonFiniteLossError` (the loss stayed NaN/inf).
+
+Anything else, another ``ValueError`` included, is a bug: it is shown with its traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from transformers import TextStreamer
 
+from lightning_mtp.commands import CommandParser
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import LogProgressBar, is_terminal
 
@@ -41,14 +47,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("lightning_mtp.zoo:main", "the model zoo: lightning-mtp zoo list | lightning-mtp zoo info NAME"),
     "push": ("lightning_mtp.hub:main", "upload to the Hub in one commit: lightning-mtp push CKPT_OR_DIR --repo-id NAMESPACE/NAME"),
 }
-
-
-class CommandParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors raise instead of printing the usage and exiting, so that
-    :func:`main` reports them as one line like every other bad input."""
-
-    def error(self, message: str):
-        raise argparse.ArgumentError(None, message)
 
 
 class MTPLightningCLI(LightningCLI):
@@ -67,7 +65,10 @@ class MTPLightningCLI(LightningCLI):
         super().__init__(MTPModule, **kwargs)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except ValueError as err:  # Trainer checks its arguments, the recipe's trainer section: bad input
+            raise UserInputError(str(err)) from err
         bar = trainer.progress_bar_callback
         if type(bar) in (RichProgressBar, TQDMProgressBar) and not is_terminal():  # Lightning's own bars, in a log
             trainer.callbacks[trainer.callbacks.index(bar)] = LogProgressBar()
@@ -82,8 +83,8 @@ class MTPLightningCLI(LightningCLI):
 
 def _weights_only(value: bool | None) -> bool:
     if value is False:
-        raise ValueError("--weights_only false would let a checkpoint run code while it is read; lightning-mtp reads "
-                         "checkpoints with weights_only=True only (leave --weights_only out)")
+        raise UserInputError("--weights_only false would let a checkpoint run code while it is read; lightning-mtp reads "
+                             "checkpoints with weights_only=True only (leave --weights_only out)")
     return True
 
 
@@ -155,15 +156,11 @@ def generate(argv: list[str]) -> None:
                         help="end a draft chain where the most likely draft has less probability (0 to 1)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-
-    from transformers import TextStreamer
-
-    from lightning_mtp.module import MTPModule
+        raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     module = MTPModule.from_pretrained(args.model).merge_lora()  # decoding only: no adapter overhead per forward
     if module.tokenizer is None:
-        raise ValueError(f"{args.model!r} has no tokenizer to encode the prompt with")
+        raise UserInputError(f"{args.model!r} has no tokenizer to encode the prompt with")
     ids = module.tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     streamer = TextStreamer(module.tokenizer, skip_prompt=False, skip_special_tokens=True)
     out = module.generate(
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _exit_code(err: Exception) -> int | None:
     """2 for bad input, 1 for a training run that failed as expected, None for a bug (shown with its traceback)."""
-    if isinstance(err, (ValueError, argparse.ArgumentError, FileNotFoundError, pickle.UnpicklingError)):
+    if isinstance(err, (UserInputError, argparse.ArgumentError, FileNotFoundError, pickle.UnpicklingError)):
         return 2  # UnpicklingError: torch.load(weights_only=True) refused a file that is not plain tensors and data
     # modules an error can only come from once they are imported: no import cost for commands that skip them
     lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")

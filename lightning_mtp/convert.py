@@ -1,4 +1,7 @@
-"""Native MTP layers of released checkpoints <-> our FastMTP head.
+"""Native MTP layers of released checkpoints <-> our FastMTP head: build a module from one, export one.
+
+The layouts, key mapping and backbone loading are :mod:`lightning_mtp.native` (re-exported here); this face
+builds :class:`~lightning_mtp.MTPModule` from them and exports a trained one back.
 
 Some models ship their own MTP layer inside the checkpoint. MiMo-7B (``XiaomiMiMo/MiMo-7B-RL``) and FastMTP
 (``TencentBAC/FastMTP``, MiMo-7B-RL with a fine-tuned MTP layer) store it under ``model.mtp_layers.0.*``::
@@ -26,17 +29,27 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
+from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-    from lightning_mtp.module import MTPModule
+from lightning_mtp import artifacts
+from lightning_mtp.errors import UserInputError
+from lightning_mtp.io import atomic_dir
+from lightning_mtp.module import MTPModule
+from lightning_mtp.native import (
+    NATIVE_LAYOUTS,
+    NativeLayout,
+    detect_native_layout,
+    from_native,
+    load_native_backbone,
+    native_layout,
+    read_native_mtp_tensors,
+    serving_snippet,
+    to_native,
+)
+from lightning_mtp.record import MTP_CONFIG, base_model_record, mtp_record
 
 __all__ = [
     "NATIVE_LAYOUTS",
@@ -52,260 +65,14 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class NativeLayout:
-    """How one family stores its MTP layer, and what its backbone is in transformers."""
-
-    name: str
-    model_types: tuple[str, ...]  # config.json "model_type" values of this layout
-    architecture: str  # config.json "architectures" entry engines look for
-    backbone_model_type: str  # the transformers architecture the backbone loads as, without remote code
-    prefix: str  # checkpoint keys "{prefix}{i}.{name}" hold MTP layer i
-    renames: tuple[tuple[str, str], ...]  # (native key prefix, our FastMTPHead key prefix)
-    swap_proj_halves: bool  # native projection input is cat([hidden, embedding]); ours is [embedding, hidden]
-    default_method: dict[str, Any]
-    serving: Callable[[str, int], str]
-
-
-def _mimo_serving(repo: str, k: int) -> str:
-    return (
-        "vLLM (MTP speculative decoding, native MiMo support):\n\n"
-        "```bash\n"
-        f"vllm serve {repo} --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": {k}}}'\n"
-        "```\n\n"
-        "SGLang (the FastMTP authors' setting; add `--speculative-token-map FILE` for vocabulary compression):\n\n"
-        "```bash\n"
-        f"python -m sglang.launch_server --model-path {repo} --speculative-algorithm EAGLE \\\n"
-        f"    --speculative-num-steps {k} --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}\n"
-        "```"
-    )
-
-
-NATIVE_LAYOUTS: dict[str, NativeLayout] = {
-    "mimo": NativeLayout(
-        name="mimo",
-        model_types=("mimo",),
-        architecture="MiMoForCausalLM",
-        backbone_model_type="qwen2",
-        prefix="model.mtp_layers.",
-        renames=(
-            ("token_layernorm.", "block.enorm."),
-            ("hidden_layernorm.", "block.hnorm."),
-            ("input_proj.", "block.proj."),
-            ("final_layernorm.", "block.final_norm."),
-            ("input_layernorm.", "block.layer.input_layernorm."),
-            ("post_attention_layernorm.", "block.layer.post_attention_layernorm."),
-            ("self_attn.", "block.layer.self_attn."),
-            ("mlp.", "block.layer.mlp."),
-        ),
-        swap_proj_halves=True,
-        # MiMo's own layer was trained for one step ahead; further steps recurse on its final-normed output
-        default_method={"name": "fast_mtp", "num_steps": 1, "recurse_on_normed": True},
-        serving=_mimo_serving,
-    ),
-}
-
-
-def _layout(name: str) -> NativeLayout:
-    if name not in NATIVE_LAYOUTS:
-        raise ValueError(f"unknown native MTP layout {name!r}; known layouts are {sorted(NATIVE_LAYOUTS)}")
-    return NATIVE_LAYOUTS[name]
-
-
-def _read_config(directory: Path) -> dict:
-    try:
-        return json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def detect_native_layout(directory: str | os.PathLike | None) -> str | None:
-    """The layout name when ``directory`` is a model with a native MTP layer we can convert, else None."""
-    if directory is None:
-        return None
-    config = _read_config(Path(directory))
-    for layout in NATIVE_LAYOUTS.values():
-        if config.get("model_type") in layout.model_types and int(config.get("num_nextn_predict_layers") or 0) > 0:
-            return layout.name
-    return None
-
-
-def serving_snippet(layout: str, repo: str, num_draft_tokens: int) -> str:
-    """Markdown with the engine flags that serve a ``layout`` model from ``repo`` with MTP speculative decoding."""
-    return _layout(layout).serving(repo, num_draft_tokens)
-
-
-# ------------------------------------------------------------------------------------------ key mapping
-
-
-def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
-    """(H, 2H) [a | b] -> [b | a]: the same projection for inputs concatenated in the other order."""
-    H = weight.shape[1] // 2
-    return torch.cat([weight[:, H:], weight[:, :H]], dim=1).contiguous()  # (H, 2H)
-
-
-def from_native(tensors: dict[str, torch.Tensor], layout: str = "mimo") -> dict[str, torch.Tensor]:
-    """One native MTP layer's tensors (keys without the ``{prefix}{i}.`` part) -> a FastMTPHead state dict."""
-    lay = _layout(layout)
-    out = {}
-    for key, value in tensors.items():
-        rename = next(((src, dst) for src, dst in lay.renames if key.startswith(src)), None)
-        if rename is None:
-            raise ValueError(f"native {layout} MTP key {key!r} has no place in our FastMTP head "
-                             f"(known prefixes: {[src for src, _ in lay.renames]})")
-        ours = rename[1] + key[len(rename[0]):]
-        out[ours] = _swap_halves(value) if lay.swap_proj_halves and ours == "block.proj.weight" else value
-    return out
-
-
-def to_native(state: dict[str, torch.Tensor], layout: str = "mimo") -> dict[str, torch.Tensor]:
-    """A FastMTPHead state dict -> one native MTP layer's tensors (keys without the ``{prefix}{i}.`` part)."""
-    lay = _layout(layout)
-    out = {}
-    for key, value in state.items():
-        rename = next(((src, dst) for src, dst in lay.renames if key.startswith(dst)), None)
-        if rename is None:
-            raise ValueError(f"FastMTP head key {key!r} has no place in the native {layout} MTP layer")
-        native = rename[0] + key[len(rename[1]):]
-        out[native] = _swap_halves(value) if lay.swap_proj_halves and key == "block.proj.weight" else value
-    return out
-
-
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{index} is not a safetensors index (no 'weight_map'): {err}") from None
-        return [directory / f for f in sorted(set(weight_map.values()))]
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{directory} holds no *.safetensors weights")
-    return files
-
-
-def read_native_mtp_tensors(directory: str | os.PathLike, layout: str = "mimo") -> dict[int, dict[str, torch.Tensor]]:
-    """``{layer index: {key without prefix: tensor}}`` for every native MTP layer in the checkpoint's safetensors."""
-    from safetensors import safe_open
-
-    lay = _layout(layout)
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    for file in _safetensors_files(Path(directory)):
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                found = {key: f.get_tensor(key) for key in f.keys() if key.startswith(lay.prefix)}  # noqa: SIM118
-        except Exception as err:  # safetensors raises its own error types for missing or corrupt files
-            raise ValueError(f"cannot read {file}: {err}") from None
-        for key, tensor in found.items():
-            index, _, rest = key[len(lay.prefix):].partition(".")
-            if not index.isdigit() or not rest:
-                raise ValueError(f"{file}: key {key!r} is not '{lay.prefix}<index>.<name>'")
-            layers.setdefault(int(index), {})[rest] = tensor
-    return layers
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def load_native_backbone(directory: str | os.PathLike, *, dtype: str | torch.dtype = "auto") -> tuple[PreTrainedModel, Any]:
-    """``(model, tokenizer)``: the backbone of a native-MTP checkpoint as its transformers architecture, no remote code.
-
-    The MTP tensors are left out of the backbone (they are read by :func:`read_native_mtp_tensors`); any other
-    key that does not load is an error.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    directory = Path(directory)
-    name = detect_native_layout(directory)
-    if name is None:
-        raise ValueError(f"{directory} is not a model with a native MTP layer we know (layouts: {sorted(NATIVE_LAYOUTS)})")
-    lay = NATIVE_LAYOUTS[name]
-    raw = _read_config(directory)
-    kwargs = {k: v for k, v in raw.items() if k not in {"model_type", "architectures", "auto_map", "transformers_version"}}
-    config = AutoConfig.for_model(lay.backbone_model_type, **kwargs)
-    from transformers.utils import logging as hf_logging
-
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report lists the MTP tensors as unexpected: we check keys below
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            directory, config=config, dtype=torch_dtype, output_loading_info=True, trust_remote_code=False
-        )
-    except OSError as err:
-        raise ValueError(f"backbone of {directory} could not be loaded: {err}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(lay.prefix)]
-    missing = [k for k in info.get("missing_keys", []) if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if unexpected or missing:
-        raise ValueError(f"{directory} does not load as {type(model).__name__}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    model.config.architectures = [type(model).__name__]
-    try:
-        # the backbone's config, not config.json: its auto_map would make transformers ask about remote code
-        tokenizer = AutoTokenizer.from_pretrained(directory, config=config, trust_remote_code=False)
-    except (OSError, ValueError, TypeError, KeyError):
-        tokenizer = None
-    return model.eval(), tokenizer
-
-
-def load_native_mtp(
-    directory: str | os.PathLike,
-    *,
-    method: str | dict | None = None,
-    mtp_layer: int | None = None,
-    dtype: str | torch.dtype = "auto",
-    name_or_path: str | None = None,
-    **module_kwargs: Any,
-) -> MTPModule:
+def load_native_mtp(directory: str | os.PathLike, **kwargs: Any) -> MTPModule:
     """An MTPModule whose backbone and FastMTP head come from a native-MTP checkpoint directory.
 
-    ``method``: a fast_mtp config (mapping or name; default: the layout's, e.g. one draft step for MiMo).
-    ``mtp_layer``: which native MTP layer becomes the shared head when the checkpoint holds several.
-    ``name_or_path``: how saved artefacts refer to this base (e.g. its Hub id); default: the directory.
+    ``kwargs``: ``method`` (a fast_mtp config; default: the layout's), ``mtp_layer`` (which native layer becomes
+    the shared head), ``dtype``, ``name_or_path`` (how saved artefacts refer to this base) and MTPModule
+    arguments; see :func:`lightning_mtp.artifacts.load_native_mtp`.
     """
-    from lightning_mtp.methods.base import resolve_method
-    from lightning_mtp.module import MTPModule
-
-    directory = Path(directory)
-    layout = detect_native_layout(directory)
-    if layout is None:
-        raise ValueError(f"{directory} is not a model with a native MTP layer (layouts: {sorted(NATIVE_LAYOUTS)})")
-    lay = NATIVE_LAYOUTS[layout]
-    config = resolve_method(method if method is not None else dict(lay.default_method))
-    if config is None or config.name != "fast_mtp":
-        raise ValueError(f"a native {layout} MTP layer converts to the 'fast_mtp' method, got "
-                         f"{None if config is None else config.name!r}")
-    if getattr(config, "draft_vocab_size", None) is not None:
-        raise ValueError("fast_mtp draft_vocab_size (vocabulary compression) needs the token subset of training; "
-                         "convert with draft_vocab_size=None")
-    layers = read_native_mtp_tensors(directory, layout)
-    if not layers:
-        raise ValueError(f"{directory} declares a native MTP layer but its weights hold no '{lay.prefix}*' tensors")
-    if mtp_layer is None:
-        if len(layers) > 1:
-            raise ValueError(f"{directory} holds {len(layers)} native MTP layers {sorted(layers)}; fast_mtp uses one "
-                             "shared head: choose it with mtp_layer=")
-        mtp_layer = next(iter(layers))
-    if mtp_layer not in layers:
-        raise ValueError(f"mtp_layer {mtp_layer} not in {directory}; it holds layers {sorted(layers)}")
-    model, tokenizer = load_native_backbone(directory, dtype=dtype)
-    module = MTPModule(model, method=config, **module_kwargs)
-    module.tokenizer = tokenizer
-    module.backbone_ref = name_or_path or str(directory)
-    state = from_native(layers[mtp_layer], layout)
-    own = module.method.state_dict()
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise ValueError(f"the native {layout} MTP layer {mtp_layer} of {directory} lacks tensors for {missing}")
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise ValueError(f"native tensor for {key} has shape {tuple(value.shape)}, our head expects "
-                             f"{tuple(own[key].shape)}")
-    module.method.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    return module.eval()
+    return artifacts.load_native_mtp(MTPModule, directory, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -317,21 +84,16 @@ def export_native(module: MTPModule, directory: str | os.PathLike, layout: str =
     Needs a backbone of the layout's architecture (Qwen2 for MiMo), a fast_mtp method and no vocabulary
     compression or LoRA. The directory also holds ``mtp_config.json``, so lightning-mtp loads it back.
     """
-    from safetensors.torch import save_file
-
-    from lightning_mtp import __version__
-    from lightning_mtp.artifacts import MTP_CONFIG, atomic_dir
-
-    lay = _layout(layout)
-    base = module._base_model
+    lay = native_layout(layout)
+    base = module.base_model
     if module.method is None or module.method_config.name != "fast_mtp":
-        raise ValueError(f"export to the {layout} layout needs a fast_mtp module, got "
-                         f"{None if module.method is None else module.method_config.name!r}")
+        raise UserInputError(f"export to the {layout} layout needs a fast_mtp module, got "
+                             f"{None if module.method is None else module.method_config.name!r}")
     if module.method.draft_ids is not None or module.lora is not None:
-        raise ValueError(f"export to the {layout} layout supports neither vocabulary compression nor LoRA")
+        raise UserInputError(f"export to the {layout} layout supports neither vocabulary compression nor LoRA")
     if base.config.model_type != lay.backbone_model_type:
-        raise ValueError(f"the {layout} layout needs a {lay.backbone_model_type!r} backbone, this one is "
-                         f"{base.config.model_type!r}")
+        raise UserInputError(f"the {layout} layout needs a {lay.backbone_model_type!r} backbone, this one is "
+                             f"{base.config.model_type!r}")
     state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
     if base.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -350,17 +112,8 @@ def export_native(module: MTPModule, directory: str | os.PathLike, layout: str =
             base.generation_config.save_pretrained(tmp)
         if module.tokenizer is not None:
             module.tokenizer.save_pretrained(tmp)
-        mtp = {
-            "library": "lightning-mtp",
-            "library_version": __version__,
-            "method": module.method_config.to_dict(),
-            "lora": None,
-            "weights": "native",
-            "native_layout": layout,
-            "base_model": {"name_or_path": ".", "revision": None, "vocab_size": module.parts.vocab_size,
-                           "hidden_size": module.parts.hidden_size, "model_type": layout},
-            "decoding": {"decoding": "speculative", "num_draft_tokens": module.num_draft_tokens},
-            "metrics": {},
-        }
+        base_model = base_model_record(module, ".", None, model_type=layout)
+        mtp = mtp_record(module, weights="native", native_layout=layout, base_model=base_model,
+                         decoding={"decoding": "speculative", "num_draft_tokens": module.num_draft_tokens})
         (tmp / MTP_CONFIG).write_text(json.dumps(mtp, indent=2) + "\n")
     return target

@@ -9,10 +9,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 import lightning_mtp.methods  # noqa: F401  (registers the built-in methods)
-from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone
+from lightning_mtp import upload
+from lightning_mtp.artifacts import load_artifact, save_artifact
+from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone, pad_token_id
+from lightning_mtp.callbacks import ExactResume
 from lightning_mtp.checkpoint import (
     IDENTITY_KEY,
     check_identity,
@@ -20,7 +25,13 @@ from lightning_mtp.checkpoint import (
     install_trained_state_dict,
     run_identity,
 )
-from lightning_mtp.decoding.speculative import check_generate_inputs
+from lightning_mtp.decoding.speculative import (
+    GenerateOutput,
+    check_generate_inputs,
+    needs_row_by_row,
+    speculative_generate,
+)
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
 
@@ -74,9 +85,9 @@ class MTPModule(L.LightningModule):
         super().__init__()
         self.method_config = resolve_method(method)  # validates before any loading
         if not learning_rate > 0:  # NaN too
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+            raise UserInputError(f"learning_rate must be > 0, got {learning_rate}")
         if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+            raise UserInputError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if isinstance(backbone, PreTrainedModel):
             model, self.tokenizer = backbone, None
             self.backbone_ref = getattr(backbone, "name_or_path", "") or ""
@@ -106,17 +117,15 @@ class MTPModule(L.LightningModule):
         if self.method_config is not None:
             self.method_config.prepare_backbone(model, self.tokenizer)  # e.g. add a token, before LoRA wraps it
         if lora is not None:
-            from peft import LoraConfig, get_peft_model
-
             model = get_peft_model(model, LoraConfig(**lora))
         self.backbone = model
         if self.freeze_backbone:
             for name, p in self.backbone.named_parameters():
                 p.requires_grad_(lora is not None and "lora_" in name)
-        self.parts: BackboneParts = backbone_parts(self._base_model)
+        self.parts: BackboneParts = backbone_parts(self.base_model)
         self.method: MTPMethod | None = None if self.method_config is None else self.method_config.build(self.parts)
         if self.method is not None:
-            self.method.attach(self)
+            self.method.attach(self)  # the module is the methods' MethodContext
         k = 0 if self.method_config is None else self.method_config.num_draft_tokens
         self.val_acceptance = AcceptanceRate(max(k, 1))
         self.decoding_defaults: dict[str, Any] = {}
@@ -128,8 +137,38 @@ class MTPModule(L.LightningModule):
 
     # ------------------------------------------------------------------ properties
     @property
-    def _base_model(self) -> PreTrainedModel:
+    def base_model(self) -> PreTrainedModel:
+        """The backbone without its LoRA wrapper (the same model when there is no adapter)."""
         return self.backbone.get_base_model() if self.lora is not None else self.backbone
+
+    @property
+    def _base_model(self) -> PreTrainedModel:  # the name code written before base_model went public uses
+        return self.base_model
+
+    # ------------------------------------------------------------------ what methods see (MethodContext)
+    @property
+    def backbone_trains(self) -> bool:
+        """Whether any backbone weight (its own, or its LoRA adapter's) has ``requires_grad``."""
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+    @property
+    def is_sharded(self) -> bool:
+        """True when a sharding strategy (FSDP, FSDP2, DeepSpeed) trains this module: its weights may be split
+        across processes, so a copy of them is not the model."""
+        trainer = self._trainer  # .trainer raises when none is attached
+        if trainer is not None and isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
+            return True
+        try:  # optional: a torch build without distributed support has neither
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            return False
+        return any(isinstance(m, FullyShardedDataParallel) for m in self.modules()) or any(
+            isinstance(p, DTensor) for p in self.parameters())
+
+    def on_load_state_dict(self, hook) -> None:
+        """Run ``hook()`` before a state dict (a checkpoint's weights) is loaded into this module."""
+        self.register_load_state_dict_pre_hook(lambda *args, **kwargs: hook())
 
     @property
     def num_draft_tokens(self) -> int:
@@ -184,7 +223,7 @@ class MTPModule(L.LightningModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("nothing to train: the backbone is frozen and the method has no parameters")
+            raise UserInputError("nothing to train: the backbone is frozen and the method has no parameters")
         optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * hp.warmup_ratio)
@@ -209,8 +248,6 @@ class MTPModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         """:class:`~lightning_mtp.callbacks.ExactResume`: checkpoints carry the random state, so resumes are exact."""
-        from lightning_mtp.callbacks import ExactResume
-
         return [ExactResume()]
 
     # ------------------------------------------------------------------ decoding
@@ -256,17 +293,17 @@ class MTPModule(L.LightningModule):
         if num_draft_tokens is None:
             num_draft_tokens = default_k
         if draft_confidence_threshold is not None and decoding != "speculative":
-            raise ValueError(f"draft_confidence_threshold applies to speculative decoding, not {decoding!r}")
+            raise UserInputError(f"draft_confidence_threshold applies to speculative decoding, not {decoding!r}")
         if draft_confidence_threshold is None:
             draft_confidence_threshold = default_threshold
         offered = ("speculative",) if self.method is None else self.method.decodings
         if decoding not in offered:
-            raise ValueError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
+            raise UserInputError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
         if decoding == "speculative" and options:
-            raise ValueError(f"unknown generate option(s) {sorted(options)} for speculative decoding")
+            raise UserInputError(f"unknown generate option(s) {sorted(options)} for speculative decoding")
         k = self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
         if k < 0:
-            raise ValueError(f"num_draft_tokens must be >= 0, got {k}")
+            raise UserInputError(f"num_draft_tokens must be >= 0, got {k}")
         modes = {mod: mod.training for mod in self.modules()}  # restore each one: a blanket .train() would
         self.eval()  # switch on dropout in a backbone that was in eval mode
         sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
@@ -274,8 +311,6 @@ class MTPModule(L.LightningModule):
             if decoding != "speculative":
                 return self.method.generate(self, input_ids.to(self.device), decoding=decoding,
                                             max_new_tokens=max_new_tokens, streamer=streamer, **sampling, **options)
-            from lightning_mtp.decoding.speculative import needs_row_by_row, pad_token_id, speculative_generate
-
             def decode(ids: torch.Tensor, mask: torch.Tensor | None):
                 drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None
                 return speculative_generate(
@@ -291,7 +326,7 @@ class MTPModule(L.LightningModule):
                     **sampling,
                 )
 
-            if input_ids.dim() == 2 and input_ids.shape[0] > 1 and needs_row_by_row(self._base_model):
+            if input_ids.dim() == 2 and input_ids.shape[0] > 1 and needs_row_by_row(self.base_model):
                 return _row_by_row(decode, input_ids, attention_mask, pad_token_id(self.backbone))
             return decode(input_ids, attention_mask)
         finally:
@@ -309,7 +344,7 @@ class MTPModule(L.LightningModule):
         """
         if self.lora is None:
             return self
-        base = self._base_model
+        base = self.base_model
         out = base.get_output_embeddings()
         trains_tokens = any("trainable_tokens_delta" in name for name, _ in self.backbone.named_parameters())
         tied = out is not None and any(out.weight is p for p in base.get_input_embeddings().parameters())
@@ -336,8 +371,6 @@ class MTPModule(L.LightningModule):
         self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None, metrics: dict | None = None
     ) -> Path:
         """Save only what was trained, atomically; see :mod:`lightning_mtp.artifacts` for the format."""
-        from lightning_mtp.artifacts import save_artifact
-
         return save_artifact(self, save_directory, dtype=dtype, metrics=metrics)
 
     @classmethod
@@ -349,8 +382,6 @@ class MTPModule(L.LightningModule):
         ``backbone`` overrides the base model the artefact names (e.g. a local copy of it); ``kwargs`` go to
         the constructor.
         """
-        from lightning_mtp.artifacts import load_artifact
-
         return load_artifact(cls, directory, backbone=backbone, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None, **kwargs: Any):
@@ -359,15 +390,11 @@ class MTPModule(L.LightningModule):
         The token comes from the usual ``huggingface_hub`` sources when None and is never printed; ``kwargs``
         go to :func:`lightning_mtp.hub.push_to_hub` (``endpoint``, ``base_model``, ``metrics``, ...).
         """
-        from lightning_mtp.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, private=private, token=token, **kwargs)
+        return upload.push_to_hub(self, repo_id, private=private, token=token, **kwargs)
 
 
 def _row_by_row(decode, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad: int):
     """Decode each row of a left-padded batch on its own and put the results back in HF's batch layout."""
-    from lightning_mtp.decoding.speculative import GenerateOutput
-
     outs, stats = [], None
     for row in range(input_ids.shape[0]):
         ids = input_ids[row : row + 1]

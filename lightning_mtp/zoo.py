@@ -26,6 +26,9 @@ Where entries come from: the ``zoo/`` directory of the source tree, every direct
 ``LIGHTNING_MTP_ZOO`` environment variable (``os.pathsep``-separated; this is how an installed, non-editable
 lightning-mtp finds a zoo checkout or a team's own entries), and :func:`register` at run time.
 
+The index (entries, schema, lookup, validation, where weights are) is :mod:`lightning_mtp.zoo_index`, re-exported
+here; this face adds what builds modules: :func:`load`, :func:`load_entry`, :func:`push` and the ``zoo`` command.
+
 Loading (:func:`load`) is offline for entries whose weights are local directories; Hub entries go through the
 Hugging Face cache with the offline rules of :func:`lightning_mtp.hub.fetch`.
 """
@@ -34,23 +37,37 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import difflib
 import inspect
+import json
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
+from transformers import PreTrainedModel
 
-from lightning_mtp.backbone import ZOO_DIR
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-
-    from lightning_mtp.module import MTPModule
+from lightning_mtp import artifacts
+from lightning_mtp.commands import CommandParser
+from lightning_mtp.errors import UserInputError
+from lightning_mtp.hub import push_to_hub
+from lightning_mtp.hub_transport import fetch, is_hub_id
+from lightning_mtp.methods import METHODS
+from lightning_mtp.module import MTPModule
+from lightning_mtp.native import detect_native_layout
+from lightning_mtp.record import MTP_CONFIG
+from lightning_mtp.zoo_index import (
+    FORMATS,
+    HUB_KWARGS,
+    ZooEntry,
+    has,
+    info,
+    list,
+    names,
+    register,
+    validate,
+    weights_location,
+    weights_path,
+    zoo_dirs,
+)
 
 __all__ = [
     "FORMATS",
@@ -69,441 +86,18 @@ __all__ = [
     "zoo_dirs",
 ]
 
-FORMATS = ("artifact", "full_model", "native_mtp")
-"""Weights formats: a lightning-mtp artefact; a whole Hugging Face model (the base itself); a model with a
-native MTP layer converted on load."""
-
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_HUB_KWARGS = ("revision", "token", "endpoint", "cache_dir", "local_files_only")
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """One zoo entry, validated for structure; :func:`validate` also resolves its method and local files."""
-
-    name: str
-    description: str
-    base_model: dict[str, Any]  # exactly one of entry / repo_id / path; revision with repo_id
-    method: dict[str, Any] | None
-    weights: dict[str, Any]  # format, and path / repo_id (+ revision) for artifacts, layout for native_mtp
-    license: str
-    source: dict[str, Any]
-    decoding: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    origin: str = "<dict>"  # the YAML file it was read from, for error messages
-    root: Path = field(default_factory=Path.cwd)  # relative paths are relative to this directory
-
-    @classmethod
-    def from_dict(cls, data: Any, origin: str = "<dict>", root: Path | None = None) -> ZooEntry:
-        """Check types and required fields; errors name ``origin`` (the file) and the field."""
-        _check_mapping(data, "", origin)
-        _check_keys(data, _TOP, "", origin)
-        name = data["name"]
-        if not _NAME.match(name):
-            raise ValueError(f"{origin}: field 'name' must be lower-case letters, digits, '.', '_' or '-', got {name!r}")
-        if origin.endswith((".yaml", ".yml")) and Path(origin).stem != name:
-            raise ValueError(f"{origin}: field 'name' is {name!r} but the file is named {Path(origin).name!r}; "
-                             "they must agree")
-        base = data["base_model"]
-        _check_keys(base, _BASE, "base_model", origin)
-        kinds = [k for k in ("entry", "repo_id", "path") if k in base]
-        if len(kinds) != 1:
-            raise ValueError(f"{origin}: field 'base_model' needs exactly one of 'entry', 'repo_id' or 'path', "
-                             f"got {kinds or 'none'}")
-        if "repo_id" in base:
-            _check_repo_id(base["repo_id"], "base_model.repo_id", origin)
-        elif "revision" in base:
-            raise ValueError(f"{origin}: field 'base_model.revision' applies to a 'repo_id' base only")
-        weights = data["weights"]
-        _check_keys(weights, _WEIGHTS, "weights", origin)
-        fmt = weights["format"]
-        if fmt not in FORMATS:
-            raise ValueError(f"{origin}: field 'weights.format' must be one of {[*FORMATS]}, got {fmt!r}")
-        where = [k for k in ("path", "repo_id") if k in weights]
-        if fmt == "artifact" and len(where) != 1:
-            raise ValueError(f"{origin}: field 'weights' of format 'artifact' needs exactly one of 'path' or "
-                             f"'repo_id', got {where or 'none'}")
-        if fmt != "artifact" and where:
-            raise ValueError(f"{origin}: field 'weights.{where[0]}' does not apply to format {fmt!r}: those weights "
-                             "are the base_model itself")
-        if "repo_id" in weights:
-            _check_repo_id(weights["repo_id"], "weights.repo_id", origin)
-        if fmt == "native_mtp":
-            from lightning_mtp.convert import NATIVE_LAYOUTS
-
-            if weights.get("layout") not in NATIVE_LAYOUTS:
-                raise ValueError(f"{origin}: field 'weights.layout' must be one of {sorted(NATIVE_LAYOUTS)} for "
-                                 f"format 'native_mtp', got {weights.get('layout')!r}")
-        elif "layout" in weights:
-            raise ValueError(f"{origin}: field 'weights.layout' applies to format 'native_mtp' only")
-        method = data["method"]
-        if method is not None and not isinstance(method.get("name"), str):
-            raise ValueError(f"{origin}: field 'method.name' must be a method name (string), got "
-                             f"{type(method.get('name')).__name__} {method.get('name')!r}")
-        decoding = data.get("decoding") or {}
-        _check_keys(decoding, _DECODING, "decoding", origin)
-        metrics = data.get("metrics") or {}
-        _check_keys(metrics, _METRICS, "metrics", origin)
-        if (metrics.get("values") or metrics.get("rows")) and not (metrics.get("command") or metrics.get("source")):
-            raise ValueError(f"{origin}: field 'metrics' needs 'command' (how they were measured) or 'source' "
-                             "(where they were reported)")
-        source = data["source"]
-        _check_keys(source, _SOURCE, "source", origin)
-        if not source:
-            raise ValueError(f"{origin}: field 'source' needs at least one of {sorted(_SOURCE)}")
-        return cls(
-            name=name, description=data["description"], base_model=dict(base), method=None if method is None else dict(method),
-            weights=dict(weights), license=data["license"], source=dict(source), decoding=dict(decoding),
-            metrics=dict(metrics), origin=origin, root=Path(root) if root is not None else Path.cwd(),
-        )
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> ZooEntry:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        except OSError as err:
-            raise ValueError(f"cannot read zoo entry {path}: {err}") from None
-        return cls.from_dict(data, origin=str(path), root=path.parent)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The entry as its YAML holds it."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in {"origin", "root"}}
-        return {k: v for k, v in out.items() if v or k == "method"}
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def method_config(self):
-        """The entry's method resolved through the registry (None for a plain model)."""
-        from lightning_mtp.methods import resolve_method
-
-        try:
-            return resolve_method(self.method)
-        except ValueError as err:
-            raise ValueError(f"{self.origin}: field 'method': {err}") from None
-
-    def local_path(self, key: str) -> Path:
-        """``base_model.path`` / ``weights.path`` as an absolute directory (relative to the entry's file)."""
-        section = getattr(self, key)
-        path = Path(section["path"]).expanduser()
-        return path if path.is_absolute() else (self.root / path)
-
-
-# ------------------------------------------------------------------------------------------------ schema
-
-_T = type | tuple[type, ...]
-_STR = (str,)
-_TOP: dict[str, tuple[_T, bool]] = {
-    "name": (_STR, True), "description": (_STR, True), "base_model": (dict, True), "method": ((dict, type(None)), True),
-    "weights": (dict, True), "license": (_STR, True), "source": (dict, True), "decoding": ((dict, type(None)), False),
-    "metrics": ((dict, type(None)), False),
-}
-_BASE = {"entry": (_STR, False), "repo_id": (_STR, False), "path": (_STR, False), "revision": ((str, type(None)), False)}
-_WEIGHTS = {"format": (_STR, True), "path": (_STR, False), "repo_id": (_STR, False),
-            "revision": ((str, type(None)), False), "layout": (_STR, False)}
-_DECODING = {"decoding": (_STR, False), "num_draft_tokens": ((int,), False), "do_sample": ((bool,), False),
-             "temperature": ((int, float), False), "top_p": ((int, float), False), "top_k": ((int,), False),
-             "tau": ((int, float), False), "k": ((int,), False)}
-_METRICS = {"values": (dict, False), "rows": (builtins.list, False), "command": (_STR, False), "source": (_STR, False)}
-_SOURCE = {"paper": (_STR, False), "recipe": (_STR, False), "url": (_STR, False), "trained_from": (_STR, False),
-           "notes": (_STR, False)}
-
-
-def _type_name(types: _T) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a mapping",
-             builtins.list: "a list", type(None): "null"}
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
-
-
-def _check_mapping(value: Any, where: str, origin: str) -> None:
-    if not isinstance(value, dict):
-        what = f"field '{where}'" if where else "the entry"
-        raise ValueError(f"{origin}: {what} must be a mapping, got {type(value).__name__} {value!r}")
-
-
-def _check_keys(data: Any, spec: dict[str, tuple[_T, bool]], where: str, origin: str) -> None:
-    """Unknown keys, missing required keys and wrong types, each named with its dotted path."""
-    _check_mapping(data, where, origin)
-    prefix = f"{where}." if where else ""
-    unknown = sorted(set(data) - set(spec))
-    if unknown:
-        raise ValueError(f"{origin}: unknown field '{prefix}{unknown[0]}'; valid fields are {sorted(spec)}")
-    for key, (types, required) in spec.items():
-        if key not in data:
-            if required:
-                raise ValueError(f"{origin}: missing required field '{prefix}{key}'")
-            continue
-        value = data[key]
-        allowed = types if isinstance(types, tuple) else (types,)
-        bad_bool = isinstance(value, bool) and bool not in allowed  # YAML's true is an int to Python
-        if bad_bool or not isinstance(value, allowed):
-            raise ValueError(f"{origin}: field '{prefix}{key}' must be {_type_name(types)}, got "
-                             f"{type(value).__name__} {value!r}")
-
-
-def _check_repo_id(repo_id: str, where: str, origin: str) -> None:
-    from lightning_mtp.hub import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id, need_namespace=True)
-    except ValueError as err:
-        raise ValueError(f"{origin}: field '{where}': {err}") from None
-
-
-# ------------------------------------------------------------------------------------------------ registry
-
-_registered: dict[str, ZooEntry] = {}
-_from_dirs: tuple[tuple[str, ...], dict[str, ZooEntry]] | None = None
-
-
-def zoo_dirs() -> builtins.list[Path]:
-    """Directories searched for ``*.yaml`` entries: the source tree's ``zoo/``, then ``LIGHTNING_MTP_ZOO``."""
-    extra = [Path(p).expanduser() for p in os.environ.get("LIGHTNING_MTP_ZOO", "").split(os.pathsep) if p]
-    dirs = [ZOO_DIR, *extra]
-    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in {x.resolve() for x in dirs[:i]}]
-
-
-def _entries() -> dict[str, ZooEntry]:
-    """Every known entry by name: from the zoo directories (re-read when they change) and :func:`register`."""
-    global _from_dirs
-    dirs = tuple(str(d) for d in zoo_dirs())
-    if _from_dirs is None or _from_dirs[0] != dirs:
-        found: dict[str, ZooEntry] = {}
-        for d in dirs:
-            for file in sorted(Path(d).glob("*.yaml")):
-                entry = ZooEntry.from_file(file)
-                if entry.name in found:
-                    raise ValueError(f"zoo entry {entry.name!r} is defined twice: {found[entry.name].origin} and {file}")
-                found[entry.name] = entry
-        _from_dirs = (dirs, found)
-    return {**_from_dirs[1], **_registered}
-
-
-def names() -> builtins.list[str]:
-    """All entry names, sorted."""
-    return sorted(_entries())
-
-
-def has(name: str) -> bool:
-    return isinstance(name, str) and name in _entries()
-
-
-def list() -> builtins.list[str]:  # noqa: A001 (zoo.list() reads as the user expects)
-    """All entry names, sorted (``lightning-mtp zoo list`` prints them with their method and weights)."""
-    return names()
-
-
-def info(name: str) -> ZooEntry:
-    """The entry called ``name``; an unknown name is a ``ValueError`` that lists the closest names."""
-    entries = _entries()
-    if name in entries:
-        return entries[name]
-    close = difflib.get_close_matches(str(name), entries, n=3, cutoff=0.5)
-    hint = f"did you mean {close}? " if close else ""
-    raise ValueError(f"{name!r} is not a zoo entry; {hint}known entries are {sorted(entries)}")
-
-
-def register(
-    path_or_dict: str | os.PathLike | Mapping[str, Any] | ZooEntry, *, replace: bool = False
-) -> ZooEntry | builtins.list[ZooEntry]:
-    """Add your own entries: a YAML file, a directory of YAML files, a mapping (paths relative to the cwd) or a
-    :class:`ZooEntry` (e.g. the one :func:`push` returns).
-
-    A name that already exists is refused unless ``replace=True``. Entries live for this process; put the
-    YAML files in a directory listed in ``LIGHTNING_MTP_ZOO`` to have them everywhere.
-    """
-    single = isinstance(path_or_dict, (Mapping, ZooEntry))
-    if isinstance(path_or_dict, ZooEntry):
-        new = [path_or_dict]
-    elif isinstance(path_or_dict, Mapping):
-        new = [ZooEntry.from_dict(dict(path_or_dict))]
-    else:
-        path = Path(path_or_dict)
-        if path.is_dir():
-            new = [ZooEntry.from_file(f) for f in sorted(path.glob("*.yaml"))]
-            if not new:
-                raise ValueError(f"{path} holds no *.yaml zoo entries")
-        elif path.is_file():
-            new = [ZooEntry.from_file(path)]
-        else:
-            raise ValueError(f"cannot register {str(path)!r}: no such file or directory")
-    existing = _entries()
-    for entry in new:
-        if entry.name in existing and not replace:
-            raise ValueError(f"zoo entry {entry.name!r} already exists ({existing[entry.name].origin}); "
-                             "pass replace=True to override it")
-    for entry in new:
-        _registered[entry.name] = entry
-    return new[0] if single or Path(path_or_dict).is_file() else new
-
-
-# ------------------------------------------------------------------------------------------------ validation
-
-
-def validate(name_or_entry: str | ZooEntry) -> ZooEntry:
-    """Full check of one entry without touching the network: its method resolves through the method registry,
-    its local directories exist, and a local artefact agrees with the entry (method, base vocab/hidden size).
-    """
-    import json
-
-    entry = name_or_entry if isinstance(name_or_entry, ZooEntry) else info(name_or_entry)
-    config = entry.method_config()
-    if "entry" in entry.base_model:
-        base = info(entry.base_model["entry"])
-        if base.weights["format"] != "full_model":
-            raise ValueError(f"{entry.origin}: field 'base_model.entry' names {base.name!r}, which is not a whole "
-                             "model (weights.format full_model)")
-    for key in ("base_model", "weights"):
-        if "path" in getattr(entry, key) and not entry.local_path(key).is_dir():
-            raise ValueError(f"{entry.origin}: field '{key}.path' -> {entry.local_path(key)} is not a directory")
-    if entry.weights["format"] == "artifact" and "path" in entry.weights:
-        from lightning_mtp.artifacts import MTP_CONFIG, read_mtp_config
-        from lightning_mtp.methods import resolve_method
-
-        saved = read_mtp_config(entry.local_path("weights") / MTP_CONFIG)
-        theirs = resolve_method(saved["method"])
-        if (None if config is None else config.to_dict()) != (None if theirs is None else theirs.to_dict()):
-            raise ValueError(f"{entry.origin}: field 'method' {entry.method} disagrees with the artefact's "
-                             f"{saved['method']}")
-        base_dir = _local_base_dir(entry)
-        if base_dir is not None and (base_dir / "config.json").is_file():
-            cfg = json.loads((base_dir / "config.json").read_text())
-            cfg = cfg.get("text_config", cfg)
-            want = (saved["base_model"]["vocab_size"], saved["base_model"]["hidden_size"])
-            have = (cfg.get("vocab_size"), cfg.get("hidden_size"))
-            if theirs is not None and have[0] is not None:  # e.g. mask_token adds its <MTP> row to the base
-                have = (theirs.vocab_size_after_prepare(have[0]), have[1])
-            if have != want:
-                raise ValueError(f"{entry.origin}: the artefact was trained on vocab/hidden {want}, but base "
-                                 f"{base_dir} gives {have}")
-    return entry
-
-
-def _local_base_dir(entry: ZooEntry) -> Path | None:
-    if "path" in entry.base_model:
-        return entry.local_path("base_model")
-    if "entry" in entry.base_model:
-        base = info(entry.base_model["entry"])
-        return _local_base_dir(base) if base.weights["format"] == "full_model" else None
-    return None
-
-
-# ------------------------------------------------------------------------------------------------ loading
-
-
-def _base_location(entry: ZooEntry, revision: str | None, hub: dict[str, Any]) -> tuple[Path, str, str | None]:
-    """``(local directory, how artefacts should name it, revision)`` of the entry's base model."""
-    from lightning_mtp.hub import fetch, snapshot_commit
-
-    base = entry.base_model
-    if "entry" in base:
-        parent = info(base["entry"])
-        if parent.weights["format"] != "full_model":
-            raise ValueError(f"{entry.origin}: base_model.entry {parent.name!r} is not a whole model")
-        path, _, rev = _base_location(parent, None, hub)
-        return path, parent.name, rev
-    if "path" in base:
-        path = entry.local_path("base_model")
-        if not path.is_dir():
-            raise ValueError(f"{entry.origin}: base model directory {path} is missing (a non-editable install "
-                             "has no zoo/ directory: point LIGHTNING_MTP_ZOO at a checkout's zoo/)")
-        return path, entry.name if entry.weights["format"] != "artifact" else str(path), None
-    rev = revision or base.get("revision")
-    path = fetch(base["repo_id"], rev, **hub)
-    return path, base["repo_id"], snapshot_commit(path) or rev
-
-
-def _weights_location(entry: ZooEntry, revision: str | None, hub: dict[str, Any]) -> Path:
-    from lightning_mtp.hub import fetch
-
-    weights = entry.weights
-    if weights["format"] != "artifact":
-        return _base_location(entry, revision, hub)[0]
-    if "path" in weights:
-        path = entry.local_path("weights")
-        if not path.is_dir():
-            raise ValueError(f"{entry.origin}: weights directory {path} is missing (a non-editable install has "
-                             "no zoo/ directory: point LIGHTNING_MTP_ZOO at a checkout's zoo/)")
-        return path
-    return fetch(weights["repo_id"], revision or weights.get("revision"), **hub)
-
-
-def weights_path(name: str, **hub: Any) -> Path:
-    """The local directory holding entry ``name``'s weights (fetched through the Hub cache for Hub entries).
-
-    ``hub``: ``revision``, ``token``, ``endpoint``, ``cache_dir``, ``local_files_only``.
-    """
-    _check_hub_kwargs(hub)
-    hub = dict(hub)
-    revision = hub.pop("revision", None)
-    return _weights_location(info(name), revision, hub)
-
-
-def _check_hub_kwargs(hub: Mapping[str, Any]) -> None:
-    unknown = sorted(set(hub) - set(_HUB_KWARGS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; Hub options are {[*_HUB_KWARGS]}")
-
 
 def load_entry(
     entry: ZooEntry,
     *,
     method_overrides: Mapping[str, Any] | None = None,
     backbone: str | PreTrainedModel | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool | None = None,
-    **module_kwargs: Any,
+    **kwargs: Any,
 ) -> MTPModule:
-    """Build the MTPModule an entry describes (see :func:`load`, which also sorts keyword arguments)."""
-    from lightning_mtp import convert
-    from lightning_mtp.artifacts import MTP_CONFIG, load_artifact, read_mtp_config
-    from lightning_mtp.methods import resolve_method
-    from lightning_mtp.module import MTPModule
-
-    hub = dict(token=token, endpoint=endpoint, cache_dir=cache_dir, local_files_only=local_files_only)
-    fmt = entry.weights["format"]
-    overrides = dict(method_overrides or {})
-    method = None if entry.method is None else {**entry.method, **overrides}
-    if entry.method is None and overrides:
-        raise ValueError(f"zoo entry {entry.name!r} has no method; method options {sorted(overrides)} do not apply")
-    if fmt == "artifact":
-        directory = _weights_location(entry, revision, hub)
-        saved = read_mtp_config(directory / MTP_CONFIG)["method"] if (directory / MTP_CONFIG).is_file() else None
-        if saved is not None and entry.method is not None:
-            ours, theirs = entry.method_config(), resolve_method(saved)
-            if ours.to_dict() != theirs.to_dict():
-                raise ValueError(f"{entry.origin}: field 'method' {entry.method} disagrees with the artefact's {saved}")
-        if backbone is None:
-            base_dir, base_ref, base_rev = _base_location(entry, None, hub)
-            backbone = convert.load_native_backbone(base_dir) if convert.detect_native_layout(base_dir) else str(base_dir)
-        else:
-            base_ref, base_rev = None, None
-        module = load_artifact(MTPModule, directory, backbone=backbone[0] if isinstance(backbone, tuple) else backbone,
-                               method_overrides=overrides or None, **module_kwargs)
-        if isinstance(backbone, tuple):
-            module.tokenizer = backbone[1]
-        if base_ref is not None:
-            module.backbone_ref, module.base_revision = base_ref, base_rev
-    else:
-        directory, ref, rev = _base_location(entry, revision, hub)
-        if fmt == "native_mtp":
-            module = convert.load_native_mtp(directory, method=method, name_or_path=ref, **module_kwargs)
-        else:
-            module = MTPModule(backbone=backbone if backbone is not None else str(directory), method=method,
-                               **module_kwargs)
-            if backbone is None:
-                module.backbone_ref = ref
-        module.base_revision = rev
-    defaults = {"decoding": "speculative", "num_draft_tokens": module.num_draft_tokens}
-    module.decoding_defaults = {**defaults, **(getattr(module, "decoding_defaults", None) or {}), **entry.decoding}
-    return module
+    """Build the MTPModule an entry describes (see :func:`load`, which also sorts keyword arguments); ``kwargs``
+    are Hub options (``revision``, ``token``, ``endpoint``, ``cache_dir``, ``local_files_only``) and MTPModule
+    arguments."""
+    return artifacts.load_entry(MTPModule, entry, method_overrides=method_overrides, backbone=backbone, **kwargs)
 
 
 def load(name: str, **overrides: Any) -> MTPModule:
@@ -514,9 +108,6 @@ def load(name: str, **overrides: Any) -> MTPModule:
     copy of the base), and Hub options (``revision``, ``token``, ``endpoint``, ``cache_dir``, ``local_files_only``).
     The entry's decoding defaults are in ``zoo.info(name).decoding`` (keyword arguments of ``generate``).
     """
-    from lightning_mtp.methods import METHODS
-    from lightning_mtp.module import MTPModule
-
     entry = info(name)
     method_fields: set[str] = set()
     if entry.method is not None and entry.method.get("name") in METHODS:
@@ -524,11 +115,11 @@ def load(name: str, **overrides: Any) -> MTPModule:
     module_params = set(inspect.signature(MTPModule.__init__).parameters) - {"self", "method"}
     method_overrides = {k: v for k, v in overrides.items() if k in method_fields}
     rest = {k: v for k, v in overrides.items() if k not in method_fields}
-    unknown = sorted(set(rest) - module_params - set(_HUB_KWARGS))
+    unknown = sorted(set(rest) - module_params - set(HUB_KWARGS))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for zoo entry {name!r}; method options are "
-                         f"{sorted(method_fields)}, module options {sorted(module_params)}, Hub options "
-                         f"{[*_HUB_KWARGS]}")
+        raise UserInputError(f"unknown option(s) {unknown} for zoo entry {name!r}; method options are "
+                             f"{sorted(method_fields)}, module options {sorted(module_params)}, Hub options "
+                             f"{[*HUB_KWARGS]}")
     return load_entry(entry, method_overrides=method_overrides, **rest)
 
 
@@ -543,18 +134,12 @@ def push(source: Any, repo_id: str, *, name: str | None = None, license: str | N
     :func:`register` or for writing to a YAML file (``entry.to_yaml()``). ``kwargs`` go to
     :func:`lightning_mtp.hub.push_to_hub` (``private``, ``token``, ``endpoint``, ``base_model``, ...).
     """
-    import json
-
-    from lightning_mtp.artifacts import MTP_CONFIG
-    from lightning_mtp.convert import detect_native_layout
-    from lightning_mtp.hub import fetch, is_hub_id, push_to_hub
-
     entry = None
     if isinstance(source, str) and not os.path.exists(source) and has(source):
         entry = info(source)
         if "path" not in entry.weights and not (entry.weights["format"] != "artifact" and "path" in entry.base_model):
-            raise ValueError(f"zoo entry {source!r} already lives on the Hub; nothing local to push")
-        source = _weights_location(entry, None, {})
+            raise UserInputError(f"zoo entry {source!r} already lives on the Hub; nothing local to push")
+        source = weights_location(entry, None, {})
     if entry is not None and entry.metrics and "metrics" not in kwargs:
         kwargs["metrics"] = entry.metrics
     commit = push_to_hub(source, repo_id, license=license or (entry.license if entry else None), **kwargs)
@@ -607,8 +192,6 @@ def _summary(entry: ZooEntry) -> tuple[str, str, str]:
 
 def main(argv: builtins.list[str]) -> None:
     """``lightning-mtp zoo list`` / ``lightning-mtp zoo info NAME``."""
-    from lightning_mtp.cli import CommandParser
-
     parser = CommandParser(prog="lightning-mtp zoo", description="List and describe the model zoo.")
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="every entry with its method, weights and base")

@@ -136,3 +136,23 @@ def test_only_the_expected_noise_is_silenced():
         logger.removeHandler(handler)
     assert [w.filename for w in caught] == [__file__]
     assert [r.getMessage() for r in records] == ["GPU available: False, used: False"]
+
+
+def test_bad_input_is_one_line_but_a_library_bug_shows_its_traceback(monkeypatch, capsys):
+    """Only the library's own UserInputError (a ValueError) is bad input; any other ValueError is a bug."""
+    from lightning_mtp import cli
+    from lightning_mtp.errors import UserInputError
+
+    def bad_input(argv):
+        raise UserInputError("--answer must be 42, got 41")
+
+    def bug(argv):
+        raise ValueError("shapes (2, 3) and (4, 5) do not match")
+
+    assert issubclass(UserInputError, ValueError)  # pytest.raises(ValueError, match=...) keeps catching it
+    monkeypatch.setattr(cli, "generate", bad_input)
+    code, _, err = _exit_code(["generate"], capsys)
+    assert code == 2 and err.strip() == "lightning-mtp generate: error: --answer must be 42, got 41"
+    monkeypatch.setattr(cli, "generate", bug)
+    with pytest.raises(ValueError, match=r"shapes \(2, 3\)"):
+        main(["generate"])

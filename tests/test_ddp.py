@@ -28,7 +28,7 @@ STEPS, PER_PROCESS_BATCH = 4, 2
 # Options that make each method's loss a plain mean over equally many tokens per process, so that DDP's mean of the
 # two processes' gradients is the one-process gradient of the whole batch. mask_token: a fixed k, and every position
 # an anchor (which positions are anchors is otherwise drawn per batch row, so it depends on how rows are split).
-DDP_OPTIONS = {"mask_token": {"k_min": 4, "k_max": 4, "regions_per_sequence": 32}}
+DDP_OPTIONS = {name: config.even_loss_options for name, config in METHODS.items()}  # each method says its own
 
 
 def method_spec(name: str) -> dict:

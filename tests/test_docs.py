@@ -145,7 +145,7 @@ def scratch(tmp_path, monkeypatch, hub):
     import datasets.config
     import huggingface_hub.constants
 
-    from lightning_mtp import zoo
+    from lightning_mtp import zoo_index
     from lightning_mtp.methods import METHODS
 
     work = tmp_path / "work"
@@ -165,7 +165,7 @@ def scratch(tmp_path, monkeypatch, hub):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # the client read it at import
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
-    monkeypatch.setattr(zoo, "_registered", {})
+    monkeypatch.setattr(zoo_index, "_registered", {})  # the registrations live in the index
     methods = dict(METHODS)  # a page may register a method of its own (adding_a_method.md)
     yield work
     METHODS.clear()

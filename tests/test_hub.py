@@ -18,7 +18,7 @@ import yaml
 from helpers import save_tiny_math_shaped_model
 from hub_server import HubServer
 
-from lightning_mtp import MTPModule, cli, hub, zoo
+from lightning_mtp import MTPModule, cli, hub, zoo, zoo_index
 from lightning_mtp.data.datamodule import TinyMathDataModule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def server(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)  # the client read it at import
-    monkeypatch.setattr(zoo, "_registered", {})
+    monkeypatch.setattr(zoo_index, "_registered", {})  # the registrations live in the index
     with HubServer(token=TOKEN) as hub_server:
         yield hub_server
 

@@ -336,10 +336,10 @@ def test_heads_for_a_different_hidden_size_are_refused(tmp_path):
 
 def test_a_looped_extension_of_a_zoo_entry_stores_only_its_trained_heads(tmp_path, monkeypatch):
     """init_from a zoo name: the frozen heads are that entry's, read again on load and checked by checksum."""
-    from lightning_mtp import zoo
+    from lightning_mtp import zoo, zoo_index
 
     base, four, art = saved_four_heads(tmp_path)
-    monkeypatch.setattr(zoo, "_registered", {})
+    monkeypatch.setattr(zoo_index, "_registered", {})  # the registrations live in the index
     zoo.register({"name": "my-mtpd4", "description": "test", "base_model": {"path": str(base)},
                   "method": {"name": "mtp_d"}, "weights": {"format": "artifact", "path": str(art)},
                   "license": "apache-2.0", "source": {"notes": "test"}})

@@ -17,7 +17,7 @@ from helpers import TOKENIZER_DIR, save_tiny_math_shaped_model
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from lightning_mtp import MTPModule, cli, convert, zoo
+from lightning_mtp import MTPModule, cli, convert, zoo, zoo_index
 from lightning_mtp.methods import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ PROMPT = "Question: Tom has 5 apples. He buys 3 more apples. How many apples doe
 def _isolated_zoo(monkeypatch):
     """Each test sees the shipped entries only, and its registrations vanish with it."""
     monkeypatch.delenv("LIGHTNING_MTP_ZOO", raising=False)
-    monkeypatch.setattr(zoo, "_registered", {})
+    monkeypatch.setattr(zoo_index, "_registered", {})  # the registrations live in the index
 
 
 # ---------------------------------------------------------------- every entry

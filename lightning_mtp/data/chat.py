@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lightning_mtp.data.files import ORIGIN_COLUMN, RecordPlace
+from lightning_mtp.errors import UserInputError
 
 __all__ = [
     "FIELDS",
@@ -87,9 +88,9 @@ class RecordFormat:
 
     def __post_init__(self) -> None:
         if self.fields not in FIELDS:
-            raise ValueError(f"unknown fields {self.fields!r}; choose one of {list(FIELDS)}")
+            raise UserInputError(f"unknown fields {self.fields!r}; choose one of {list(FIELDS)}")
         if self.loss_on not in LOSS_ON:
-            raise ValueError(f"unknown loss_on {self.loss_on!r}; choose one of {list(LOSS_ON)}")
+            raise UserInputError(f"unknown loss_on {self.loss_on!r}; choose one of {list(LOSS_ON)}")
 
     @property
     def uses_chat_template(self) -> bool:
@@ -112,15 +113,15 @@ class RecordFormat:
             else:
                 wanted = (f"{self.messages_field!r} (chat), {self.prompt_field!r}"
                           + ("" if prompts_only else f" + {self.response_field!r}") + f", or {self.text_field!r}")
-                raise ValueError(f"{source}: no known field among its fields {sorted(cols)}; expected {wanted}. "
-                                 "Name yours with messages_field / prompt_field / response_field / text_field")
+                raise UserInputError(f"{source}: no known field among its fields {sorted(cols)}; expected {wanted}. "
+                                     "Name yours with messages_field / prompt_field / response_field / text_field")
         needed = {"messages": [("messages_field", self.messages_field)],
                   "text": [("text_field", self.text_field)],
                   "prompt_response": [("prompt_field", self.prompt_field)]
                   + ([] if prompts_only else [("response_field", self.response_field)])}[kind]
         for arg, name in needed:
             if name not in cols:
-                raise ValueError(f"{source} has no field {name!r} (its fields: {sorted(cols)}); set {arg}")
+                raise UserInputError(f"{source} has no field {name!r} (its fields: {sorted(cols)}); set {arg}")
         return replace(self, fields=kind)
 
 
@@ -129,8 +130,8 @@ def require_chat_template(tokenizer, fmt: RecordFormat, why: str) -> str:
     template = fmt.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(f"{why} needs a chat template, but tokenizer {name!r} has none: pass chat_template "
-                         "(a Jinja template string or a .jinja file), or use a tokenizer that has one")
+        raise UserInputError(f"{why} needs a chat template, but tokenizer {name!r} has none: pass chat_template "
+                             "(a Jinja template string or a .jinja file), or use a tokenizer that has one")
     return template
 
 
@@ -138,17 +139,17 @@ def normalize_messages(messages: Any, where: Any, field: str | None = None) -> l
     """``[{"role", "content"}]`` from a chat record (ShareGPT ``from``/``value`` too); bad shapes name the record
     (``where``, a string or a :class:`~lightning_mtp.data.files.RecordPlace`, and the chat's ``field``)."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{_at(where, field)}: expected a non-empty list of messages, got {type(messages).__name__}")
+        raise UserInputError(f"{_at(where, field)}: expected a non-empty list of messages, got {type(messages).__name__}")
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"{_at(where, field)}: message {j} is a {type(m).__name__}, not a mapping with role and "
-                             "content")
+            raise UserInputError(f"{_at(where, field)}: message {j} is a {type(m).__name__}, not a mapping with role and "
+                                 "content")
         role = m.get("role") if m.get("role") is not None else _SHAREGPT_ROLES.get(m.get("from"), m.get("from"))
         content = m.get("content") if m.get("content") is not None else m.get("value")
         if not isinstance(role, str) or not isinstance(content, str):
-            raise ValueError(f"{_at(where, field)}: message {j} needs a string 'role' and 'content' (or ShareGPT "
-                             f"'from' and 'value'); it has keys {sorted(k for k, v in m.items() if v is not None)}")
+            raise UserInputError(f"{_at(where, field)}: message {j} needs a string 'role' and 'content' (or ShareGPT "
+                                 f"'from' and 'value'); it has keys {sorted(k for k, v in m.items() if v is not None)}")
         out.append({"role": role, "content": content})
     return out
 
@@ -171,7 +172,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]], template: str, where:
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as err:  # jinja2 raises TemplateError subclasses, templates raise their own messages
-        raise ValueError(f"{where}: the chat template failed: {type(err).__name__}: {err}") from None
+        raise UserInputError(f"{where}: the chat template failed: {type(err).__name__}: {err}") from None
 
 
 def chat_segments(tokenizer, messages: list[dict[str, str]], template: str, loss_on: str,
@@ -189,7 +190,7 @@ def chat_segments(tokenizer, messages: list[dict[str, str]], template: str, loss
         prefix = render_chat(tokenizer, messages[:i], template, where, add_generation_prompt=True) if i else ""
         upto = render_chat(tokenizer, messages[: i + 1], template, where)
         if not (full.startswith(upto) and upto.startswith(prefix) and len(prefix) >= pos):
-            raise ValueError(
+            raise UserInputError(
                 f"{where}: the chat template renders assistant message {i} differently once later turns follow "
                 "(it rewrites earlier turns, e.g. drops their reasoning), so the turn cannot be located in the "
                 "rendered chat; train on the final assistant turn only with loss_on='last_turn'"
@@ -216,12 +217,12 @@ def prompt_of(record: dict[str, Any], fmt: RecordFormat, tokenizer, template: st
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         if not any(m["role"] != "system" for m in history):
-            raise ValueError(f"{where}: the chat in field {fmt.messages_field!r} has no user message to answer")
+            raise UserInputError(f"{where}: the chat in field {fmt.messages_field!r} has no user message to answer")
     else:
         field = fmt.prompt_field if fmt.fields == "prompt_response" else fmt.text_field
         text = record.get(field)
         if not isinstance(text, str) or not text:
-            raise ValueError(f"{where} has no {field!r} (a non-empty string), got {text!r}")
+            raise UserInputError(f"{where} has no {field!r} (a non-empty string), got {text!r}")
         if fmt.use_chat_template:
             history = [{"role": "user", "content": text}]
     if history is not None:
@@ -256,7 +257,7 @@ class RecordEncoder:
     def __init__(self, tokenizer, fmt: RecordFormat, template: str | None, max_length: int, truncation: str,
                  source: str) -> None:
         if truncation not in TRUNCATIONS:
-            raise ValueError(f"unknown truncation {truncation!r}; choose one of {list(TRUNCATIONS)}")
+            raise UserInputError(f"unknown truncation {truncation!r}; choose one of {list(TRUNCATIONS)}")
         self.tokenizer, self.fmt, self.template = tokenizer, fmt, template
         self.max_length, self.truncation, self.source = max_length, truncation, source
 
@@ -340,11 +341,11 @@ def require_usable(source: str, stats: dict[str, int]) -> None:
     if stats.get(STATUS_NAMES[KEPT], 0) or stats.get(STATUS_NAMES[TRUNCATED], 0):
         return
     fixes = [f"{reason}: {fix}" for reason, fix in _FIXES.items() if stats.get(reason)]
-    raise ValueError(f"{source}: no record left to train on ({stats}); " + "; ".join(fixes or ["check fields"]))
+    raise UserInputError(f"{source}: no record left to train on ({stats}); " + "; ".join(fixes or ["check fields"]))
 
 
 def _string(record: dict[str, Any], field: str, where: Any) -> str:
     value = record.get(field)
     if not isinstance(value, str):
-        raise ValueError(f"{where} has no {field!r} (a string), got {value!r}")
+        raise UserInputError(f"{where} has no {field!r} (a string), got {value!r}")
     return value

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -32,10 +31,22 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_mtp.backbone import ZOO_DIR
 from lightning_mtp.data import tiny_math, tiny_world
-from lightning_mtp.data.distill import cached_self_distill, export_self_distill
+from lightning_mtp.data.chat import (
+    STATUS_NAMES,
+    TRUNCATED,
+    TRUNCATIONS,
+    RecordEncoder,
+    RecordFormat,
+    require_chat_template,
+    require_usable,
+)
+from lightning_mtp.data.distill import SelfDistill, cached_self_distill, default_cache_dir, export_self_distill
+from lightning_mtp.data.files import DATA_FORMATS, load_source
+from lightning_mtp.data.packing import PACKING_MASKS, PackedDataset, block_causal_mask, collate_packed, pack_best_fit
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.module import MTPModule
+from lightning_mtp.zoo_index import ZOO_DIR
 
 __all__ = ["BlockDataset", "PromptResponseDataset", "SFTDataModule", "SelfDistill", "TinyMathDataModule",
            "TinyWorldDataModule", "collate_right_padded", "ship_self_distill"]
@@ -43,47 +54,12 @@ __all__ = ["BlockDataset", "PromptResponseDataset", "SFTDataModule", "SelfDistil
 CHECKOUT = ZOO_DIR.parent  # where a relative self_distill_file is looked for when the working directory lacks it
 
 
-@dataclass
-class SelfDistill:
-    """Let the backbone write its own responses to the training prompts, and train on those.
-
-    Defaults are FastMTP's sampling settings (temperature 0.6, top-k 20, top-p 0.95).
-    """
-
-    temperature: float = 0.6
-    """Sampling temperature; 0 means greedy."""
-    top_k: int = 20
-    """Keep only the k most likely tokens (0 disables)."""
-    top_p: float = 0.95
-    """Nucleus sampling threshold (1.0 disables)."""
-    max_new_tokens: int = 128
-    """Longest response generated."""
-    batch_size: int = 64
-    """Prompts generated together."""
-    seed: int = 0
-    """Seed of the sampling RNG (the cache key includes it)."""
-    deduplicate: bool = True
-    """Drop exact duplicate (prompt, response) pairs."""
-
-    def __post_init__(self) -> None:
-        checks = {
-            "temperature": (self.temperature, self.temperature >= 0, ">= 0 (0 is greedy)"),
-            "top_k": (self.top_k, self.top_k >= 0, ">= 0 (0 disables)"),
-            "top_p": (self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables)"),
-            "max_new_tokens": (self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
-            "batch_size": (self.batch_size, self.batch_size >= 1, ">= 1"),
-        }
-        for name, (value, ok, valid) in checks.items():
-            if not ok:
-                raise ValueError(f"SelfDistill {name} must be {valid}, got {value!r}")
-
-
 class PromptResponseDataset(Dataset):
     """Token ids of ``prompt + response + eos``; labels are -100 on the prompt (loss on the response only)."""
 
     def __init__(self, prompts: list[str], responses: list[str], tokenizer, max_length: int) -> None:
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+            raise UserInputError(f"{len(prompts)} prompts but {len(responses)} responses")
         p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
@@ -154,7 +130,7 @@ class TinyMathDataModule(L.LightningDataModule):
         super().__init__()
         for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 0), ("batch_size", batch_size, 1), ("max_length", max_length, 8)):
             if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+                raise UserInputError(f"{name} must be >= {low}, got {value}")
         self.num_train, self.num_val, self.batch_size, self.max_length = num_train, num_val, batch_size, max_length
         self.self_distill = self_distill
         self.self_distill_file = self_distill_file
@@ -175,7 +151,7 @@ class TinyMathDataModule(L.LightningDataModule):
         elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
         else:
-            raise ValueError("TinyMathDataModule needs a tokenizer: pass tokenizer=DIR or train a model that has one")
+            raise UserInputError("TinyMathDataModule needs a tokenizer: pass tokenizer=DIR or train a model that has one")
         return self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:
@@ -189,7 +165,7 @@ class TinyMathDataModule(L.LightningDataModule):
         if self.self_distill is not None:
             module = self.trainer.lightning_module if self.trainer is not None else None
             if module is None:
-                raise ValueError("self_distill needs the model: use the datamodule with a Trainer")
+                raise UserInputError("self_distill needs the model: use the datamodule with a Trainer")
             prompts, responses = cached_self_distill(module.backbone, tok, prompts, self.self_distill,
                                                      cache_dir=self.cache_dir, shipped=self.shipped_file())
         self.train_set = PromptResponseDataset(prompts, responses, tok, self.max_length)
@@ -203,9 +179,9 @@ class TinyMathDataModule(L.LightningDataModule):
         for candidate in (path, CHECKOUT / path):
             if candidate.is_file():
                 return candidate
-        raise ValueError(f"self_distill_file {self.self_distill_file!r} does not exist (looked in the working "
-                         f"directory and in {CHECKOUT}); regenerate it with python -m lightning_mtp.data.datamodule "
-                         "RECIPE (make self-distill), or set it to null to generate the answers at fit time")
+        raise UserInputError(f"self_distill_file {self.self_distill_file!r} does not exist (looked in the working "
+                             f"directory and in {CHECKOUT}); regenerate it with python -m lightning_mtp.data.datamodule "
+                             "RECIPE (make self-distill), or set it to null to generate the answers at fit time")
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -240,7 +216,7 @@ class TinyMathDataModule(L.LightningDataModule):
 
     @staticmethod
     def default_cache_dir() -> Path:
-        return Path.home() / ".cache" / "lightning-mtp" / "distill"
+        return default_cache_dir()
 
 
 class BlockDataset(Dataset):
@@ -301,10 +277,10 @@ class TinyWorldDataModule(L.LightningDataModule):
                                  ("val_blocks", val_blocks, 0), ("num_prompts", num_prompts, 1),
                                  ("prompt_tokens", prompt_tokens, 1)):
             if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+                raise UserInputError(f"{name} must be >= {low}, got {value}")
         unknown = sorted(set(domains) - set(tiny_world.DOMAINS))
         if unknown or not domains:
-            raise ValueError(f"domains {list(domains)!r}: choose one or more of {', '.join(tiny_world.DOMAINS)}")
+            raise UserInputError(f"domains {list(domains)!r}: choose one or more of {', '.join(tiny_world.DOMAINS)}")
         self.block_size, self.batch_size, self.val_blocks = block_size, batch_size, val_blocks
         self.domains = tuple(domains)
         self.tokenizer_path = tokenizer
@@ -327,7 +303,7 @@ class TinyWorldDataModule(L.LightningDataModule):
             return
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None:
-            raise ValueError("self_distill needs the model: use the datamodule with a Trainer")
+            raise UserInputError("self_distill needs the model: use the datamodule with a Trainer")
         prompts = tiny_world.passages(self.domains, self.num_prompts, self.prompt_tokens, tok)
         prompts, responses = cached_self_distill(module.backbone, tok, prompts, self.self_distill,
                                                  cache_dir=self.cache_dir, keep_unfinished=True)
@@ -363,7 +339,7 @@ def _resolve_tokenizer(datamodule: L.LightningDataModule, path: str | None):
     module = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
     if getattr(module, "tokenizer", None) is not None:
         return module.tokenizer
-    raise ValueError(f"{type(datamodule).__name__} needs a tokenizer: pass tokenizer=DIR or train a model that has one")
+    raise UserInputError(f"{type(datamodule).__name__} needs a tokenizer: pass tokenizer=DIR or train a model that has one")
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -447,9 +423,6 @@ class SFTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        from lightning_mtp.data.chat import TRUNCATIONS, RecordFormat
-        from lightning_mtp.data.files import DATA_FORMATS
-        from lightning_mtp.data.packing import PACKING_MASKS
 
         self.format = RecordFormat(  # validates fields and loss_on
             fields=fields, prompt_field=prompt_field, response_field=response_field, messages_field=messages_field,
@@ -459,14 +432,14 @@ class SFTDataModule(L.LightningDataModule):
         for name, value, choices in (("data_format", data_format, DATA_FORMATS), ("truncation", truncation, TRUNCATIONS),
                                      ("packing_mask", packing_mask, PACKING_MASKS)):
             if value not in choices:
-                raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
+                raise UserInputError(f"unknown {name} {value!r}; choose one of {list(choices)}")
         for name, value, low in (("max_length", max_length, 2), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+                raise UserInputError(f"{name} must be >= {low}, got {value}")
         if val_size < 0:
-            raise ValueError(f"val_size must be >= 0 (a fraction < 1 or a count), got {val_size}")
+            raise UserInputError(f"val_size must be >= 0 (a fraction < 1 or a count), got {val_size}")
         if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+            raise UserInputError(f"max_samples must be >= 1 or None, got {max_samples}")
         self.train, self.val, self.val_size = train, val, val_size
         self.split, self.val_split, self.dataset_config, self.data_format = split, val_split, dataset_config, data_format
         self.max_length, self.truncation, self.packing, self.packing_mask = max_length, truncation, packing, packing_mask
@@ -480,7 +453,6 @@ class SFTDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ reading
     def _load(self, source: str, split: str, what: str):
-        from lightning_mtp.data.files import load_source
 
         return load_source(source, split=split, data_format=self.data_format, dataset_config=self.dataset_config,
                            cache_dir=self.cache_dir, what=what)
@@ -508,8 +480,8 @@ class SFTDataModule(L.LightningDataModule):
         if val is None and self.val_size > 0:
             n_val = int(self.val_size) if self.val_size >= 1 else max(1, round(self.val_size * len(train)))
             if n_val >= len(train):
-                raise ValueError(f"val_size={self.val_size} holds out {n_val} of only {len(train)} training records; "
-                                 "lower it or pass val")
+                raise UserInputError(f"val_size={self.val_size} holds out {n_val} of only {len(train)} training records; "
+                                     "lower it or pass val")
             parts = train.train_test_split(test_size=n_val, seed=self.seed, shuffle=True)
             train, val = parts["train"], parts["test"]
         self.train_set, self._train_tokens = self._prepare(train, f"train data {self.train!r}", "train")
@@ -520,14 +492,6 @@ class SFTDataModule(L.LightningDataModule):
         import numpy as np
         from lightning.pytorch.utilities import rank_zero_info
 
-        from lightning_mtp.data.chat import (
-            STATUS_NAMES,
-            TRUNCATED,
-            RecordEncoder,
-            require_chat_template,
-            require_usable,
-        )
-        from lightning_mtp.data.packing import PackedDataset, pack_best_fit
 
         fmt = self.format.resolve(raw.column_names, source)
         template = None
@@ -535,7 +499,7 @@ class SFTDataModule(L.LightningDataModule):
             if fmt.chat_template is not None and "{" not in fmt.chat_template:  # a path: templates hold "{%"
                 path = Path(fmt.chat_template).expanduser()
                 if not path.is_file():
-                    raise ValueError(f"chat_template file {fmt.chat_template!r} does not exist")
+                    raise UserInputError(f"chat_template file {fmt.chat_template!r} does not exist")
                 fmt = dataclasses.replace(fmt, chat_template=path.read_text())
             why = f"{source} (chat field {fmt.messages_field!r})" if fmt.fields == "messages" else "use_chat_template"
             template = require_chat_template(self.tokenizer, fmt, why)
@@ -567,19 +531,18 @@ class SFTDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loading
     def _collate(self):
-        from lightning_mtp.data.packing import collate_packed
 
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         if pad is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token to pad batches with")
+            raise UserInputError("the tokenizer has neither a pad nor an eos token to pad batches with")
         if self.packing:
             return functools.partial(collate_packed, pad_id=pad, mask=self.packing_mask)
         return functools.partial(collate_right_padded, pad_id=pad)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
-            raise ValueError("call setup() before train_dataloader()")
+            raise UserInputError("call setup() before train_dataloader()")
         return _resumable_loader(self, self.train_set, self.batch_size, self.seed, self.num_workers, self._collate())
 
     def val_dataloader(self) -> DataLoader | list:
@@ -595,7 +558,6 @@ class SFTDataModule(L.LightningDataModule):
         if mask is not None and mask.dim() == 4 and self.trainer is not None:
             dtype = _compute_dtype(self.trainer)
             if dtype != mask.dtype:
-                from lightning_mtp.data.packing import block_causal_mask
 
                 batch["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
         return batch
@@ -650,15 +612,15 @@ def _recipe_sections(recipe: str | os.PathLike) -> tuple[dict, dict]:
     """``(model section, TinyMathDataModule init_args)`` of a recipe that self-distils into a self_distill_file."""
     path = Path(recipe)
     if not path.is_file():
-        raise ValueError(f"recipe {str(recipe)!r} does not exist")
+        raise UserInputError(f"recipe {str(recipe)!r} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
     data = config.get("data") or {}
     init = data.get("init_args") or {}
     if not str(data.get("class_path", "")).endswith("TinyMathDataModule") or not init.get("self_distill_file") \
             or init.get("self_distill") is None:
-        raise ValueError(f"recipe {str(recipe)!r} does not train a TinyMathDataModule with self_distill and a "
-                         "self_distill_file; those are the recipes whose answers ship (e.g. "
-                         "recipes/tiny-math/fast_mtp.yaml)")
+        raise UserInputError(f"recipe {str(recipe)!r} does not train a TinyMathDataModule with self_distill and a "
+                             "self_distill_file; those are the recipes whose answers ship (e.g. "
+                             "recipes/tiny-math/fast_mtp.yaml)")
     return config.get("model") or {}, init
 
 

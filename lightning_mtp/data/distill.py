@@ -46,14 +46,21 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_mtp.artifacts import atomic_write_text
-from lightning_mtp.data.files import DISTILL_FORMAT
+from lightning_mtp.backbone import load_backbone
+from lightning_mtp.commands import CommandParser
+from lightning_mtp.data.chat import RecordFormat, prompt_of, require_chat_template
+from lightning_mtp.data.files import DISTILL_FORMAT, load_source
+from lightning_mtp.errors import UserInputError
+from lightning_mtp.io import atomic_write_text
 from lightning_mtp.progress import LogProgressBar, is_terminal, progress_bar
+from lightning_mtp.resolve import resolve_model_path
 
 __all__ = [
     "DistillSummary",
     "OpenAIServer",
+    "SelfDistill",
     "cached_self_distill",
+    "default_cache_dir",
     "distill",
     "export_self_distill",
     "generate_batch",
@@ -69,6 +76,47 @@ APIS = ("auto", "completions", "chat")
 
 
 # ---------------------------------------------------------------------------------------------- generation
+@dataclass
+class SelfDistill:
+    """Let the backbone write its own responses to the training prompts, and train on those.
+
+    Defaults are FastMTP's sampling settings (temperature 0.6, top-k 20, top-p 0.95).
+    """
+
+    temperature: float = 0.6
+    """Sampling temperature; 0 means greedy."""
+    top_k: int = 20
+    """Keep only the k most likely tokens (0 disables)."""
+    top_p: float = 0.95
+    """Nucleus sampling threshold (1.0 disables)."""
+    max_new_tokens: int = 128
+    """Longest response generated."""
+    batch_size: int = 64
+    """Prompts generated together."""
+    seed: int = 0
+    """Seed of the sampling RNG (the cache key includes it)."""
+    deduplicate: bool = True
+    """Drop exact duplicate (prompt, response) pairs."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "temperature": (self.temperature, self.temperature >= 0, ">= 0 (0 is greedy)"),
+            "top_k": (self.top_k, self.top_k >= 0, ">= 0 (0 disables)"),
+            "top_p": (self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1 disables)"),
+            "max_new_tokens": (self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            "batch_size": (self.batch_size, self.batch_size >= 1, ">= 1"),
+        }
+        for name, (value, ok, valid) in checks.items():
+            if not ok:
+                raise UserInputError(f"SelfDistill {name} must be {valid}, got {value!r}")
+
+
+
+def default_cache_dir() -> Path:
+    """Where self-distilled answers are cached unless a ``cache_dir`` is given."""
+    return Path.home() / ".cache" / "lightning-mtp" / "distill"
+
+
 def generate_batch(model, prompts: Sequence[Sequence[int]], settings, pad_id: int,
                    stop_ids: set[int]) -> list[tuple[list[int], bool]]:
     """Sample one response per prompt (token ids) in one left-padded ``generate`` call.
@@ -105,7 +153,7 @@ def _pad_id(tokenizer, stop_ids: set[int]) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if not stop_ids:
-        raise ValueError("the tokenizer has no pad or eos token, and the model no eos: cannot batch generation")
+        raise UserInputError("the tokenizer has no pad or eos token, and the model no eos: cannot batch generation")
     return min(stop_ids)
 
 
@@ -157,9 +205,7 @@ def self_distill_fingerprint(model, prompts: list[str], settings) -> str:
 def _cached_records(model, tokenizer, prompts: list[str], settings, cache_dir: str | None,
                     fingerprint: str) -> list[dict]:
     """Every generated ``{prompt, response, complete}`` record, from the cache or generated and cached."""
-    from lightning_mtp.data.datamodule import TinyMathDataModule
-
-    root = Path(cache_dir) if cache_dir else TinyMathDataModule.default_cache_dir()
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
     path = root / f"{fingerprint}.jsonl"
     if path.is_file():
         return [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -196,8 +242,8 @@ def cached_self_distill(model, tokenizer, prompts: list[str], settings, cache_di
         out_p.append(rec["prompt"])
         out_r.append(rec["response"])
     if not out_p:
-        raise ValueError(f"self-distillation produced no usable responses (fingerprint {fingerprint}); check the "
-                         "backbone")
+        raise UserInputError(f"self-distillation produced no usable responses (fingerprint {fingerprint}); check the "
+                             "backbone")
     return out_p, out_r
 
 
@@ -207,8 +253,8 @@ def _header(path: Path, line: str) -> dict:
     except json.JSONDecodeError:
         header = None
     if not isinstance(header, dict) or header.get("format") != SELF_DISTILL_FORMAT:
-        raise ValueError(f"{path} is not a self-distillation file (its first line is no {SELF_DISTILL_FORMAT!r} "
-                         "header); write one with export_self_distill (make self-distill)")
+        raise UserInputError(f"{path} is not a self-distillation file (its first line is no {SELF_DISTILL_FORMAT!r} "
+                             "header); write one with export_self_distill (make self-distill)")
     return header
 
 
@@ -217,7 +263,7 @@ def read_self_distill_file(path: str | os.PathLike, fingerprint: str) -> list[di
     None when it was generated for another model, prompts or settings (another ``fingerprint``)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"self-distillation file {str(path)!r} does not exist")
+        raise UserInputError(f"self-distillation file {str(path)!r} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         header = _header(path, f.readline())
@@ -364,9 +410,6 @@ def distill(
         overwrite: replace a different job found in ``out``.
         cache_dir: the ``datasets`` cache for reading ``data``.
     """
-    from lightning_mtp.data.chat import RecordFormat, prompt_of, require_chat_template
-    from lightning_mtp.data.datamodule import SelfDistill
-
     settings = settings if settings is not None else SelfDistill()
     _check_settings(settings, shard_size, max_shards, min_response_tokens, max_response_tokens, api, concurrency)
     started = time.perf_counter()
@@ -381,8 +424,8 @@ def distill(
     template = None
     if chat and not (server is not None and api == "chat"):  # the chat is rendered here, not by a server
         if tokenizer is None:
-            raise ValueError("api='completions' sends rendered text, so chat prompts need a local tokenizer with a "
-                             "chat template: pass tokenizer, or use api='chat'")
+            raise UserInputError("api='completions' sends rendered text, so chat prompts need a local tokenizer with a "
+                                 "chat template: pass tokenizer, or use api='chat'")
         template = require_chat_template(tokenizer, fmt, f"{source} (chat prompts)")
     use_tok = tokenizer if (server is None or template is not None) else None
     items = []
@@ -413,8 +456,6 @@ def distill(
         shards = [{"index": s, "items": items[s * shard_size:(s + 1) * shard_size]} for s in pending]
         if server is None:
             if model is None:
-                from lightning_mtp.backbone import load_backbone
-
                 model = load_backbone(model_ref, dtype=dtype)[0]
             rank_zero = _generate_local(model, tokenizer, shards, settings, shard_dir, accelerator, devices, strategy,
                                         callbacks or [], progress)
@@ -447,9 +488,9 @@ def _check_settings(settings, shard_size, max_shards, min_tokens, max_tokens, ap
     ]
     for name, value, ok, want in checks:
         if not ok:
-            raise ValueError(f"{name} must be {want}, got {value!r}")
+            raise UserInputError(f"{name} must be {want}, got {value!r}")
     if api not in APIS:
-        raise ValueError(f"unknown api {api!r}; choose one of {list(APIS)}")
+        raise UserInputError(f"unknown api {api!r}; choose one of {list(APIS)}")
 
 
 def _read_template(template: str | None) -> str | None:
@@ -457,7 +498,7 @@ def _read_template(template: str | None) -> str | None:
         return template
     path = Path(template).expanduser()
     if not path.is_file():
-        raise ValueError(f"chat_template file {template!r} does not exist")
+        raise UserInputError(f"chat_template file {template!r} does not exist")
     return path.read_text()
 
 
@@ -469,26 +510,22 @@ def _resolve_model(model, tokenizer, server: str | None):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     if server is not None:
         if not isinstance(model, str) or not model:
-            raise ValueError("with server, model must be the name the server serves its model under")
+            raise UserInputError("with server, model must be the name the server serves its model under")
         return model, None, tokenizer
     if isinstance(model, PreTrainedModel):
         if tokenizer is None:
-            raise ValueError("distill with a loaded model needs its tokenizer: pass tokenizer")
+            raise UserInputError("distill with a loaded model needs its tokenizer: pass tokenizer")
         return getattr(model, "name_or_path", "") or type(model).__name__, model, tokenizer
-    from lightning_mtp.backbone import resolve_model_path
-
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(str(model)))
         except (OSError, ValueError) as err:
-            raise ValueError(f"model {str(model)!r} has no loadable tokenizer ({err}); pass tokenizer") from None
+            raise UserInputError(f"model {str(model)!r} has no loadable tokenizer ({err}); pass tokenizer") from None
     return str(model), None, tokenizer
 
 
 def _read_prompts(data, split, dataset_config, data_format, max_prompts, cache_dir):
     import datasets
-
-    from lightning_mtp.data.files import load_source
 
     if isinstance(data, str):
         records, source = load_source(data, split=split, data_format=data_format, dataset_config=dataset_config,
@@ -496,13 +533,13 @@ def _read_prompts(data, split, dataset_config, data_format, max_prompts, cache_d
     else:
         rows = [{"prompt": r} if isinstance(r, str) else r for r in data]
         if not rows:
-            raise ValueError("distill data is an empty list: no prompts")
+            raise UserInputError("distill data is an empty list: no prompts")
         if not all(isinstance(r, dict) for r in rows):
-            raise ValueError("distill data must be a source string, or a list of prompt strings or of records")
+            raise UserInputError("distill data must be a source string, or a list of prompt strings or of records")
         records, source = datasets.Dataset.from_list(rows), "distill data (list)"
     if max_prompts is not None:
         if max_prompts < 1:
-            raise ValueError(f"max_prompts must be >= 1 or None, got {max_prompts}")
+            raise UserInputError(f"max_prompts must be >= 1 or None, got {max_prompts}")
         records = records.select(range(min(max_prompts, len(records))))
     return records, source
 
@@ -519,15 +556,15 @@ def _open_job(out: Path, spec: dict, overwrite: bool) -> dict:
         job = manifest.get("job", {})
         differ = sorted(k for k in spec if job.get(k) != spec[k])
         if differ and not overwrite:
-            raise ValueError(f"{out} holds a different distill job (differs in {differ}); "
-                             "use another out directory, or overwrite=True (--overwrite) to replace it")
+            raise UserInputError(f"{out} holds a different distill job (differs in {differ}); "
+                                 "use another out directory, or overwrite=True (--overwrite) to replace it")
         if not differ:
             return manifest
         for name in (MANIFEST, SUMMARY, DATA_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / SHARD_DIR, ignore_errors=True)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not a distill job directory (no {MANIFEST}); choose another out")
+        raise UserInputError(f"{out} exists and is not a distill job directory (no {MANIFEST}); choose another out")
     manifest = {"format": spec["format"], "version": 1, "job": spec, "num_shards": spec["num_shards"],
                 "shards_done": 0, "complete": False, "data_file": DATA_FILE}
     if _is_rank_zero():
@@ -682,9 +719,9 @@ class OpenAIServer:
         try:
             served = [m.get("id") for m in self._request("/models", retries=0).get("data", [])]
         except (ConnectionError, RuntimeError) as err:
-            raise ValueError(f"no OpenAI-compatible server answers at {self.base}: {err}") from None
+            raise UserInputError(f"no OpenAI-compatible server answers at {self.base}: {err}") from None
         if served and self.model not in served:
-            raise ValueError(f"the server at {self.base} serves {served}, not {self.model!r}; pass one of them as model")
+            raise UserInputError(f"the server at {self.base} serves {served}, not {self.model!r}; pass one of them as model")
 
     def generate(self, item: dict, settings, api: str, seed: int) -> tuple[str, str, int, int]:
         """``(text, finish_reason, prompt_tokens, completion_tokens)`` of one prompt."""
@@ -762,8 +799,8 @@ def _finish(out: Path, manifest: dict, settings, min_tokens: int, max_tokens: in
                 p_tokens += rec["prompt_tokens"]
                 r_tokens += rec["response_tokens"]
     if not kept:
-        raise ValueError(f"self-distillation in {out} kept no record of {generated} ({dict(filtered)}); "
-                         "raise max_new_tokens, or relax min/max_response_tokens")
+        raise UserInputError(f"self-distillation in {out} kept no record of {generated} ({dict(filtered)}); "
+                             "raise max_new_tokens, or relax min/max_response_tokens")
     summary = DistillSummary(str(out), True, num_shards, num_shards, prompts, generated, len(kept), dict(filtered),
                              p_tokens, r_tokens, seconds)
     atomic_write_text(out / DATA_FILE, "".join(line + "\n" for line in kept))
@@ -777,9 +814,6 @@ def _finish(out: Path, manifest: dict, settings, min_tokens: int, max_tokens: in
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str]) -> None:
     """``lightning-mtp distill --model M --data D --out DIR [options]``."""
-    from lightning_mtp.cli import CommandParser
-    from lightning_mtp.data.datamodule import SelfDistill
-
     d = SelfDistill()
     p = CommandParser(prog="lightning-mtp distill",
                       description="Let a model answer prompts (resumable, sharded) and write training data.")

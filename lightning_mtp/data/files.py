@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from lightning_mtp.errors import UserInputError
+
 __all__ = ["DATA_FORMATS", "DISTILL_FORMAT", "ORIGIN_COLUMN", "RecordPlace", "load_source", "locate"]
 
 DATA_FORMATS = ("auto", "json", "parquet", "text", "disk", "hub")
@@ -69,9 +71,9 @@ def load_source(
         what: how error messages name this source (``"train data"``).
     """
     if data_format not in DATA_FORMATS:
-        raise ValueError(f"unknown data_format {data_format!r}; choose one of {list(DATA_FORMATS)}")
+        raise UserInputError(f"unknown data_format {data_format!r}; choose one of {list(DATA_FORMATS)}")
     if not isinstance(source, str) or not source:
-        raise ValueError(f"{what} must be a path, a glob or a Hugging Face dataset id, got {source!r}")
+        raise UserInputError(f"{what} must be a path, a glob or a Hugging Face dataset id, got {source!r}")
     if data_format == "hub":
         return _load_hub(source, split, dataset_config, cache_dir, what)
     path = Path(source).expanduser()
@@ -82,24 +84,24 @@ def load_source(
             return _load_disk(path, split, what)
         files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None and not p.name.startswith("."))
         if not files:
-            raise ValueError(f"{what} directory {source!r} holds no .jsonl/.json/.parquet/.txt files")
+            raise UserInputError(f"{what} directory {source!r} holds no .jsonl/.json/.parquet/.txt files")
     elif any(c in source for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
         if not files:
-            raise ValueError(f"no file matches {what} pattern {source!r}")
+            raise UserInputError(f"no file matches {what} pattern {source!r}")
     elif path.is_file():
         files = [path]
     elif data_format in ("json", "parquet", "text", "disk") or _looks_local(source):
-        raise ValueError(f"{what} file {source!r} does not exist")
+        raise UserInputError(f"{what} file {source!r} does not exist")
     else:
         return _load_hub(source, split, dataset_config, cache_dir, what)
     kinds = {data_format} if data_format != "auto" else {_kind(p) for p in files}
     if None in kinds:
         bad = next(p for p in files if _kind(p) is None)
-        raise ValueError(f"cannot tell the format of {what} file {str(bad)!r} from its suffix; "
-                         f"pass data_format as one of {list(DATA_FORMATS[1:4])}")
+        raise UserInputError(f"cannot tell the format of {what} file {str(bad)!r} from its suffix; "
+                             f"pass data_format as one of {list(DATA_FORMATS[1:4])}")
     if len(kinds) > 1:
-        raise ValueError(f"{what} {source!r} mixes file formats {sorted(kinds)}; give one kind of file")
+        raise UserInputError(f"{what} {source!r} mixes file formats {sorted(kinds)}; give one kind of file")
     return _load_files(files, kinds.pop(), cache_dir, source, what)
 
 
@@ -122,14 +124,14 @@ def _distill_output(path: Path, what: str) -> Path:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{what}: {path / 'manifest.json'} is not valid JSON ({err})") from None
+        raise UserInputError(f"{what}: {path / 'manifest.json'} is not valid JSON ({err})") from None
     if manifest.get("format") != DISTILL_FORMAT:
-        raise ValueError(f"{what}: {path / 'manifest.json'} is not a lightning-mtp distill manifest")
+        raise UserInputError(f"{what}: {path / 'manifest.json'} is not a lightning-mtp distill manifest")
     data = path / manifest.get("data_file", "data.jsonl")
     if not manifest.get("complete") or not data.is_file():
-        raise ValueError(f"{what}: the distill job in {str(path)!r} is not finished "
-                         f"({manifest.get('shards_done', '?')}/{manifest.get('num_shards', '?')} shards); "
-                         "rerun the same `lightning-mtp distill` command to finish it")
+        raise UserInputError(f"{what}: the distill job in {str(path)!r} is not finished "
+                             f"({manifest.get('shards_done', '?')}/{manifest.get('num_shards', '?')} shards); "
+                             "rerun the same `lightning-mtp distill` command to finish it")
     return data
 
 
@@ -138,7 +140,7 @@ def _load_files(files: list[Path], kind: str, cache_dir: str | None, source: str
 
     for f in files:
         if f.stat().st_size == 0:
-            raise ValueError(f"{what} file {str(f)!r} is empty: no records")
+            raise UserInputError(f"{what} file {str(f)!r} is empty: no records")
     kwargs = {"keep_linebreaks": False} if kind == "text" else {}
     try:
         with _quiet_datasets():
@@ -146,14 +148,14 @@ def _load_files(files: list[Path], kind: str, cache_dir: str | None, source: str
     except datasets.exceptions.DatasetGenerationError as err:
         bad = _first_bad_json_line(files) if kind == "json" else None
         if bad is not None:
-            raise ValueError(f"{what} {bad}") from None
+            raise UserInputError(f"{what} {bad}") from None
         cause = err.__cause__ or err
-        raise ValueError(f"could not read {what} {source!r} as {kind}: {type(cause).__name__}: {cause}") from None
+        raise UserInputError(f"could not read {what} {source!r} as {kind}: {type(cause).__name__}: {cause}") from None
     ds = _with_origin(ds, tuple(str(f) for f in files), kind)
     if kind == "text":  # after the origin: a text row's index is its line's, blank lines included
         ds = ds.filter(lambda t: bool(t.strip()), input_columns="text")
     if len(ds) == 0:
-        raise ValueError(f"{what} {source!r} has no records")
+        raise UserInputError(f"{what} {source!r} has no records")
     return ds
 
 
@@ -163,10 +165,10 @@ def _load_disk(path: Path, split: str, what: str):
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{what} {str(path)!r} has no split {split!r}; its splits are {sorted(ds)}")
+            raise UserInputError(f"{what} {str(path)!r} has no split {split!r}; its splits are {sorted(ds)}")
         ds = ds[split]
     if len(ds) == 0:
-        raise ValueError(f"{what} {str(path)!r} has no records")
+        raise UserInputError(f"{what} {str(path)!r} has no records")
     return _with_origin(ds, (), "disk")
 
 
@@ -183,16 +185,16 @@ def _load_hub(name: str, split: str, config: str | None, cache_dir: str | None, 
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as err:
         if offline or forced:
             why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)" if offline else "the Hub cannot be reached"
-            raise ValueError(
+            raise UserInputError(
                 f"{what}: dataset {name!r} (split {split!r}) is not in the local datasets cache ({where}) and {why}. "
                 f"Get it on a machine with network (python -c \"import datasets; datasets.load_dataset({name!r}, "
                 f"split={split!r})\") and copy that cache here, or save it as JSONL/Parquet and pass the file"
             ) from None
-        raise ValueError(f"{what}: dataset {name!r} could not be loaded: {err}") from None
+        raise UserInputError(f"{what}: dataset {name!r} could not be loaded: {err}") from None
     except ValueError as err:  # e.g. an unknown split or config: datasets names the valid ones
-        raise ValueError(f"{what}: dataset {name!r}: {err}") from None
+        raise UserInputError(f"{what}: dataset {name!r}: {err}") from None
     if len(ds) == 0:
-        raise ValueError(f"{what}: dataset {name!r} split {split!r} has no records")
+        raise UserInputError(f"{what}: dataset {name!r} split {split!r} has no records")
     return _with_origin(ds, (), "hub")
 
 

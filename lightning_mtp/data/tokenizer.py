@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lightning_mtp.data.tiny_math import problems
+
 __all__ = ["EOS_TOKEN", "PAD_TOKEN", "train_tokenizer", "tiny_math_corpus"]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -34,8 +36,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 
 def tiny_math_corpus(n: int = 20000) -> list[str]:
     """Prompt + response texts of ``n`` train problems: the corpus the tiny-math tokenizer is trained on."""
-    from lightning_mtp.data.tiny_math import problems
-
     return [p.prompt + p.response for p in problems("train", n)]
 
 

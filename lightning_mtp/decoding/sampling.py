@@ -12,17 +12,19 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from lightning_mtp.errors import UserInputError
+
 __all__ = ["make_probs_fn", "sample", "rejection_accept"]
 
 
 def make_probs_fn(temperature: float, top_p: float, top_k: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits (..., V) -> probabilities (..., V) after temperature, top-k and top-p, in HF's order."""
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
+        raise UserInputError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserInputError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        raise UserInputError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     warpers = LogitsProcessorList()
     if temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))

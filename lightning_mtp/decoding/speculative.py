@@ -46,18 +46,25 @@ from lightning_mtp.backbone import (
     backbone_parts,
     cache_kwarg,
     cache_layer_types,
+    cached_forward,
+    context_length,
+    eos_ids,
     forward_params,
+    pad_token_id,
     takes_cache,
 )
+from lightning_mtp.decoding.drafter import AppendedOutputs, Drafter
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
-from lightning_mtp.methods.base import AppendedOutputs, Drafter
+from lightning_mtp.errors import UserInputError
 
 __all__ = [
     "DecodeStats",
     "GenerateOutput",
     "RecurrentStates",
     "is_recurrent",
+    "check_context",
     "check_generate_inputs",
+    "cut_at_stop",
     "needs_row_by_row",
     "new_cache",
     "pad_token_id",
@@ -99,6 +106,16 @@ class DecodeStats:
     def cumulative_acceptance(self) -> list[float]:
         """CAR_j: fraction of draft steps that accepted drafts 1..j."""
         return [a / self.draft_steps if self.draft_steps else 0.0 for a in self.accepted]
+
+    def count_step(self, accepted: int, budget: int) -> None:
+        """One row's draft step: it could use ``budget`` drafts and accepted the first ``accepted`` of them, so it
+        reached positions 1 .. min(accepted + 1, budget) and accepted positions 1 .. accepted."""
+        if budget > 0:
+            self.draft_steps += 1
+            for j in range(min(accepted + 1, budget)):
+                self.reached[j] += 1
+            for j in range(accepted):
+                self.accepted[j] += 1
 
     def merge(self, other: DecodeStats) -> DecodeStats:
         n = max(len(self.accepted), len(other.accepted))
@@ -147,34 +164,6 @@ class GenerateOutput:
     stats: DecodeStats
 
 
-def _eos_ids(model: PreTrainedModel) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-
-
-def pad_token_id(model: PreTrainedModel) -> int:
-    """The id that fills the rows of a batch after they end, as HF generate does (pad, else EOS)."""
-    for source in (model.generation_config, model.config):
-        pad = getattr(source, "pad_token_id", None)
-        if pad is not None:
-            return int(pad[0] if isinstance(pad, (list, tuple)) else pad)
-    eos = _eos_ids(model)
-    return min(eos) if eos else 0
-
-
-def _context_length(model: PreTrainedModel) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def needs_row_by_row(model: PreTrainedModel) -> bool:
     """True when the backbone's cache cannot hold the masked-out slots batched decoding leaves behind.
 
@@ -218,23 +207,22 @@ def _honours_holes(model: PreTrainedModel) -> bool:
     return _HOLES[model]
 
 
-def _forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
-             position_ids=None, start: int = 0):
-    """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
-    the final hidden states when ``grab`` is given. Without ``position_ids`` the tokens sit at ``start``, ``start``
-    + 1, ...: positions are always explicit, because a hybrid's cache may not know them (the length transformers
-    reads off its first layer is 0 when that layer keeps a recurrent state instead of keys)."""
-    kwargs = {cache_kwarg(model): cache, "use_cache": True, **(grab.kwargs if grab is not None else {})}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if position_ids is None and "position_ids" in forward_params(model):
-        position_ids = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    if keep_last is not None and "logits_to_keep" in forward_params(model):
-        kwargs["logits_to_keep"] = keep_last
-    out = model(input_ids=ids, **kwargs)
-    return out.logits, (grab.get(out) if grab is not None else None)
+def cut_at_stop(new: list[int], eos: set[int], remaining: int) -> tuple[list[int], bool]:
+    """A step's new tokens, cut after the first EOS and to the ``remaining`` token budget exactly where HF
+    generate stops; and whether the row is done."""
+    for j, t in enumerate(new):
+        if t in eos:
+            return new[: j + 1][:remaining], True
+    if len(new) >= remaining:
+        return new[:remaining], True
+    return new, False
+
+
+def check_context(model: PreTrainedModel, longest: int) -> None:
+    """Refuse a prompt of ``longest`` tokens that leaves the model's context no room for a new token."""
+    context = context_length(model)
+    if context is not None and longest >= context:
+        raise UserInputError(f"the prompt has {longest} tokens but the model's context is {context}: shorten the prompt")
 
 
 @torch.no_grad()
@@ -262,31 +250,9 @@ def speculative_generate(
     ``draft_confidence_threshold`` probability (HF's ``assistant_confidence_threshold``); no drafter is asked for
     more drafts than the token budget can use.
     """
-    check_generate_inputs(model, input_ids, max_new_tokens)
-    if not takes_cache(model):
-        raise ValueError(f"{type(model).__name__} takes no transformers KV cache (its forward has none of the cache "
-                         "keywords), which speculative decoding needs")
-    B, n = input_ids.shape
-    if not _is_int(num_draft_tokens):
-        raise ValueError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
-    if num_draft_tokens < 0:
-        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-    if not 0.0 <= draft_confidence_threshold <= 1.0:
-        raise ValueError(f"draft_confidence_threshold must be within [0, 1], got {draft_confidence_threshold}")
-    real = _check_mask(attention_mask, input_ids)  # (B, n) bool, or None when there is no padding
-    lengths = real.sum(1) if real is not None else torch.full((B,), n)
-    context = _context_length(model)
-    if context is not None and int(lengths.max()) >= context:
-        raise ValueError(
-            f"the prompt has {int(lengths.max())} tokens but the model's context is {context}: shorten the prompt"
-        )
-    if B > 1 and streamer is not None:
-        raise ValueError(f"a streamer takes one sequence, got a batch of {B}; stream one prompt at a time")
-    if B > 1 and needs_row_by_row(model):
-        raise ValueError(
-            f"{type(model).__name__} has sliding-window or recurrent cache layers or no position ids, which batched "
-            "speculative decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
-        )
+    real = _check_decode_args(model, input_ids, max_new_tokens, num_draft_tokens, attention_mask, streamer,
+                              draft_confidence_threshold)
+    B = input_ids.shape[0]
     K = num_draft_tokens if drafter is not None else 0
     if K > 0 and not verifies_several_tokens(model):
         warnings.warn(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, so "
@@ -310,6 +276,34 @@ def speculative_generate(
     return GenerateOutput(sequences=torch.cat([input_ids, tail], dim=1), stats=stats)
 
 
+def _check_decode_args(model, input_ids, max_new_tokens, num_draft_tokens, attention_mask, streamer,
+                       draft_confidence_threshold) -> torch.Tensor | None:
+    """Every argument check of :func:`speculative_generate`, before any forward; returns the (B, n) bool mask of
+    real tokens, or None when there is no padding."""
+    check_generate_inputs(model, input_ids, max_new_tokens)
+    if not takes_cache(model):
+        raise UserInputError(f"{type(model).__name__} takes no transformers KV cache (its forward has none of the cache "
+                             "keywords), which speculative decoding needs")
+    B, n = input_ids.shape
+    if not _is_int(num_draft_tokens):
+        raise UserInputError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
+    if num_draft_tokens < 0:
+        raise UserInputError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    if not 0.0 <= draft_confidence_threshold <= 1.0:
+        raise UserInputError(f"draft_confidence_threshold must be within [0, 1], got {draft_confidence_threshold}")
+    real = _check_mask(attention_mask, input_ids)  # (B, n) bool, or None when there is no padding
+    lengths = real.sum(1) if real is not None else torch.full((B,), n)
+    check_context(model, int(lengths.max()))
+    if B > 1 and streamer is not None:
+        raise UserInputError(f"a streamer takes one sequence, got a batch of {B}; stream one prompt at a time")
+    if B > 1 and needs_row_by_row(model):
+        raise UserInputError(
+            f"{type(model).__name__} has sliding-window or recurrent cache layers or no position ids, which batched "
+            "speculative decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
+        )
+    return real
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -318,22 +312,22 @@ def check_generate_inputs(model: PreTrainedModel, input_ids, max_new_tokens) -> 
     """Refuse what ``generate`` cannot decode with one clear error, before any forward (an id outside the
     vocabulary would otherwise be an index error deep in the embedding, or a device assert on a GPU)."""
     if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        raise UserInputError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
-        raise ValueError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
+        raise UserInputError(f"input_ids must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        raise UserInputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise UserInputError("the prompt is empty: give at least one token")
     if not _is_int(max_new_tokens):
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise UserInputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     vocab = model.get_input_embeddings().weight.shape[0]
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
-        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab})")
+        raise UserInputError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab})")
 
 
 def _split_appended(logits: torch.Tensor, hidden: torch.Tensor | None, A: int):
@@ -360,14 +354,14 @@ def _check_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) ->
     if attention_mask is None:
         return None
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(
+        raise UserInputError(
             f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
         )
     real = attention_mask.to(device=input_ids.device).bool()
     if real.all():
         return None
     if not real[:, -1].all() or (real[:, 1:].long() < real[:, :-1].long()).any():
-        raise ValueError("padding must be on the left (tokenizer.padding_side = 'left') and every row needs a token")
+        raise UserInputError("padding must be on the left (tokenizer.padding_side = 'left') and every row needs a token")
     return real
 
 
@@ -431,13 +425,21 @@ def verifies_several_tokens(model: PreTrainedModel) -> bool:
 
 
 class _Decoder:
-    """The decode loop's state for one call: the active rows, their cache slots, positions and outputs."""
+    """The decode loop of one call: draft -> verify -> accept -> commit -> emit, over the rows still decoding.
+
+    State across steps: the KV ``cache``; ``valid`` (b, slots) the cache slots each row sees and ``pos`` (b,) the
+    position of each row's next token (both None while every row sees every slot, as always at batch size 1);
+    ``rows`` the original index of each active row, ``token`` (b,) its last emitted token, ``drafts`` (b, w) and
+    ``draft_probs`` what the drafter proposed after it. Tokens a drafter asks to ride along (``append``, A of them)
+    go at the end of every forward and are cropped right after it; what the backbone made of them reaches the
+    drafter as ``appended``.
+    """
 
     def __init__(self, model, drafter, K, max_new_tokens, probs_fn, generator, streamer, grab) -> None:
         self.model, self.drafter, self.K = model, drafter, K
         self.max_new_tokens, self.probs_fn, self.generator = max_new_tokens, probs_fn, generator
         self.streamer, self.grab = streamer, grab
-        self.eos = _eos_ids(model)
+        self.eos = eos_ids(model)
         self.stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
 
     def draft_length(self, generated: list[list[int]], rows: torch.Tensor, done: list[bool]) -> int:
@@ -452,209 +454,239 @@ class _Decoder:
         return sample(self.probs_fn(logits), self.generator)
 
     def run(self, input_ids: torch.Tensor, real: torch.Tensor | None) -> tuple[list[list[int]], DecodeStats]:
-        model, stats, device = self.model, self.stats, input_ids.device
+        self.device = input_ids.device
         if self.K > 0:  # a chain ends after an EOS draft (see DraftChain)
-            self.drafter.stop_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=device)
-        B, n = input_ids.shape
-        cache = new_cache(model, rollback=self.K > 0)
-        stats.sequences = B
-
-        # ---- prefill. ``valid`` (b, slots) marks the cache slots holding real tokens; None while all do.
-        valid = real
-        pos = real.sum(1) if real is not None else None  # (b,) position id of the next token to feed
-        position_ids = (real.long().cumsum(1) - 1).clamp(min=0) if real is not None else None  # like HF generate
-        append = self.drafter.appended_tokens(self.K) if self.K > 0 else None  # (A,) tokens riding along, or None
-        A = 0 if append is None else append.numel()
-        ids, mask = input_ids, (real.long() if real is not None else None)
-        if A:
-            append = append.to(device=device, dtype=input_ids.dtype)
-            ids = torch.cat([input_ids, append.expand(B, A)], dim=1)  # (B, n + A)
-            if real is not None:
-                mask = torch.cat([mask, mask.new_ones(B, A)], dim=1)
-                position_ids = torch.cat([position_ids, pos[:, None] + torch.arange(A, device=device)], dim=1)
-        t0 = time.perf_counter()
-        recurrent = self.K > 0 and is_recurrent(model)
-        if A and recurrent:  # a recurrent state cannot drop the appended tokens: they run on a cache thrown away
-            throwaway = new_cache(model, rollback=True)
-            logits, hidden = _forward(model, ids, throwaway, self.grab, 1 + A, mask, position_ids)
-            _forward(model, input_ids, cache, None, 1, real.long() if real is not None else None,
-                     position_ids[:, :n] if position_ids is not None else None)
-            stats.backbone_forwards += 1
-            stats.row_forwards += B
-        else:
-            logits, hidden = _forward(model, ids, cache, self.grab, 1 + A, mask, position_ids)
-            if A:
-                cache.crop(-A)  # a negative count removes that many trailing slots
-        logits, hidden, appended = _split_appended(logits, hidden, A)
-        states = RecurrentStates(cache) if recurrent else None
-        stats.backbone_forwards += 1
-        stats.row_forwards += B
-        token = self.pick(logits[:, -1])  # (B,)
-        stats.verify_seconds += time.perf_counter() - t0
-        generated: list[list[int]] = [[t] for t in token.tolist()]
-        if self.streamer is not None:
-            self.streamer.put(input_ids.cpu())
-            self.streamer.put(token.cpu())
-        rows = torch.arange(B, device=device)  # original index of each active row
-        filled = n  # cache slots in use (prompt width, padding included): where the next tokens sit when b == 1
-        done = [g[0] in self.eos or self.max_new_tokens == 1 for g in generated]
-        drafts = draft_probs = None
-        k_next = self.draft_length(generated, rows, done)
-        if k_next > 0:
-            t0 = time.perf_counter()
-            next_ids = torch.cat([input_ids[:, 1:], token[:, None]], dim=1)  # (B, n): the token after each position
-            extra = {} if appended is None else {"appended": appended._replace(complete=token.new_ones(B, dtype=torch.bool))}
-            drafts, draft_probs = self.drafter.draft(hidden, next_ids, k_next, self.probs_fn, self.generator, real,
-                                                     **extra)
-            stats.draft_seconds += time.perf_counter() - t0
-
-        while True:
-            keep = [i for i, d in enumerate(done) if not d]
-            if not keep:
-                break
-            if len(keep) < len(done):  # rows that finished leave the batch
-                idx = torch.tensor(keep, device=device)
-                cache.batch_select_indices(idx)
-                if self.K > 0:
-                    self.drafter.select(idx)
-                rows, token = rows[idx], token[idx]
-                valid = valid[idx] if valid is not None else None
-                pos = pos[idx] if pos is not None else None
-                if drafts is not None:
-                    drafts = drafts[idx]
-                    draft_probs = draft_probs[idx] if draft_probs is not None else None
-            b = len(keep)
-            remaining = [self.max_new_tokens - len(generated[r]) for r in rows.tolist()]
-            lengths = None  # each row's own number of drafts, None while every row fills all the columns
-            if drafts is None:
-                budget = [0] * b
-            else:
-                lengths = _draft_lengths(drafts)
-                if lengths is not None:
-                    drafts = drafts.clamp(min=0)  # the -1 tails become harmless ids in slots their rows never see
-                width = drafts.shape[1]
-                budget = [min(self.K, width if lengths is None else lengths[i], r - 1) for i, r in enumerate(remaining)]
-            k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
-            # rows with fewer drafts than k must not see the other rows' extra slots
-            seen_drafts = [min(n, k) for n in lengths] if lengths is not None else None  # per row, or all k
-            short = seen_drafts is not None and min(seen_drafts) < k
-
-            # ---- verify: one forward over [token, d_1 .. d_k, appended] for every row
-            t0 = time.perf_counter()
-            step_ids = token[:, None] if k == 0 else torch.cat([token[:, None], drafts[:, :k]], dim=1)  # (b, 1 + k)
-            if A:
-                step_ids = torch.cat([step_ids, append.expand(b, A)], dim=1)  # (b, 1 + k + A)
-            seen = None  # (b, 1 + k + A) bool: the step's slots each row sees; None when every row sees all
-            if short:
-                seen = torch.ones(b, 1 + k + A, dtype=torch.bool, device=device)
-                seen[:, 1 : 1 + k] = torch.arange(k, device=device) < torch.tensor(seen_drafts, device=device)[:, None]
-                if valid is None:  # the first time rows differ: from now on every row carries its own positions
-                    slots = cache.get_seq_length()
-                    valid = torch.ones(b, slots, dtype=torch.bool, device=device)
-                    pos = torch.full((b,), slots, device=device)
-            mask = step_pos = None
-            if valid is not None:
-                step = seen if seen is not None else valid.new_ones(b, 1 + k + A)
-                mask = torch.cat([valid, step], dim=1).long()  # (b, slots + 1 + k + A)
-                step_pos = pos[:, None] + step.long().cumsum(1) - 1  # (b, 1 + k + A); a hidden slot repeats one
-            if states is not None and states.active and (k or A):
-                states.save()
-            logits, hidden = _forward(model, step_ids, cache, self.grab, 1 if k == 0 and A == 0 else None, mask,
-                                      step_pos, filled)
-            logits, hidden, appended = _split_appended(logits, hidden, A)
-            stats.backbone_forwards += 1
-            stats.row_forwards += b
-            if k == 0:
-                accepted = [0] * b
-                nxt = self.pick(logits[:, -1])  # (b,)
-            elif self.probs_fn is None:
-                target = logits.argmax(-1)  # (b, 1 + k)
-                agree = drafts[:, :k] == target[:, :k]  # (b, k)
-                if min(budget) < k:
-                    agree &= torch.arange(k, device=device) < torch.tensor(budget, device=device)[:, None]
-                m = agree.long().cumprod(1).sum(1)  # (b,) drafts kept: the longest agreeing prefix
-                nxt = target.gather(1, m[:, None])[:, 0]  # (b,) the backbone's own token after them
-                accepted = m.tolist()
-            else:
-                accepted, picks = [], []
-                for i in range(b):
-                    kb = budget[i]
-                    m_i, t_i = rejection_accept(drafts[i, :kb], draft_probs[i, :kb], self.probs_fn(logits[i, : kb + 1]),
-                                                self.generator)
-                    accepted.append(m_i)
-                    picks.append(t_i)
-                nxt = torch.tensor(picks, device=device)
-            drafts_list = drafts[:, :k].tolist() if k > 0 else [[] for _ in range(b)]
-            for i, m_i in enumerate(accepted):
-                if budget[i] > 0:
-                    stats.draft_steps += 1
-                    for j in range(min(m_i + 1, budget[i])):
-                        stats.reached[j] += 1
-                    for j in range(m_i):
-                        stats.accepted[j] += 1
-
-            # ---- cache: drop the appended slots and those no row kept (in one crop: a sliding-window layer
-            # trims itself to its window at every crop); mask the ones only some rows kept
-            kept = max(accepted)
-            if (kept < k or A) and states is not None and states.active:  # b == 1: such backbones decode row by row
-                states.restore()
-                cache.crop(-(1 + k + A))
-                _forward(model, step_ids[:, : 1 + kept], cache, None, 1, None, None, filled)  # again, from the saved state
-                stats.backbone_forwards += 1
-                stats.row_forwards += b
-            elif kept < k or A:
-                cache.crop(-(k - kept + A))  # a negative count removes that many trailing slots
-            if b > 1 or valid is not None:
-                new_valid = torch.arange(1 + kept, device=device) <= torch.tensor(accepted, device=device)[:, None]
-                if valid is not None or not bool(new_valid.all()):
-                    old = valid if valid is not None else new_valid.new_ones(b, cache.get_seq_length() - 1 - kept)
-                    valid = torch.cat([old, new_valid], dim=1)  # (b, slots)
-                    if pos is None:  # the first hole: from now on every row carries its own positions
-                        pos = torch.full((b,), cache.get_seq_length() - 1 - kept, device=device)
-            if pos is not None:
-                pos = pos + torch.tensor(accepted, device=device) + 1
-            filled += 1 + kept
-            stats.verify_seconds += time.perf_counter() - t0
-
-            # ---- emit: EOS and the token budget cut each row's run exactly where HF generate would stop
-            nxt_list = nxt.tolist()
-            for i, r in enumerate(rows.tolist()):
-                new = drafts_list[i][: accepted[i]] + [nxt_list[i]]
-                for j, t in enumerate(new):
-                    if t in self.eos:
-                        new = new[: j + 1]
-                        done[keep[i]] = True
-                        break
-                if len(new) >= remaining[i]:
-                    new, done[keep[i]] = new[: remaining[i]], True
-                generated[r].extend(new)
-                if self.streamer is not None:
-                    self.streamer.put(torch.tensor(new))
-            done = [done[i] for i in keep]
-            token = nxt
-
-            # ---- draft the next chain for the rows that go on, no longer than the largest budget left can use
-            k_next = self.draft_length(generated, rows, done)
-            if k_next <= 0:
-                drafts = draft_probs = None
-            else:
-                t0 = time.perf_counter()
-                # next_ids[:, j] is the token after the position of hidden[:, j]: the kept drafts, then nxt
-                next_ids = torch.cat([drafts[:, :kept], nxt[:, None]], dim=1) if kept else nxt[:, None]  # (b, 1 + kept)
-                cols = None  # (b, 1 + kept): which columns hold committed positions, None when all do
-                if min(accepted) < kept:  # rows that kept fewer drafts: nxt goes right after their last kept one
-                    m = torch.tensor(accepted, device=device)[:, None]  # (b, 1)
-                    next_ids = next_ids.scatter(1, m, nxt[:, None])
-                    cols = torch.arange(1 + kept, device=device) <= m
-                extra = {}
-                if appended is not None:  # they follow the row's last verified slot: usable where all were accepted
-                    verified = torch.tensor(seen_drafts if short else [k] * b, device=device)
-                    extra["appended"] = appended._replace(complete=torch.tensor(accepted, device=device) == verified)
-                drafts, draft_probs = self.drafter.draft(hidden[:, : kept + 1], next_ids, k_next, self.probs_fn,
-                                                         self.generator, cols, **extra)
-                stats.draft_seconds += time.perf_counter() - t0
-
+            self.drafter.stop_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=self.device)
+        self.prefill(input_ids, real)
+        while (keep := self.drop_finished()) is not None:
+            self.step(keep)
         if self.streamer is not None:
             self.streamer.end()
-        stats.new_tokens = sum(len(g) for g in generated)
-        return generated, stats
+        self.stats.new_tokens = sum(len(g) for g in self.generated)
+        return self.generated, self.stats
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, input_ids: torch.Tensor, real: torch.Tensor | None) -> None:
+        """One forward over the prompts (and any ride-along tokens), the first token, and the first draft."""
+        model, stats, device = self.model, self.stats, self.device
+        B, n = input_ids.shape
+        self.cache = new_cache(model, rollback=self.K > 0)
+        stats.sequences = B
+        self.valid = real  # (b, slots) the cache slots holding real tokens; None while all do
+        self.pos = real.sum(1) if real is not None else None  # (b,) position id of the next token to feed
+        append = self.drafter.appended_tokens(self.K) if self.K > 0 else None  # (A,) tokens riding along, or None
+        self.A = 0 if append is None else append.numel()
+        self.append = None if append is None else append.to(device=device, dtype=input_ids.dtype)
+        t0 = time.perf_counter()
+        recurrent = self.K > 0 and is_recurrent(model)
+        logits, hidden = self._prefill_forward(input_ids, real, recurrent)
+        logits, hidden, appended = _split_appended(logits, hidden, self.A)
+        self.states = RecurrentStates(self.cache) if recurrent else None
+        stats.backbone_forwards += 1
+        stats.row_forwards += B
+        self.token = self.pick(logits[:, -1])  # (B,)
+        stats.verify_seconds += time.perf_counter() - t0
+        self.generated: list[list[int]] = [[t] for t in self.token.tolist()]
+        if self.streamer is not None:
+            self.streamer.put(input_ids.cpu())
+            self.streamer.put(self.token.cpu())
+        self.rows = torch.arange(B, device=device)  # original index of each active row
+        self.filled = n  # cache slots in use (prompt width, padding included): where the next tokens sit when b == 1
+        self.done = [g[0] in self.eos or self.max_new_tokens == 1 for g in self.generated]
+        self.drafts = self.draft_probs = None
+        k_next = self.draft_length(self.generated, self.rows, self.done)
+        if k_next > 0:
+            next_ids = torch.cat([input_ids[:, 1:], self.token[:, None]], dim=1)  # (B, n): the token after each position
+            complete = None if appended is None else self.token.new_ones(B, dtype=torch.bool)
+            self.draft(hidden, next_ids, k_next, real, appended, complete)
+
+    def _prefill_forward(self, input_ids: torch.Tensor, real: torch.Tensor | None, recurrent: bool):
+        """The prefill forward: ``(logits, hidden)`` of the prompt's last position and the ride-along tokens."""
+        model, A, B, n = self.model, self.A, *input_ids.shape
+        position_ids = (real.long().cumsum(1) - 1).clamp(min=0) if real is not None else None  # like HF generate
+        ids, mask = input_ids, (real.long() if real is not None else None)
+        if A:
+            ids = torch.cat([input_ids, self.append.expand(B, A)], dim=1)  # (B, n + A)
+            if real is not None:
+                mask = torch.cat([mask, mask.new_ones(B, A)], dim=1)
+                position_ids = torch.cat([position_ids, self.pos[:, None] + torch.arange(A, device=self.device)], dim=1)
+        if not (A and recurrent):
+            logits, hidden = cached_forward(model, ids, self.cache, self.grab, 1 + A, mask, position_ids)
+            if A:
+                self.cache.crop(-A)  # a negative count removes that many trailing slots
+            return logits, hidden
+        # a recurrent state cannot drop the ride-along tokens: they run on a cache thrown away
+        throwaway = new_cache(model, rollback=True)
+        logits, hidden = cached_forward(model, ids, throwaway, self.grab, 1 + A, mask, position_ids)
+        cached_forward(model, input_ids, self.cache, None, 1, real.long() if real is not None else None,
+                       position_ids[:, :n] if position_ids is not None else None)
+        self.stats.backbone_forwards += 1
+        self.stats.row_forwards += B
+        return logits, hidden
+
+    # ------------------------------------------------------------------ one step
+    def drop_finished(self) -> list[int] | None:
+        """The rows that go on (indices into the current rows), after dropping finished ones; None when none do."""
+        keep = [i for i, d in enumerate(self.done) if not d]
+        if not keep:
+            return None
+        if len(keep) < len(self.done):  # rows that finished leave the batch
+            idx = torch.tensor(keep, device=self.device)
+            self.cache.batch_select_indices(idx)
+            if self.K > 0:
+                self.drafter.select(idx)
+            self.rows, self.token = self.rows[idx], self.token[idx]
+            self.valid = self.valid[idx] if self.valid is not None else None
+            self.pos = self.pos[idx] if self.pos is not None else None
+            if self.drafts is not None:
+                self.drafts = self.drafts[idx]
+                self.draft_probs = self.draft_probs[idx] if self.draft_probs is not None else None
+        return keep
+
+    def step(self, keep: list[int]) -> None:
+        """Verify the drafts of every active row in one forward, accept, commit, emit, and draft the next chain."""
+        remaining = [self.max_new_tokens - len(self.generated[r]) for r in self.rows.tolist()]
+        budget, seen_drafts = self._budgets(remaining)
+        k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
+        t0 = time.perf_counter()
+        step_ids, logits, hidden, appended = self._verify(k, seen_drafts)
+        accepted, nxt = self._accept(logits, k, budget)
+        drafts_list = self.drafts[:, :k].tolist() if k > 0 else [[] for _ in budget]
+        self._count(accepted, budget)
+        kept = self._commit(step_ids, accepted, k)
+        self.stats.verify_seconds += time.perf_counter() - t0
+        self._emit(keep, drafts_list, accepted, nxt, remaining)
+        self.token = nxt
+        k_next = self.draft_length(self.generated, self.rows, self.done)
+        if k_next <= 0:
+            self.drafts = self.draft_probs = None
+            return
+        # next_ids[:, j] is the token after the position of hidden[:, j]: the kept drafts, then nxt
+        next_ids = torch.cat([self.drafts[:, :kept], nxt[:, None]], dim=1) if kept else nxt[:, None]  # (b, 1 + kept)
+        cols = None  # (b, 1 + kept): which columns hold committed positions, None when all do
+        if min(accepted) < kept:  # rows that kept fewer drafts: nxt goes right after their last kept one
+            m = torch.tensor(accepted, device=self.device)[:, None]  # (b, 1)
+            next_ids = next_ids.scatter(1, m, nxt[:, None])
+            cols = torch.arange(1 + kept, device=self.device) <= m
+        complete = None  # ride-along outputs follow a row's last verified slot: usable where all were accepted
+        if appended is not None:
+            verified = torch.tensor(seen_drafts if seen_drafts is not None else [k] * len(accepted), device=self.device)
+            complete = torch.tensor(accepted, device=self.device) == verified
+        self.draft(hidden[:, : kept + 1], next_ids, k_next, cols, appended, complete)
+
+    def _budgets(self, remaining: list[int]) -> tuple[list[int], list[int] | None]:
+        """Each row's usable drafts this step, and how many draft slots each row sees when some row drafted
+        fewer than the longest (None when every row sees all of them)."""
+        if self.drafts is None:
+            return [0] * len(remaining), None
+        lengths = _draft_lengths(self.drafts)  # each row's own number of drafts, None while all fill the columns
+        if lengths is not None:
+            self.drafts = self.drafts.clamp(min=0)  # the -1 tails become harmless ids in slots their rows never see
+        width = self.drafts.shape[1]
+        budget = [min(self.K, width if lengths is None else lengths[i], r - 1) for i, r in enumerate(remaining)]
+        k = max(budget)
+        # rows with fewer drafts than k must not see the other rows' extra slots
+        seen_drafts = [min(n, k) for n in lengths] if lengths is not None else None
+        return budget, (seen_drafts if seen_drafts is not None and min(seen_drafts) < k else None)
+
+    def _verify(self, k: int, seen_drafts: list[int] | None):
+        """One forward over [token, d_1 .. d_k, ride-along] for every row: ``(step_ids, logits, hidden, appended)``."""
+        A, device = self.A, self.device
+        b = len(self.token)
+        step_ids = self.token[:, None] if k == 0 else torch.cat([self.token[:, None], self.drafts[:, :k]], dim=1)
+        if A:
+            step_ids = torch.cat([step_ids, self.append.expand(b, A)], dim=1)  # (b, 1 + k + A)
+        seen = None  # (b, 1 + k + A) bool: the step's slots each row sees; None when every row sees all
+        if seen_drafts is not None:
+            seen = torch.ones(b, 1 + k + A, dtype=torch.bool, device=device)
+            seen[:, 1 : 1 + k] = torch.arange(k, device=device) < torch.tensor(seen_drafts, device=device)[:, None]
+            if self.valid is None:  # the first time rows differ: from now on every row carries its own positions
+                slots = self.cache.get_seq_length()
+                self.valid = torch.ones(b, slots, dtype=torch.bool, device=device)
+                self.pos = torch.full((b,), slots, device=device)
+        mask = step_pos = None
+        if self.valid is not None:
+            step = seen if seen is not None else self.valid.new_ones(b, 1 + k + A)
+            mask = torch.cat([self.valid, step], dim=1).long()  # (b, slots + 1 + k + A)
+            step_pos = self.pos[:, None] + step.long().cumsum(1) - 1  # (b, 1 + k + A); a hidden slot repeats one
+        if self.states is not None and self.states.active and (k or A):
+            self.states.save()
+        logits, hidden = cached_forward(self.model, step_ids, self.cache, self.grab, 1 if k == 0 and A == 0 else None,
+                                        mask, step_pos, self.filled)
+        self.stats.backbone_forwards += 1
+        self.stats.row_forwards += b
+        return (step_ids, *_split_appended(logits, hidden, A))
+
+    def _accept(self, logits: torch.Tensor, k: int, budget: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Drafts each row keeps and the backbone's own token after them (b,). A chain is a tree of width one:
+        each row walks its path of drafts while the backbone agrees (greedy: its argmax; sampling: rejection
+        sampling), then takes the backbone's token at the node where the walk stopped."""
+        if k == 0:
+            return [0] * len(budget), self.pick(logits[:, -1])
+        drafts = self.drafts[:, :k]  # (b, k) the path
+        if self.probs_fn is None:
+            target = logits.argmax(-1)  # (b, 1 + k) the backbone's token at each node
+            agree = drafts == target[:, :k]  # (b, k)
+            if min(budget) < k:
+                agree &= torch.arange(k, device=self.device) < torch.tensor(budget, device=self.device)[:, None]
+            m = agree.long().cumprod(1).sum(1)  # (b,) drafts kept: the longest agreeing prefix
+            return m.tolist(), target.gather(1, m[:, None])[:, 0]
+        accepted, picks = [], []
+        for i, kb in enumerate(budget):
+            m_i, t_i = rejection_accept(drafts[i, :kb], self.draft_probs[i, :kb], self.probs_fn(logits[i, : kb + 1]),
+                                        self.generator)
+            accepted.append(m_i)
+            picks.append(t_i)
+        return accepted, torch.tensor(picks, device=self.device)
+
+    def _count(self, accepted: list[int], budget: list[int]) -> None:
+        """Acceptance statistics: per draft position, rows that reached it and rows that accepted it."""
+        for accepted_i, budget_i in zip(accepted, budget, strict=True):
+            self.stats.count_step(accepted_i, budget_i)
+
+    def _commit(self, step_ids: torch.Tensor, accepted: list[int], k: int) -> int:
+        """Drop the ride-along slots and those no row kept (in one crop: a sliding-window layer trims itself to its
+        window at every crop); mask the ones only some rows kept. Returns the most drafts any row kept."""
+        cache, device, A = self.cache, self.device, self.A
+        b, kept = len(accepted), max(accepted)
+        if (kept < k or A) and self.states is not None and self.states.active:  # b == 1: such backbones go row by row
+            self.states.restore()
+            cache.crop(-(1 + k + A))
+            cached_forward(self.model, step_ids[:, : 1 + kept], cache, None, 1, None, None, self.filled)  # again
+            self.stats.backbone_forwards += 1
+            self.stats.row_forwards += b
+        elif kept < k or A:
+            cache.crop(-(k - kept + A))  # a negative count removes that many trailing slots
+        if b > 1 or self.valid is not None:
+            new_valid = torch.arange(1 + kept, device=device) <= torch.tensor(accepted, device=device)[:, None]
+            if self.valid is not None or not bool(new_valid.all()):
+                old = self.valid if self.valid is not None else new_valid.new_ones(b, cache.get_seq_length() - 1 - kept)
+                self.valid = torch.cat([old, new_valid], dim=1)  # (b, slots)
+                if self.pos is None:  # the first hole: from now on every row carries its own positions
+                    self.pos = torch.full((b,), cache.get_seq_length() - 1 - kept, device=device)
+        if self.pos is not None:
+            self.pos = self.pos + torch.tensor(accepted, device=device) + 1
+        self.filled += 1 + kept
+        return kept
+
+    def _emit(self, keep: list[int], drafts_list: list[list[int]], accepted: list[int], nxt: torch.Tensor,
+              remaining: list[int]) -> None:
+        """Append each row's kept drafts and token; EOS and the token budget cut a row where HF generate stops."""
+        nxt_list = nxt.tolist()
+        for i, r in enumerate(self.rows.tolist()):
+            new, done = cut_at_stop(drafts_list[i][: accepted[i]] + [nxt_list[i]], self.eos, remaining[i])
+            self.done[keep[i]] = self.done[keep[i]] or done
+            self.generated[r].extend(new)
+            if self.streamer is not None:
+                self.streamer.put(torch.tensor(new))
+        self.done = [self.done[i] for i in keep]
+
+    # ------------------------------------------------------------------ draft
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, cols: torch.Tensor | None,
+              appended: AppendedOutputs | None, complete: torch.Tensor | None) -> None:
+        """Ask the drafter for the next chain after the committed positions (``cols`` marks them, None: all)."""
+        t0 = time.perf_counter()
+        extra = {} if appended is None else {"appended": appended._replace(complete=complete)}
+        self.drafts, self.draft_probs = self.drafter.draft(hidden, next_ids, k, self.probs_fn, self.generator, cols,
+                                                           **extra)
+        self.stats.draft_seconds += time.perf_counter() - t0

@@ -22,19 +22,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
-from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import (
     DraftChain,
-    Drafter,
     MethodConfig,
     MTPMethod,
     future_labels,
     future_tokens,
     register_method,
 )
+from lightning_mtp.methods.cached_chain import CachedChainDrafter
 from lightning_mtp.methods.mtp_block import MTPBlock
 
 __all__ = ["FastMTP", "FastMTPHead", "FastMTPDrafter"]
@@ -50,6 +49,8 @@ SWEEP_CHAINS = (8, 16, 32)
 @dataclass
 class FastMTP(MethodConfig):
     """FastMTP: one shared head applied recursively."""
+
+    summary = "one shared FastMTP head applied recursively (Cai et al., arXiv 2509.18362)"
 
     num_steps: int = 3
     """K: recursive applications of the head in training, and draft tokens per decoding step."""
@@ -67,11 +68,11 @@ class FastMTP(MethodConfig):
 
     def validate(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"fast_mtp num_steps (K) must be an integer >= 1, got {self.num_steps!r}")
+            raise UserInputError(f"fast_mtp num_steps (K) must be an integer >= 1, got {self.num_steps!r}")
         if not self.beta > 0:
-            raise ValueError(f"fast_mtp beta must be > 0, got {self.beta!r}")
+            raise UserInputError(f"fast_mtp beta must be > 0, got {self.beta!r}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            raise ValueError(f"fast_mtp draft_vocab_size must be >= 1 or None, got {self.draft_vocab_size!r}")
+            raise UserInputError(f"fast_mtp draft_vocab_size must be >= 1 or None, got {self.draft_vocab_size!r}")
 
     def loss_weights(self) -> list[float]:
         raw = [self.beta**k for k in range(self.num_steps)]
@@ -88,7 +89,7 @@ class FastMTPHead(MTPMethod):
         super().__init__(config)
         V = parts.vocab_size
         if config.draft_vocab_size is not None and config.draft_vocab_size > V:
-            raise ValueError(f"fast_mtp draft_vocab_size {config.draft_vocab_size} exceeds the backbone's vocabulary ({V})")
+            raise UserInputError(f"fast_mtp draft_vocab_size {config.draft_vocab_size} exceeds the backbone's vocabulary ({V})")
         self.block = MTPBlock(parts)
         self.needs_token_counts = config.draft_vocab_size is not None
         if config.draft_vocab_size is not None:
@@ -167,28 +168,19 @@ class FastMTPHead(MTPMethod):
         return entries
 
 
-class FastMTPDrafter(Drafter):
+class FastMTPDrafter(CachedChainDrafter):
     """Chain drafting with the shared head and its own KV cache over committed positions.
 
     Each call first feeds the newly committed positions to the head (one call, writing their cache
     entries), then applies the head ``k`` times to its own drafts. Entries written while drafting are
-    dropped at the next call. In a batch the head's cache has the decoder's holes too: ``slots`` marks
-    its valid entries and ``positions`` counts each row's committed positions (both None while no row
-    has a hole, as always at batch size 1).
+    dropped at the next call (:class:`~lightning_mtp.methods.cached_chain.HeadCache` keeps that bookkeeping,
+    and the slots and positions of a batch with holes).
     """
 
     def __init__(self, head: FastMTPHead, parts: BackboneParts) -> None:
+        super().__init__(num_heads=1)
         self.head, self.parts = head, parts
-        self.cache = DynamicCache()
-        self.committed = 0  # cache entries of committed positions (with holes: slots, not positions)
-        self.speculative = 0  # entries written while drafting, dropped at the next call
-        self.slots: torch.Tensor | None = None  # (B, committed) bool valid entries, None while all are
-        self.positions: torch.Tensor | None = None  # (B,) committed positions per row, None while == committed
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.cache.batch_select_indices(rows)
-        if self.slots is not None:
-            self.slots, self.positions = self.slots[rows], self.positions[rows]
+        self.kv = self.head_caches[0]
 
     def draft(
         self,
@@ -199,50 +191,57 @@ class FastMTPDrafter(Drafter):
         generator: torch.Generator | None = None,
         valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        head, parts = self.head, self.parts
-        if self.speculative:
-            self.cache.crop(-self.speculative)  # a negative count removes that many tokens
-            self.speculative = 0
         B, m = next_ids.shape
         device = next_ids.device
-        if valid is not None and self.slots is None:  # the first hole: track slots and positions from now on
-            self.slots = torch.ones(B, self.committed, dtype=torch.bool, device=device)
-            self.positions = torch.full((B,), self.committed, device=device)
-        if self.slots is None:
-            pos = torch.arange(self.committed, self.committed + m, device=device).expand(B, m)  # (B, m)
-            h = head.block(parts, hidden, next_ids, pos, self.cache)[:, -1:]  # (B, 1, H) the last committed position
-        else:
-            cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m)
-            pos = self.positions[:, None] + (cols.long().cumsum(1) - 1).clamp(min=0)  # (B, m)
-            self.slots = torch.cat([self.slots, cols], dim=1)  # (B, slots)
-            mask = slot_mask(self.slots, m, hidden.dtype)  # (B, 1, m, slots)
-            out = head.block(parts, hidden, next_ids, pos, self.cache, attention_mask=mask)  # (B, m, H)
-            last = (cols.long() * torch.arange(m, device=device)).argmax(1)  # (B,) each row's last valid column
-            h = out[torch.arange(B, device=device), last][:, None]  # (B, 1, H)
-            self.positions = self.positions + cols.sum(1)
-        self.committed += m
+        self.begin(B, device, holes=valid is not None)
+        h = self._commit(hidden, next_ids, valid)  # (B, 1, H) the head's output at each row's last position
         chain = DraftChain(self, B, device, sampling=probs_fn is not None)
         for j in range(k):
-            logits = head.logits(parts, h)[:, -1]  # (B, V')
-            if probs_fn is None:
-                p = logits.softmax(-1) if chain.needs_probs else None
-                idx = logits.argmax(-1)  # (B,)
-            else:
-                p = probs_fn(logits)  # (B, V')
-                idx = sample(p, generator)  # (B,)
-                if head.draft_ids is not None:  # spread back over the full vocabulary for rejection sampling
-                    full = p.new_zeros(B, parts.vocab_size)
-                    full[:, head.draft_ids] = p
-                    p = full
-            tok = idx if head.draft_ids is None else head.draft_ids[idx]
+            tok, p = self._pick(h, chain, probs_fn, generator)
             if not chain.add(tok, p) or j == k - 1:
                 break
-            if self.slots is None:
-                pos, mask = torch.full((B, 1), self.committed + j, device=device), None
-            else:
-                pos = (self.positions + j)[:, None]  # (B, 1)
-                seen = torch.cat([self.slots, self.slots.new_ones(B, j + 1)], dim=1)  # drafts so far + this one
-                mask = slot_mask(seen, 1, h.dtype)  # (B, 1, 1, slots + j + 1)
-            h = head.block(parts, head.recur(h), tok[:, None], pos, self.cache, attention_mask=mask)  # (B, 1, H)
-            self.speculative += 1
+            h = self._extend(h, tok, j)
         return chain.result()  # (B, k') with k' <= k, -1 after a row's chain ended; (B, k', V) when sampling
+
+    def _commit(self, hidden: torch.Tensor, next_ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Feed the m newly committed positions to the head; its output (B, 1, H) at each row's last one."""
+        head, parts, kv = self.head, self.parts, self.kv
+        B, m = next_ids.shape
+        device = next_ids.device
+        if kv.slots is None:
+            pos = torch.arange(kv.committed, kv.committed + m, device=device).expand(B, m)  # (B, m)
+            h = head.block(parts, hidden, next_ids, pos, kv.cache)[:, -1:]  # (B, 1, H) the last committed position
+        else:
+            cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m)
+            pos = kv.commit_slots(cols)  # (B, m)
+            mask = slot_mask(kv.slots, m, hidden.dtype)  # (B, 1, m, slots)
+            out = head.block(parts, hidden, next_ids, pos, kv.cache, attention_mask=mask)  # (B, m, H)
+            last = (cols.long() * torch.arange(m, device=device)).argmax(1)  # (B,) each row's last valid column
+            h = out[torch.arange(B, device=device), last][:, None]  # (B, 1, H)
+        kv.committed += m
+        return h
+
+    def _pick(self, h: torch.Tensor, chain: DraftChain, probs_fn, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next draft (B,) from the head's output ``h`` (B, 1, H), through the compressed vocabulary if any."""
+        head, parts = self.head, self.parts
+        logits = head.logits(parts, h)[:, -1]  # (B, V')
+        idx, p = chain.pick(logits, probs_fn, generator)  # (B,), (B, V') or None
+        if probs_fn is not None and head.draft_ids is not None:  # spread back over the full vocabulary
+            full = p.new_zeros(p.shape[0], parts.vocab_size)  # (B, V) for rejection sampling
+            full[:, head.draft_ids] = p
+            p = full
+        return (idx if head.draft_ids is None else head.draft_ids[idx]), p
+
+    def _extend(self, h: torch.Tensor, tok: torch.Tensor, j: int) -> torch.Tensor:
+        """Apply the head to draft ``j`` (``tok``, (B,)) after its own output ``h``: one speculative cache entry."""
+        head, parts, kv = self.head, self.parts, self.kv
+        B = tok.shape[0]
+        if kv.slots is None:
+            pos, mask = torch.full((B, 1), kv.committed + j, device=tok.device), None
+        else:
+            pos = (kv.positions + j)[:, None]  # (B, 1)
+            seen = torch.cat([kv.slots, kv.slots.new_ones(B, j + 1)], dim=1)  # drafts so far + this one
+            mask = slot_mask(seen, 1, h.dtype)  # (B, 1, 1, slots + j + 1)
+        h = head.block(parts, head.recur(h), tok[:, None], pos, kv.cache, attention_mask=mask)  # (B, 1, H)
+        kv.speculative += 1
+        return h

@@ -60,13 +60,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_mtp.backbone import BackboneParts, forward_params
+from lightning_mtp.backbone import BackboneParts, eos_ids, forward_params, load_backbone
+from lightning_mtp.decoding.conf_adapt import conf_adapt_generate
 from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import (
     AppendedOutputs,
     DraftChain,
     Drafter,
     MethodConfig,
+    MethodContext,
     MTPMethod,
     future_labels,
     register_method,
@@ -87,6 +90,9 @@ class MaskToken(MethodConfig):
     """Mask-token MTP: the backbone fills ``<MTP>`` mask tokens with the next tokens (on-policy self-distillation)."""
 
     trains_backbone_by_default = True  # full fine-tuning, as the paper; lora={...} trains an adapter instead
+    summary = ("mask-token multi-token prediction by on-policy self-distillation "
+               "(Kirchenbauer et al., arXiv 2602.06019)")
+    even_loss_options = {"k_min": 4, "k_max": 4, "regions_per_sequence": 32}  # one k, every position a region
 
     k_max: int = 16
     """Largest k (predictions from one prefix: its last token plus k - 1 masks); ConfAdapt's predictions per forward."""
@@ -128,35 +134,35 @@ class MaskToken(MethodConfig):
             return isinstance(v, int) and not isinstance(v, bool)
 
         if not is_int(self.k_max) or self.k_max < 2:
-            raise ValueError(f"mask_token k_max must be an integer >= 2 (k is drawn from [k_min, k_max]), "
-                             f"got {self.k_max!r}")
+            raise UserInputError(f"mask_token k_max must be an integer >= 2 (k is drawn from [k_min, k_max]), "
+                                 f"got {self.k_max!r}")
         if not is_int(self.k_min) or not 2 <= self.k_min <= self.k_max:
-            raise ValueError(f"mask_token k_min must be an integer in [2, k_max={self.k_max}], got {self.k_min!r}")
+            raise UserInputError(f"mask_token k_min must be an integer in [2, k_max={self.k_max}], got {self.k_min!r}")
         if self.mask_token_id is not None and (not is_int(self.mask_token_id) or self.mask_token_id < 0):
-            raise ValueError(f"mask_token mask_token_id must be a token id >= 0 or None, got {self.mask_token_id!r}")
+            raise UserInputError(f"mask_token mask_token_id must be a token id >= 0 or None, got {self.mask_token_id!r}")
         if not isinstance(self.mask_token, str) or not self.mask_token.strip():
-            raise ValueError(f"mask_token mask_token must be a non-empty string, got {self.mask_token!r}")
+            raise UserInputError(f"mask_token mask_token must be a non-empty string, got {self.mask_token!r}")
         _check_tau(self.tau)
         if self.loss not in LOSSES:
-            raise ValueError(f"mask_token loss must be one of {list(LOSSES)}, got {self.loss!r}")
+            raise UserInputError(f"mask_token loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if not isinstance(self.entropy_weight, (int, float)) or not self.entropy_weight >= 0:
-            raise ValueError(f"mask_token entropy_weight must be a number >= 0, got {self.entropy_weight!r}")
+            raise UserInputError(f"mask_token entropy_weight must be a number >= 0, got {self.entropy_weight!r}")
         if not isinstance(self.ntp_weight, (int, float)) or not self.ntp_weight >= 0:
-            raise ValueError(f"mask_token ntp_weight must be a number >= 0, got {self.ntp_weight!r}")
+            raise UserInputError(f"mask_token ntp_weight must be a number >= 0, got {self.ntp_weight!r}")
         if not is_int(self.regions_per_sequence) or self.regions_per_sequence < 1:
-            raise ValueError(f"mask_token regions_per_sequence must be an integer >= 1, got {self.regions_per_sequence!r}")
+            raise UserInputError(f"mask_token regions_per_sequence must be an integer >= 1, got {self.regions_per_sequence!r}")
         if self.teacher not in TEACHERS:
-            raise ValueError(f"mask_token teacher must be one of {list(TEACHERS)}, got {self.teacher!r}")
+            raise UserInputError(f"mask_token teacher must be one of {list(TEACHERS)}, got {self.teacher!r}")
         if self.teacher_dtype is not None and not (
                 isinstance(self.teacher_dtype, str) and isinstance(getattr(torch, self.teacher_dtype, None), torch.dtype)
                 and getattr(torch, self.teacher_dtype).is_floating_point):
-            raise ValueError(f"mask_token teacher_dtype must be a floating torch dtype name such as 'bfloat16', "
-                             f"'float16' or 'float32', or None; got {self.teacher_dtype!r}")
+            raise UserInputError(f"mask_token teacher_dtype must be a floating torch dtype name such as 'bfloat16', "
+                                 f"'float16' or 'float32', or None; got {self.teacher_dtype!r}")
         if not is_int(self.num_speculative_tokens) or not 1 <= self.num_speculative_tokens <= self.k_max - 1:
-            raise ValueError(f"mask_token num_speculative_tokens must be an integer in [1, k_max - 1 = {self.k_max - 1}], "
-                             f"got {self.num_speculative_tokens!r}")
+            raise UserInputError(f"mask_token num_speculative_tokens must be an integer in [1, k_max - 1 = {self.k_max - 1}], "
+                                 f"got {self.num_speculative_tokens!r}")
         if self.decoding not in DECODINGS:
-            raise ValueError(f"mask_token decoding must be one of {list(DECODINGS)}, got {self.decoding!r}")
+            raise UserInputError(f"mask_token decoding must be one of {list(DECODINGS)}, got {self.decoding!r}")
 
     def vocab_size_after_prepare(self, vocab_size: int) -> int:
         return vocab_size if self.mask_token_id is None else max(vocab_size, self.mask_token_id + 1)
@@ -174,7 +180,7 @@ class MaskToken(MethodConfig):
         mask_id = self.mask_token_id
         if mask_id is None:
             if existing is not None:
-                raise ValueError(
+                raise UserInputError(
                     f"the tokenizer already has a token {self.mask_token!r} (id {existing}): pass "
                     f"mask_token_id={existing} to use it as the mask token, or choose another mask_token text"
                 )
@@ -184,20 +190,20 @@ class MaskToken(MethodConfig):
                 self.mask_token_id = self._add_row(model, tokenizer, rows)
             return
         if existing is not None and existing != mask_id:
-            raise ValueError(f"mask_token_id is {mask_id} but the tokenizer has {self.mask_token!r} at id {existing}; "
-                             f"pass mask_token_id={existing}")
+            raise UserInputError(f"mask_token_id is {mask_id} but the tokenizer has {self.mask_token!r} at id {existing}; "
+                                 f"pass mask_token_id={existing}")
         if mask_id < rows:
             if tokenizer is not None and mask_id < n_tok and existing != mask_id \
                     and mask_id not in tokenizer.added_tokens_decoder:
                 word = tokenizer.convert_ids_to_tokens(mask_id)
-                raise ValueError(f"mask_token_id {mask_id} is the ordinary token {word!r} of the tokenizer; use an "
-                                 f"unused embedding row (>= {n_tok}, < {rows}), an added special token, or None")
+                raise UserInputError(f"mask_token_id {mask_id} is the ordinary token {word!r} of the tokenizer; use an "
+                                     f"unused embedding row (>= {n_tok}, < {rows}), an added special token, or None")
             return
         if mask_id == rows and (n_tok is None or n_tok == rows):
             self._add_row(model, tokenizer, rows)
             return
-        raise ValueError(f"mask_token_id {mask_id} is outside the vocabulary: the backbone has {rows} embedding rows "
-                         f"(valid ids 0..{rows - 1}, or {rows} to add a {self.mask_token!r} row; None chooses)")
+        raise UserInputError(f"mask_token_id {mask_id} is outside the vocabulary: the backbone has {rows} embedding rows "
+                             f"(valid ids 0..{rows - 1}, or {rows} to add a {self.mask_token!r} row; None chooses)")
 
     def _add_row(self, model, tokenizer, rows: int) -> int:
         """Add the mask token as a new embedding row ``rows`` (mean-initialised), and to the tokenizer if any."""
@@ -205,8 +211,8 @@ class MaskToken(MethodConfig):
             tokenizer.add_tokens([self.mask_token], special_tokens=True)
             new_id = tokenizer.convert_tokens_to_ids(self.mask_token)
             if new_id != rows:
-                raise ValueError(f"adding {self.mask_token!r} to the tokenizer gave id {new_id}, but the new embedding "
-                                 f"row is {rows}; the tokenizer ({len(tokenizer)} tokens) and the embeddings disagree")
+                raise UserInputError(f"adding {self.mask_token!r} to the tokenizer gave id {new_id}, but the new embedding "
+                                     f"row is {rows}; the tokenizer ({len(tokenizer)} tokens) and the embeddings disagree")
         model.resize_token_embeddings(rows + 1, mean_resizing=True)
         return rows
 
@@ -216,7 +222,7 @@ class MaskToken(MethodConfig):
 
 def _check_tau(tau: Any) -> None:
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
-        raise ValueError(f"mask_token tau must be a number in (0, 1], got {tau!r}")
+        raise UserInputError(f"mask_token tau must be a number in (0, 1], got {tau!r}")
 
 
 # ---------------------------------------------------------------------------------------------- packed layout
@@ -299,71 +305,67 @@ class MaskTokenMTP(MTPMethod):
     def __init__(self, config: MaskToken, parts: BackboneParts) -> None:
         super().__init__(config)
         if config.mask_token_id is None:
-            raise ValueError("mask_token: the mask token id is chosen by prepare_backbone; build the method "
+            raise UserInputError("mask_token: the mask token id is chosen by prepare_backbone; build the method "
                              "through MTPModule (or call MaskToken.prepare_backbone first)")
         if config.mask_token_id >= parts.vocab_size:
-            raise ValueError(f"mask_token_id {config.mask_token_id} is outside the backbone's vocabulary "
+            raise UserInputError(f"mask_token_id {config.mask_token_id} is outside the backbone's vocabulary "
                              f"({parts.vocab_size} rows)")
         object.__setattr__(self, "_teacher", None)  # not a submodule: never in state_dict or checkpoints
         self._eos: set[int] = set()
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, module) -> None:
-        from lightning_mtp.decoding.speculative import _eos_ids
-
-        self._eos = _eos_ids(module._base_model)
-        if module.lora is not None:
-            _train_row_in_adapter(module.backbone, self.config.mask_token_id)
+    def attach(self, context: MethodContext) -> None:
+        self._eos = eos_ids(context.base_model)
+        if context.lora is not None:
+            _train_row_in_adapter(context.backbone, self.config.mask_token_id)
         # a checkpoint's weights replace the initial ones: take the teacher copy before they do
-        module.register_load_state_dict_pre_hook(lambda *args, **kwargs: self._snapshot_teacher(module))
+        context.on_load_state_dict(lambda: self._snapshot_teacher(context))
 
-    def _teacher_kind(self, module) -> str:
+    def _teacher_kind(self, context: MethodContext) -> str:
         if self.config.teacher == "copy":
             return "copy"
-        if module.lora is not None:
+        if context.lora is not None:
             return "adapter"
-        return "copy" if any(p.requires_grad for p in module.backbone.parameters()) else "self"
+        return "copy" if context.backbone_trains else "self"
 
-    def _snapshot_teacher(self, module) -> None:
-        if self._teacher is None and self._teacher_kind(module) == "copy":
-            if _is_sharded(module):  # FSDP already split the weights: read the initial model again
-                teacher = self.load_teacher(module)
+    def _snapshot_teacher(self, context: MethodContext) -> None:
+        if self._teacher is None and self._teacher_kind(context) == "copy":
+            if context.is_sharded:  # FSDP already split the weights: read the initial model again
+                teacher = self.load_teacher(context)
             else:
-                teacher = copy.deepcopy(module.backbone)  # a PeftModel copy runs with its adapter disabled
+                teacher = copy.deepcopy(context.backbone)  # a PeftModel copy runs with its adapter disabled
             teacher.eval().requires_grad_(False)
             if self.config.teacher_dtype is not None:
                 teacher.to(getattr(torch, self.config.teacher_dtype))
             object.__setattr__(self, "_teacher", teacher)
 
-    def load_teacher(self, module):
+    def load_teacher(self, context: MethodContext):
         """The initial model read again from the module's backbone reference, with its mask row prepared.
 
         Used when the backbone's weights are already sharded (FSDP wraps the module before the first step):
         each process then holds its own unsharded frozen teacher.
         """
-        from lightning_mtp.backbone import load_backbone
-
-        ref = module.backbone_ref
+        ref = context.backbone_ref
         if not ref:
-            raise ValueError("mask_token: the backbone is sharded and was given as a model object, so its initial "
+            raise UserInputError("mask_token: the backbone is sharded and was given as a model object, so its initial "
                              "weights cannot be read again for the teacher; pass the backbone by name or directory, "
                              "or train with LoRA (teacher = the adapter-disabled model)")
-        dtype = next(p for p in module.backbone.parameters() if p.is_floating_point()).dtype
+        dtype = next(p for p in context.backbone.parameters() if p.is_floating_point()).dtype
         teacher, tokenizer = load_backbone(ref, dtype=dtype)
         self.config.prepare_backbone(teacher, tokenizer)  # the id is set: this only re-adds a row the student got
         return teacher
 
-    def teacher_logits(self, module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, first: int
+    def teacher_logits(self, context: MethodContext, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, first: int
                        ) -> torch.Tensor:
         """The teacher's logits (B, L - first, V), without gradients (see the module docstring for who it is)."""
-        kind = self._teacher_kind(module)
+        kind = self._teacher_kind(context)
         with torch.no_grad():
             if kind == "self":
-                return _logits_at(module.backbone, ids, mask, positions, first)
+                return _logits_at(context.backbone, ids, mask, positions, first)
             if kind == "adapter":
-                with module.backbone.disable_adapter():
-                    return _logits_at(module.backbone, ids, mask, positions, first)
-            self._snapshot_teacher(module)
+                with context.backbone.disable_adapter():
+                    return _logits_at(context.backbone, ids, mask, positions, first)
+            self._snapshot_teacher(context)
             teacher = self._teacher
             device = ids.device
             if next(teacher.parameters()).device != device:
@@ -374,7 +376,7 @@ class MaskTokenMTP(MTPMethod):
             return _logits_at(teacher, ids, mask, positions, first)
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(self, context: MethodContext, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Pack regions, roll the student out, label with the teacher, and score (see the module docstring).
 
         In eval mode (validation) k is ``k_max`` and anchors come from a fixed seed, so validation numbers
@@ -386,7 +388,7 @@ class MaskTokenMTP(MTPMethod):
         attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
         B, T = input_ids.shape
         device = input_ids.device
-        training = module.training
+        training = context.training
         generator = None if training else torch.Generator(device=device).manual_seed(0)
         k = int(torch.randint(cfg.k_min, cfg.k_max + 1, (1,))) if training else cfg.k_max
         R = min(cfg.regions_per_sequence, T)
@@ -399,33 +401,27 @@ class MaskTokenMTP(MTPMethod):
 
         allowed, positions = real_attention(attention_mask, position_ids, input_ids)
         layout, packed_pos = packed_layout(allowed, positions, anchors, k)  # (B, L, L), (B, L)
-        dtype = module.parts.embed_tokens.weight.dtype
+        dtype = context.parts.embed_tokens.weight.dtype
         mask = additive_mask(layout, dtype)  # (B, 1, L, L)
         anchor_ids = input_ids.gather(1, anchors)  # (B, R)
         masks = anchor_ids.new_full((B, R, k - 1), cfg.mask_token_id)
         student_regions = torch.cat([anchor_ids[:, :, None], masks], dim=2)  # (B, R, k)
         student_ids = torch.cat([input_ids, student_regions.reshape(B, R * k)], dim=1)  # (B, L)
 
-        trains = training and any(p.requires_grad for p in module.backbone.parameters())
+        trains = training and context.backbone_trains
         first = 0 if cfg.ntp_weight > 0 else T  # the real tokens' logits only feed the optional NTP term
         with torch.set_grad_enabled(trains):
-            student_all = _logits_at(module.backbone, student_ids, mask, packed_pos, first)
+            student_all = _logits_at(context.backbone, student_ids, mask, packed_pos, first)
         student = student_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         rollout = student.detach().argmax(-1)  # (B, R, k): y'_1 .. y'_k
 
         teacher_regions = torch.cat([anchor_ids[:, :, None], rollout[:, :, : k - 1]], dim=2)  # (B, R, k)
         teacher_ids = torch.cat([input_ids, teacher_regions.reshape(B, R * k)], dim=1)  # (B, L)
-        teacher_all = self.teacher_logits(module, teacher_ids, mask, packed_pos, first)
+        teacher_all = self.teacher_logits(context, teacher_ids, mask, packed_pos, first)
         teacher = teacher_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         target = teacher.argmax(-1)  # (B, R, k)
 
-        weight = region_ok[:, :, None].expand(B, R, k).clone()  # (B, R, k)
-        if self._eos:
-            is_eos = torch.zeros_like(target, dtype=torch.bool)
-            for e in self._eos:
-                is_eos |= target == e
-            after_eos = (is_eos.long().cumsum(2) - is_eos.long()) > 0  # a row after the teacher's first EOS
-            weight &= ~after_eos
+        weight = self._scored(region_ok, target)  # (B, R, k)
         w = weight.float()
         denom = w.sum().clamp(min=1.0)
 
@@ -434,52 +430,44 @@ class MaskTokenMTP(MTPMethod):
         loss = distill
         logs: dict[str, torch.Tensor] = {cfg.loss + "_loss": distill.detach()}
         if cfg.ntp_weight > 0:  # every response token's next-token prediction, against the teacher's
-            w_ntp = can_anchor.float()  # (B, T)
-            ntp_log_p = F.log_softmax(student_all[:, :T].float(), dim=-1)  # (B, T, V)
-            teacher_ntp = teacher_all[:, :T].float()
-            ntp = (_distill(ntp_log_p, teacher_ntp, cfg.loss) * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
-            loss = loss + cfg.ntp_weight * ntp
-            logs["ntp_loss"] = ntp.detach()
-            same = ntp_log_p.detach().argmax(-1) == teacher_ntp.argmax(-1)
-            logs["ntp_agreement"] = (same.float() * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
+            loss = loss + cfg.ntp_weight * _ntp_term(student_all[:, :T], teacher_all[:, :T], can_anchor, cfg.loss, logs)
         if cfg.entropy_weight > 0 or not training:
             entropy = (-(log_p.exp() * log_p).sum(-1) * w).sum() / denom
             if cfg.entropy_weight > 0:
                 loss = loss + cfg.entropy_weight * entropy
             logs["entropy"] = entropy.detach()
 
-        agree = rollout == target  # (B, R, k): the student's token is the teacher's
-        logs["agreement"] = (agree.float() * w).sum() / denom
-        if training:
-            logs["k"] = torch.tensor(float(k))
-        else:
-            for j in range(k):
-                wj = w[:, :, j]
-                logs[f"agree_{j}"] = (agree[:, :, j].float() * wj).sum() / wj.sum().clamp(min=1.0)
-            K = cfg.num_speculative_tokens
-            chain = weight[:, :, : K + 1].all(-1)  # (B, R) regions scored at every draft position
-            logs["draft_correct"] = agree[:, :, 1 : K + 1][chain].T  # (K, N): mask j against the teacher
+        logs.update(_agreement_logs(rollout == target, weight, training, cfg.num_speculative_tokens))
         return loss, logs
+
+    def _scored(self, region_ok: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, R, k) bool: the region positions that score, i.e. real regions up to the teacher's first EOS."""
+        weight = region_ok[:, :, None].expand(target.shape).clone()  # (B, R, k)
+        if self._eos:
+            is_eos = torch.zeros_like(target, dtype=torch.bool)
+            for e in self._eos:
+                is_eos |= target == e
+            after_eos = (is_eos.long().cumsum(2) - is_eos.long()) > 0  # a row after the teacher's first EOS
+            weight &= ~after_eos
+        return weight
 
     # ------------------------------------------------------------------ decoding
     def drafter(self, parts: BackboneParts) -> MaskTokenDrafter:
         return MaskTokenDrafter(self.config.mask_token_id)
 
-    def generate(self, module, input_ids: torch.Tensor, *, decoding: str, **options: Any):
+    def generate(self, context: MethodContext, input_ids: torch.Tensor, *, decoding: str, **options: Any):
         """ConfAdapt (``tau``, ``k``: predictions per forward, default ``k_max``) or static k (``k``), one
         sequence at a time; both are lossy. ``"speculative"`` (lossless) goes through the shared decoder."""
-        from lightning_mtp.decoding.conf_adapt import conf_adapt_generate
-
         cfg: MaskToken = self.config
         if decoding not in ("confadapt", "static"):
-            raise ValueError(f"method 'mask_token' has no decoding {decoding!r}; choose one of {list(self.decodings)}")
+            raise UserInputError(f"method 'mask_token' has no decoding {decoding!r}; choose one of {list(self.decodings)}")
         own = {"confadapt": ("tau", "k"), "static": ("k",)}[decoding]
         common = ("max_new_tokens", "streamer", "do_sample", "temperature", "top_p", "top_k", "generator")
         unknown = sorted(set(options) - set(own) - set(common))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for mask_token decoding {decoding!r}; its options are {list(own)}")
+            raise UserInputError(f"unknown option(s) {unknown} for mask_token decoding {decoding!r}; its options are {list(own)}")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(
+            raise UserInputError(
                 f"mask_token decoding {decoding!r} is lossy and decodes one sequence at a time, got input_ids of "
                 f"shape {tuple(input_ids.shape)}; decode the rows one by one, or use decoding='speculative' "
                 "(lossless, batched)"
@@ -493,10 +481,10 @@ class MaskTokenMTP(MTPMethod):
         else:
             tau = None
             if k is None:
-                raise ValueError("mask_token decoding 'static' needs k (tokens kept per forward, 1 = plain greedy)")
+                raise UserInputError("mask_token decoding 'static' needs k (tokens kept per forward, 1 = plain greedy)")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"mask_token k (predictions per forward) must be an integer >= 1, got {k!r}")
-        return conf_adapt_generate(module.backbone, input_ids, mask_token_id=cfg.mask_token_id, k=k, tau=tau,
+            raise UserInputError(f"mask_token k (predictions per forward) must be an integer >= 1, got {k!r}")
+        return conf_adapt_generate(context.backbone, input_ids, mask_token_id=cfg.mask_token_id, k=k, tau=tau,
                                    **options)
 
     def bench_entries(self, sweep: bool = False) -> list[tuple[str, dict[str, Any]]]:
@@ -519,23 +507,35 @@ def _distill(log_p: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Ten
     return (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(teacher || student)
 
 
-def _is_sharded(module) -> bool:
-    """True when a sharding strategy (FSDP, FSDP2, DeepSpeed) trains ``module`` (an MTPModule): its weights may
-    be split across processes, so a copy of them is not the model."""
-    trainer = getattr(module, "_trainer", None)  # .trainer raises when none is attached
-    if trainer is not None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
-        if isinstance(trainer.strategy, (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)):
-            return True
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed support
-        return False
-    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules()) or any(
-        isinstance(p, DTensor) for p in module.parameters())
+def _ntp_term(student: torch.Tensor, teacher: torch.Tensor, scored: torch.Tensor, loss: str,
+              logs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The next-token term over the real tokens (B, T, V) where ``scored`` (B, T); logs it and its agreement."""
+    w_ntp = scored.float()  # (B, T)
+    ntp_log_p = F.log_softmax(student.float(), dim=-1)  # (B, T, V)
+    teacher_ntp = teacher.float()
+    ntp = (_distill(ntp_log_p, teacher_ntp, loss) * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
+    logs["ntp_loss"] = ntp.detach()
+    same = ntp_log_p.detach().argmax(-1) == teacher_ntp.argmax(-1)
+    logs["ntp_agreement"] = (same.float() * w_ntp).sum() / w_ntp.sum().clamp(min=1.0)
+    return ntp
 
+
+def _agreement_logs(agree: torch.Tensor, weight: torch.Tensor, training: bool, K: int) -> dict[str, torch.Tensor]:
+    """Student/teacher agreement (B, R, k) over the scored positions ``weight``: overall, and in validation per
+    position j and as ``draft_correct`` (K, N) for the acceptance metrics."""
+    w = weight.float()
+    k = agree.shape[2]
+    logs = {"agreement": (agree.float() * w).sum() / w.sum().clamp(min=1.0)}
+    if training:
+        logs["k"] = torch.tensor(float(k))
+        return logs
+    for j in range(k):
+        wj = w[:, :, j]
+        logs[f"agree_{j}"] = (agree[:, :, j].float() * wj).sum() / wj.sum().clamp(min=1.0)
+    chain = weight[:, :, : K + 1].all(-1)  # (B, R) regions scored at every draft position
+    logs["draft_correct"] = agree[:, :, 1 : K + 1][chain].T  # (K, N): mask j against the teacher
+    return logs
 
 def _train_row_in_adapter(peft_model, mask_id: int) -> None:
     """Make the mask row trainable in the LoRA adapter as PEFT trainable tokens (saved with the adapter)."""
@@ -548,7 +548,7 @@ def _train_row_in_adapter(peft_model, mask_id: int) -> None:
     if given is not None:
         indices = given if isinstance(given, list) else [i for ids in given.values() for i in ids]
         if mask_id not in indices:
-            raise ValueError(f"lora trainable_token_indices {given} leaves out the mask token {mask_id}; add it, "
+            raise UserInputError(f"lora trainable_token_indices {given} leaves out the mask token {mask_id}; add it, "
                              "or leave trainable_token_indices out (mask_token then trains the mask row itself)")
         return
     config.trainable_token_indices = [mask_id]
@@ -585,7 +585,7 @@ class MaskTokenDrafter(Drafter):
         appended: AppendedOutputs | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if appended is None:
-            raise ValueError("MaskTokenDrafter drafts from the mask tokens a decoder appends (Drafter.appended_tokens); "
+            raise UserInputError("MaskTokenDrafter drafts from the mask tokens a decoder appends (Drafter.appended_tokens); "
                              "use it with lightning_mtp.decoding.speculative_generate")
         logits = appended.logits[:, :k]  # (B, k, V): mask j predicts the token j after the next one
         if probs_fn is None:

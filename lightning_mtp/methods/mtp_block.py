@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lightning_mtp.backbone import BackboneParts, build_decoder_layer, call_decoder_layer
+from lightning_mtp.errors import UserInputError
 
 __all__ = ["MTPBlock"]
 
@@ -23,8 +24,8 @@ class MTPBlock(nn.Module):
         H = parts.hidden_size
         E = parts.embed_tokens.weight.shape[1]
         if E != H:  # the head joins an embedding and a hidden state of the same width
-            raise ValueError(f"the backbone's embeddings have {E} dimensions but its hidden states {H} (factorised "
-                             "embeddings); heads cannot be built on it, use a method without heads, e.g. mask_token")
+            raise UserInputError(f"the backbone's embeddings have {E} dimensions but its hidden states {H} (factorised "
+                                 "embeddings); heads cannot be built on it, use a method without heads, e.g. mask_token")
         eps = float(getattr(parts.config, "rms_norm_eps", None) or getattr(parts.config, "layer_norm_epsilon", 1e-6))
         dtype = parts.lm_head.weight.dtype
         self.enorm = nn.RMSNorm(H, eps=eps, dtype=dtype)

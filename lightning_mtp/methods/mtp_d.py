@@ -45,20 +45,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
-from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.errors import UserInputError
+from lightning_mtp.io import read_safetensors
 from lightning_mtp.methods.base import (
     DraftChain,
-    Drafter,
     MethodConfig,
+    MethodContext,
     MTPMethod,
     future_labels,
     future_tokens,
     register_method,
 )
+from lightning_mtp.methods.cached_chain import CachedChainDrafter
 from lightning_mtp.methods.mtp_block import MTPBlock
+from lightning_mtp.record import METHOD_WEIGHTS, MTP_CONFIG, read_mtp_config
+from lightning_mtp.resolve import is_zoo_name, resolve_model_path
 
 __all__ = ["MTPD", "MTPDHeads", "MTPDDrafter", "distillation_kl", "extend_heads"]
 
@@ -69,6 +72,8 @@ PAPER_TOP_N = 10_000
 @dataclass
 class MTPD(MethodConfig):
     """MTP-D: K sequential heads trained with CE and self-distillation from the main head."""
+
+    summary = "K sequential MTP-D heads trained with self-distillation (Zhao et al., arXiv 2603.23911)"
 
     num_heads: int = 4
     """K: sequential MTP heads, and draft tokens per decoding step."""
@@ -98,27 +103,27 @@ class MTPD(MethodConfig):
 
     def validate(self) -> None:
         if not isinstance(self.num_heads, int) or isinstance(self.num_heads, bool) or self.num_heads < 1:
-            raise ValueError(f"mtp_d num_heads (K) must be an integer >= 1, got {self.num_heads!r}")
+            raise UserInputError(f"mtp_d num_heads (K) must be an integer >= 1, got {self.num_heads!r}")
         for name in ("alpha", "beta"):
             values = self.per_head(name)
             if any(not isinstance(v, (int, float)) or v < 0 for v in values):
-                raise ValueError(f"mtp_d {name} must be >= 0 (one number or one per head), got {getattr(self, name)!r}")
+                raise UserInputError(f"mtp_d {name} must be >= 0 (one number or one per head), got {getattr(self, name)!r}")
         if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 1):
-            raise ValueError(f"mtp_d top_n must be an integer >= 1 or None, got {self.top_n!r}")
+            raise UserInputError(f"mtp_d top_n must be an integer >= 1 or None, got {self.top_n!r}")
         if not self.temperature > 0:
-            raise ValueError(f"mtp_d temperature must be > 0, got {self.temperature!r}")
+            raise UserInputError(f"mtp_d temperature must be > 0, got {self.temperature!r}")
         if self.kl_direction not in ("forward", "reverse"):
-            raise ValueError(f"mtp_d kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
+            raise UserInputError(f"mtp_d kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
         if not isinstance(self.frozen_heads, int) or not 0 <= self.frozen_heads < self.num_heads:
-            raise ValueError(f"mtp_d frozen_heads must be in [0, num_heads={self.num_heads}), got {self.frozen_heads!r}")
+            raise UserInputError(f"mtp_d frozen_heads must be in [0, num_heads={self.num_heads}), got {self.frozen_heads!r}")
 
     def per_head(self, name: str) -> list[float]:
         """``alpha`` or ``beta`` as one weight per head."""
         value = getattr(self, name)
         if isinstance(value, (list, tuple)):
             if len(value) != self.num_heads:
-                raise ValueError(f"mtp_d {name} has {len(value)} values for {self.num_heads} heads: give one or "
-                                 f"{self.num_heads}")
+                raise UserInputError(f"mtp_d {name} has {len(value)} values for {self.num_heads} heads: give one or "
+                                     f"{self.num_heads}")
             return list(value)
         return [value] * self.num_heads
 
@@ -128,9 +133,7 @@ class MTPD(MethodConfig):
         (``init_from`` names one), read from it again on load and checked against ``init_from_sha256``."""
         if not (self.frozen_heads and self.init_from and self.init_from_sha256) or Path(self.init_from).is_dir():
             return False
-        from lightning_mtp import zoo
-
-        return zoo.has(self.init_from)
+        return is_zoo_name(self.init_from)
 
     def to_dict(self) -> dict:
         if self.shares_frozen_heads:
@@ -164,22 +167,22 @@ class MTPDHeads(MTPMethod):
         super().__init__(config)
         V = parts.vocab_size
         if config.top_n is not None and config.top_n > V:
-            raise ValueError(f"mtp_d top_n {config.top_n} exceeds the backbone's vocabulary ({V}); use at most {V}, "
-                             "or None for min(10000, vocabulary)")
+            raise UserInputError(f"mtp_d top_n {config.top_n} exceeds the backbone's vocabulary ({V}); use at most {V}, "
+                                 "or None for min(10000, vocabulary)")
         self.top_n = config.top_n if config.top_n is not None else min(PAPER_TOP_N, V)
         self.heads = nn.ModuleList([MTPBlock(parts) for _ in range(config.num_heads)])  # K separate modules
         for head in self.heads[: config.frozen_heads]:
             head.requires_grad_(False)
 
-    def attach(self, module) -> None:
+    def attach(self, context: MethodContext) -> None:
         cfg = self.config
         if cfg.init_from:
-            state, sha = _read_trained_heads(cfg.init_from, module.parts)
+            state, sha = _read_trained_heads(cfg.init_from, context.parts)
             if cfg.init_from_sha256 is not None and cfg.init_from_sha256 != sha:
-                raise ValueError(f"mtp_d init_from {cfg.init_from!r}: its head weights changed since this model was "
-                                 f"saved (sha256 {sha[:12]}..., expected {cfg.init_from_sha256[:12]}...); the frozen "
-                                 f"heads 1..{cfg.frozen_heads} are its heads. Restore that version of the entry, or "
-                                 "load an artefact that stores every head")
+                raise UserInputError(f"mtp_d init_from {cfg.init_from!r}: its head weights changed since this model was "
+                                     f"saved (sha256 {sha[:12]}..., expected {cfg.init_from_sha256[:12]}...); the frozen "
+                                     f"heads 1..{cfg.frozen_heads} are its heads. Restore that version of the entry, or "
+                                     "load an artefact that stores every head")
             cfg.init_from_sha256 = sha
             self.copy_heads_from(state)
 
@@ -194,7 +197,7 @@ class MTPDHeads(MTPMethod):
         """Initialise head i from head ``i mod K_trained`` of a trained mtp_d state dict (``heads.<k>.*`` keys)."""
         trained = sorted({int(key.split(".")[1]) for key in state if key.startswith("heads.")})
         if not trained or trained != list(range(len(trained))):
-            raise ValueError(f"expected mtp_d head weights 'heads.0.*' .. 'heads.K-1.*', got heads {trained}")
+            raise UserInputError(f"expected mtp_d head weights 'heads.0.*' .. 'heads.K-1.*', got heads {trained}")
         with torch.no_grad():
             for i, head in enumerate(self.heads):
                 source = i % len(trained)
@@ -202,8 +205,8 @@ class MTPDHeads(MTPMethod):
                 own = head.state_dict()
                 sub = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
                 if set(sub) != set(own):
-                    raise ValueError(f"trained head {source} does not fit: missing {sorted(set(own) - set(sub))}, "
-                                     f"unexpected {sorted(set(sub) - set(own))}")
+                    raise UserInputError(f"trained head {source} does not fit: missing {sorted(set(own) - set(sub))}, "
+                                         f"unexpected {sorted(set(sub) - set(own))}")
                 head.load_state_dict({k: v.to(own[k].dtype) for k, v in sub.items()})
 
     def logits(self, parts: BackboneParts, head: MTPBlock, out: torch.Tensor) -> torch.Tensor:
@@ -248,23 +251,20 @@ class MTPDHeads(MTPMethod):
 def _read_trained_heads(reference: str, parts: BackboneParts) -> tuple[dict[str, torch.Tensor], str]:
     """The head weights of a trained mtp_d artefact (directory or zoo name), checked against this backbone, and
     the SHA-256 of their file."""
-    from lightning_mtp.artifacts import METHOD_WEIGHTS, MTP_CONFIG, _read_safetensors, read_mtp_config
-    from lightning_mtp.backbone import resolve_model_path
-
     path = Path(resolve_model_path(reference))
     if not (path / MTP_CONFIG).is_file():
-        raise ValueError(f"mtp_d init_from {reference!r} is not a saved lightning-mtp artefact (no {MTP_CONFIG})")
+        raise UserInputError(f"mtp_d init_from {reference!r} is not a saved lightning-mtp artefact (no {MTP_CONFIG})")
     config = read_mtp_config(path / MTP_CONFIG)
     method = config.get("method") or {}
     if method.get("name") != "mtp_d":
-        raise ValueError(f"mtp_d init_from {reference!r} holds method {method.get('name')!r}, not 'mtp_d'")
+        raise UserInputError(f"mtp_d init_from {reference!r} holds method {method.get('name')!r}, not 'mtp_d'")
     base = config["base_model"]
     if (base["vocab_size"], base["hidden_size"]) != (parts.vocab_size, parts.hidden_size):
-        raise ValueError(f"mtp_d init_from {reference!r} was trained on a base with vocab {base['vocab_size']} and "
-                         f"hidden size {base['hidden_size']}, but this backbone has vocab {parts.vocab_size} and "
-                         f"hidden size {parts.hidden_size}")
+        raise UserInputError(f"mtp_d init_from {reference!r} was trained on a base with vocab {base['vocab_size']} and "
+                             f"hidden size {base['hidden_size']}, but this backbone has vocab {parts.vocab_size} and "
+                             f"hidden size {parts.hidden_size}")
     weights = path / METHOD_WEIGHTS
-    return _read_safetensors(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
+    return read_safetensors(weights), hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
@@ -273,19 +273,18 @@ def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
     The backbone is shared with ``module``. With ``freeze_trained`` the old heads do not train (the looped
     extension); decoding the result without training is the paper's training-free loop.
     """
-    from lightning_mtp.module import MTPModule
-
     cfg = module.method_config
     if cfg is None or cfg.name != "mtp_d":
-        raise ValueError(f"extend_heads needs an mtp_d model, got method {None if cfg is None else cfg.name!r}")
+        raise UserInputError(f"extend_heads needs an mtp_d model, got method {None if cfg is None else cfg.name!r}")
     if num_heads <= cfg.num_heads:
-        raise ValueError(f"extend_heads: the model has {cfg.num_heads} heads; extend to more than that, got {num_heads}")
+        raise UserInputError(f"extend_heads: the model has {cfg.num_heads} heads; extend to more than that, got {num_heads}")
     if module.lora is not None:
-        raise ValueError("extend_heads: merge or drop the LoRA adapter first (the extension freezes the backbone)")
+        raise UserInputError("extend_heads: merge or drop the LoRA adapter first (the extension freezes the backbone)")
     new_cfg = dataclasses.replace(cfg, num_heads=num_heads, frozen_heads=cfg.num_heads if freeze_trained else 0,
                                   init_from=None, init_from_sha256=None)
     hp = module.hparams
-    extended = MTPModule(module.backbone, method=new_cfg, freeze_backbone=True, learning_rate=hp.learning_rate,
+    # the module's own class (MTPModule): methods sit below the module layer and never import it
+    extended = type(module)(module.backbone, method=new_cfg, freeze_backbone=True, learning_rate=hp.learning_rate,
                          weight_decay=hp.weight_decay, betas=tuple(hp.betas), warmup_ratio=hp.warmup_ratio,
                          min_lr_ratio=hp.min_lr_ratio)
     extended.tokenizer, extended.backbone_ref = module.tokenizer, module.backbone_ref
@@ -293,35 +292,30 @@ def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
     return extended
 
 
-class MTPDDrafter(Drafter):
+class MTPDDrafter(CachedChainDrafter):
     """Chain drafting with K heads, each with its own KV cache (see the module docstring for the schedule).
 
     Per head j (0-based; head j drafts token j + 1): ``carry[j]`` is its output at its last committed position
-    (``carry_valid[j]`` says, per row, whether it has one yet), ``committed[j]`` counts its committed cache
-    entries and ``spec[j]`` the speculative chain entries dropped at the next call. Everything is kept
-    column-aligned with the decoder's ``next_ids``: head j's column c sits one position before head j-1's.
-    Batches (B > 1) mask the entries a row cannot use (``slots[j]``) and carry per-row positions
-    (``positions[j]``), as the decoder does for the backbone; at batch size 1 the unusable columns are always
-    leading ones and are sliced off instead, so no masks are built.
+    (``carry_valid[j]`` says, per row, whether it has one yet); ``head_caches[j]`` counts its committed cache
+    entries and the speculative chain entries dropped at the next call. Everything is kept column-aligned with
+    the decoder's ``next_ids``: head j's column c sits one position before head j-1's. Batches (B > 1) mask the
+    entries a row cannot use (slots) and carry per-row positions, as the decoder does for the backbone; at batch
+    size 1 the unusable columns are always leading ones and are sliced off instead, so no masks are built.
     """
 
     def __init__(self, method: MTPDHeads, parts: BackboneParts) -> None:
-        self.method, self.parts = method, parts
         K = len(method.heads)
-        self.caches = [DynamicCache() for _ in range(K)]
+        super().__init__(num_heads=K)
+        self.method, self.parts = method, parts
         self.carry: list[torch.Tensor | None] = [None] * K  # (B, 1, H)
         self.carry_valid: list[torch.Tensor | None] = [None] * K  # (B,) bool
-        self.committed = [0] * K
-        self.spec = [0] * K
-        self.slots: list[torch.Tensor | None] = [None] * K  # (B, committed) bool, batches only
-        self.positions: list[torch.Tensor | None] = [None] * K  # (B,) committed positions, batches only
 
     def select(self, rows: torch.Tensor) -> None:
-        for j, cache in enumerate(self.caches):
-            cache.batch_select_indices(rows)
-            for state in (self.carry, self.carry_valid, self.slots, self.positions):
-                if state[j] is not None:
-                    state[j] = state[j][rows]
+        super().select(rows)
+        for state in (self.carry, self.carry_valid):
+            for j, value in enumerate(state):
+                if value is not None:
+                    state[j] = value[rows]
 
     def draft(
         self,
@@ -332,100 +326,103 @@ class MTPDDrafter(Drafter):
         generator: torch.Generator | None = None,
         valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        method, parts = self.method, self.parts
+        method = self.method
         K = len(method.heads)
         if k > K:
-            raise ValueError(f"mtp_d has {K} heads, so it drafts at most {K} tokens per step; got num_draft_tokens={k}")
+            raise UserInputError(f"mtp_d has {K} heads, so it drafts at most {K} tokens per step; got num_draft_tokens={k}")
         B, m = next_ids.shape
-        H = hidden.shape[-1]
         device = next_ids.device
-        batched = B > 1
-        for j, cache in enumerate(self.caches):
-            if self.spec[j]:
-                cache.crop(-self.spec[j])  # a negative count removes that many trailing entries
-                self.spec[j] = 0
-        if batched and self.slots[0] is None:  # from the first batched call on, every head tracks slots
-            for j in range(K):
-                self.slots[j] = torch.ones(B, self.committed[j], dtype=torch.bool, device=device)
-                self.positions[j] = torch.full((B,), self.committed[j], device=device)
+        self.begin(B, device, holes=B > 1)  # from the first batched call on, every head tracks slots
         old_carry, old_valid = list(self.carry), list(self.carry_valid)  # before this call's commits
-        no = torch.zeros(B, dtype=torch.bool, device=device)
-
         chain = DraftChain(self, B, device, sampling=probs_fn is not None)
         wanted = k  # drafts still wanted: k, cut short where every row's chain ended (the heads still commit)
-        h_full = hidden  # (B, m, H) head j's input, column-aligned with next_ids (j = 0: the backbone's states)
         cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m) committed
-        v_full = cols
+        h_full, v_full = hidden, cols  # (B, m, H), (B, m) head j's input, column-aligned with next_ids
         chain_out = hidden[:, :0]  # (B, rows, H) head j-1's chain outputs, positions L-j+2 .. L
         for j, head in enumerate(method.heads):
             if j:  # head j sees head j-1's committed outputs one position later: its old carry, then the new ones
-                carry = old_carry[j - 1] if old_carry[j - 1] is not None else hidden.new_zeros(B, 1, H)
-                carry_ok = old_valid[j - 1] if old_valid[j - 1] is not None else no
-                h_full = torch.cat([carry, h_full], dim=1)[:, :m]  # (B, m, H)
-                v_full = torch.cat([carry_ok[:, None], v_full], dim=1)[:, :m] & cols  # (B, m) within the new columns
-            # committed rows: at batch size 1 the unusable columns lead, and are cut off
-            start = 0 if batched else (int(v_full[0].long().argmax()) if bool(v_full.any()) else m)
-            h_in, ids_in, v_in = h_full[:, start:], next_ids[:, start:], v_full[:, start:]
-            n_in = m - start
-
-            # chain rows (only while drafts are wanted): positions L-j+1 .. L, fed head j-1's new carry and
-            # chain outputs, and drafts 1..j; rows at negative positions (short prompts) do not exist
-            rows = j if j < wanted else 0
-            if not batched:  # at batch size 1 drop the rows at negative positions: L + 1 = head 0's entries
-                rows = min(rows, self.committed[0])
-            if rows:
-                carry = self.carry[j - 1] if self.carry[j - 1] is not None else hidden.new_zeros(B, 1, H)
-                chain_h = torch.cat([carry, chain_out], dim=1)[:, -rows:]  # (B, rows, H)
-                chain_ids = torch.stack(chain.tokens[-rows:], dim=1).clamp(min=0)  # (B, rows); an ended chain's -1 is unread
-            else:
-                chain_h, chain_ids = h_in[:, :0], ids_in[:, :0]
-
-            if batched:
-                pos_in = self.positions[j][:, None] + (v_in.long().cumsum(1) - 1).clamp(min=0)  # (B, n_in)
-                self.slots[j] = torch.cat([self.slots[j], v_in], dim=1)
-                self.positions[j] = self.positions[j] + v_in.sum(1)
-                last = self.positions[0] - 1  # (B,) L: each row's last committed position
-                pos_chain = last[:, None] - j + 1 + torch.arange(rows, device=device)  # (B, rows)
-                chain_ok = pos_chain >= 0
-                pos = torch.cat([pos_in, pos_chain.clamp(min=0)], dim=1)  # (B, n_in + rows)
-                mask = slot_mask(torch.cat([self.slots[j], chain_ok], dim=1), n_in + rows, hidden.dtype)
-            else:
-                first = self.committed[j]
-                pos = torch.arange(first, first + n_in + rows, device=device).expand(B, -1)
-                mask = None
-            x_h = torch.cat([h_in, chain_h], dim=1)  # (B, n_in + rows, H)
-            x_ids = torch.cat([ids_in, chain_ids], dim=1)  # (B, n_in + rows)
-            if x_h.shape[1]:
-                out = head(parts, x_h, x_ids, pos, self.caches[j], attention_mask=mask)  # (B, n_in + rows, H)
-            else:  # nothing this head can see yet (a prompt shorter than its lag) and no draft wanted from it
-                out = x_h
-            self.committed[j] += n_in
-            self.spec[j] = x_h.shape[1] - n_in
-
-            # head j's committed outputs, column-aligned again, and its new carry
-            committed = out[:, :n_in]
-            if start:
-                committed = torch.cat([committed.new_zeros(B, start, H), committed], dim=1)  # (B, m, H)
-            if bool(v_full.any()):
-                last_col = (v_full.long() * torch.arange(m, device=device)).argmax(1)  # (B,) last usable column
-                new = committed[torch.arange(B, device=device), last_col][:, None]  # (B, 1, H)
-                has = v_full.any(1)  # (B,)
-                if self.carry[j] is None:
-                    self.carry[j], self.carry_valid[j] = new, has
-                else:
-                    self.carry[j] = torch.where(has[:, None, None], new, self.carry[j])
-                    self.carry_valid[j] = has | self.carry_valid[j]
-            h_full, chain_out = committed, out[:, n_in:]
-
+                h_full, v_full = self._shift(h_full, v_full, cols, old_carry[j - 1], old_valid[j - 1])
+            rows = self._chain_length(j, wanted, B > 1)
+            out, n_in, start = self._run_head(j, h_full, v_full, next_ids, chain, chain_out, rows, hidden.dtype)
+            h_full, chain_out = self._commit_outputs(j, out, n_in, start, v_full), out[:, n_in:]
             if j < wanted:  # draft token j + 1: head j's output at position L (its last chain row; head 0: its carry)
                 h_last = out[:, -1:] if j else self.carry[0]  # (B, 1, H)
-                logits = method.logits(parts, head, h_last)[:, -1]  # (B, V)
-                if probs_fn is None:
-                    p = logits.softmax(-1) if chain.needs_probs else None
-                    tok = logits.argmax(-1)  # (B,)
-                else:
-                    p = probs_fn(logits)  # (B, V)
-                    tok = sample(p, generator)
+                tok, p = chain.pick(method.logits(self.parts, head, h_last)[:, -1], probs_fn, generator)
                 if not chain.add(tok, p):
                     wanted = len(chain)
         return chain.result()  # (B, k') with k' <= k, -1 after a row's chain ended; (B, k', V) when sampling
+
+    @staticmethod
+    def _shift(h_full: torch.Tensor, v_full: torch.Tensor, cols: torch.Tensor, carry: torch.Tensor | None,
+               carry_ok: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head j's inputs from head j-1's: its old carry first, then its committed outputs, cut to m columns."""
+        B, m, H = h_full.shape
+        carry = carry if carry is not None else h_full.new_zeros(B, 1, H)
+        carry_ok = carry_ok if carry_ok is not None else torch.zeros(B, dtype=torch.bool, device=cols.device)
+        h_full = torch.cat([carry, h_full], dim=1)[:, :m]  # (B, m, H)
+        v_full = torch.cat([carry_ok[:, None], v_full], dim=1)[:, :m] & cols  # (B, m) within the new columns
+        return h_full, v_full
+
+    def _chain_length(self, j: int, wanted: int, batched: bool) -> int:
+        """Chain rows head j runs (positions L-j+1 .. L), only while drafts are wanted; at batch size 1 rows at
+        negative positions (short prompts) do not exist: L + 1 is head 0's committed count."""
+        rows = j if j < wanted else 0
+        return rows if batched else min(rows, self.head_caches[0].committed)
+
+    def _run_head(self, j: int, h_full: torch.Tensor, v_full: torch.Tensor, next_ids: torch.Tensor,
+                  chain: DraftChain, chain_out: torch.Tensor, rows: int, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, int, int]:
+        """Head j over its committed columns and its chain rows: ``(out (B, n_in + rows, H), n_in, start)``."""
+        B, m = next_ids.shape
+        hc = self.head_caches[j]
+        # committed columns: at batch size 1 the unusable columns lead, and are cut off
+        start = 0 if B > 1 else (int(v_full[0].long().argmax()) if bool(v_full.any()) else m)
+        h_in, ids_in, v_in = h_full[:, start:], next_ids[:, start:], v_full[:, start:]
+        n_in = m - start
+        if rows:  # fed head j-1's new carry and chain outputs, and drafts 1..j
+            carry = self.carry[j - 1] if self.carry[j - 1] is not None else h_full.new_zeros(B, 1, h_full.shape[-1])
+            chain_h = torch.cat([carry, chain_out], dim=1)[:, -rows:]  # (B, rows, H)
+            chain_ids = torch.stack(chain.tokens[-rows:], dim=1).clamp(min=0)  # (B, rows); an ended chain's -1 is unread
+        else:
+            chain_h, chain_ids = h_in[:, :0], ids_in[:, :0]
+        pos, mask = self._positions(j, v_in, rows, dtype)
+        x_h = torch.cat([h_in, chain_h], dim=1)  # (B, n_in + rows, H)
+        x_ids = torch.cat([ids_in, chain_ids], dim=1)  # (B, n_in + rows)
+        if x_h.shape[1]:
+            out = self.method.heads[j](self.parts, x_h, x_ids, pos, hc.cache, attention_mask=mask)  # (B, n_in + rows, H)
+        else:  # nothing this head can see yet (a prompt shorter than its lag) and no draft wanted from it
+            out = x_h
+        hc.committed += n_in
+        hc.speculative = x_h.shape[1] - n_in
+        return out, n_in, start
+
+    def _positions(self, j: int, v_in: torch.Tensor, rows: int, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (B, n_in + rows) of head j's inputs, and in a batch the mask of the slots each row sees."""
+        hc = self.head_caches[j]
+        B, n_in = v_in.shape
+        if B == 1:
+            return torch.arange(hc.committed, hc.committed + n_in + rows, device=v_in.device).expand(B, -1), None
+        pos_in = hc.commit_slots(v_in)  # (B, n_in)
+        last = self.head_caches[0].positions - 1  # (B,) L: each row's last committed position
+        pos_chain = last[:, None] - j + 1 + torch.arange(rows, device=v_in.device)  # (B, rows)
+        chain_ok = pos_chain >= 0
+        pos = torch.cat([pos_in, pos_chain.clamp(min=0)], dim=1)  # (B, n_in + rows)
+        return pos, slot_mask(torch.cat([hc.slots, chain_ok], dim=1), n_in + rows, dtype)
+
+    def _commit_outputs(self, j: int, out: torch.Tensor, n_in: int, start: int, v_full: torch.Tensor) -> torch.Tensor:
+        """Head j's committed outputs, column-aligned again (B, m, H); updates its carry."""
+        B, m = v_full.shape
+        committed = out[:, :n_in]
+        if start:
+            committed = torch.cat([committed.new_zeros(B, start, out.shape[-1]), committed], dim=1)  # (B, m, H)
+        if bool(v_full.any()):
+            last_col = (v_full.long() * torch.arange(m, device=v_full.device)).argmax(1)  # (B,) last usable column
+            new = committed[torch.arange(B, device=v_full.device), last_col][:, None]  # (B, 1, H)
+            has = v_full.any(1)  # (B,)
+            if self.carry[j] is None:
+                self.carry[j], self.carry_valid[j] = new, has
+            else:
+                self.carry[j] = torch.where(has[:, None, None], new, self.carry[j])
+                self.carry_valid[j] = has | self.carry_valid[j]
+        return committed
