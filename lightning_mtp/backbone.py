@@ -154,10 +154,21 @@ def backbone_parts(model: PreTrainedModel) -> BackboneParts:
         embed_tokens=model.get_input_embeddings(),
         lm_head=model.get_output_embeddings(),
         layers=_decoder_layers(base, config),
-        rotary_emb=getattr(base, "rotary_emb", None),
+        rotary_emb=_rotary_embedding(base),
         config=config,
-        final_norm=next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "norm_f") if isinstance(getattr(base, n, None), nn.Module)), None),
+        final_norm=_final_norm(base),
     )
+
+
+def _rotary_embedding(base: nn.Module) -> nn.Module | None:
+    """The model-level rotary embedding: ``rotary_emb`` in most models, ``pos_emb`` in LFM2 (found by its class)."""
+    return next((m for m in base.children() if type(m).__name__.endswith("RotaryEmbedding")), None)
+
+
+def _final_norm(base: nn.Module) -> nn.Module | None:
+    """The norm after the last decoder layer (LFM2 calls it ``embedding_norm``, though it runs at the end)."""
+    names = ("norm", "ln_f", "final_layernorm", "norm_f", "embedding_norm")
+    return next((getattr(base, n) for n in names if isinstance(getattr(base, n, None), nn.Module)), None)
 
 
 def cache_layer_types(config) -> list[type]:
