@@ -194,3 +194,11 @@ def test_self_distilled_rows_keep_unfinished_continuations_and_train_on_them_onl
         assert (row["labels"][:n_prompt] == -100).all() and (row["labels"][n_prompt:] != -100).sum() >= 1
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4 and "attention_mask" in batch  # right-padded prompt + response rows
+
+
+def test_the_untrained_base_is_what_init_writes(tmp_path):
+    """recipes/tiny-world/base-init (tokenizer and config) is rebuilt byte for byte from the pinned sources."""
+    tiny_world.make_init(tmp_path)
+    shipped = Path(__file__).resolve().parent.parent / "recipes" / "tiny-world" / "base-init"
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert (tmp_path / name).read_text() == (shipped / name).read_text(), name

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lightning_mtp.data import tiny_math
-from lightning_mtp.data.tokenizer import train_tokenizer
+from lightning_mtp.data.tokenizer import write_base_init
 from lightning_mtp.errors import UserInputError
 
 __all__ = ["DOMAINS", "SOURCES", "Document", "Source", "documents", "domain_metrics", "evaluation_prompts", "fetch",
@@ -301,22 +301,9 @@ def make_init(out_dir: str | Path, vocab_size: int = 8192, hidden_size: int = 25
     ``lightning-mtp fit --config recipes/tiny-world/base.yaml`` trains it from scratch.
     """
     texts = [d.text for domain in DOMAINS for d in documents(domain, "train")]
-    tok = train_tokenizer(texts, vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 8 // 3 // 64 * 64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=hidden_size // 32,
-        num_key_value_heads=hidden_size // 64,  # grouped-query attention, as in the Llama 3 / Qwen3 families
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    config.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    # grouped-query attention (2 query heads per key/value head), as in the Llama 3 / Qwen3 families
+    write_base_init(out_dir, texts, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                    num_key_value_heads=hidden_size // 64, max_position_embeddings=2048)
 
 
 def main(argv: list[str] | None = None) -> None:
