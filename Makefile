@@ -59,10 +59,14 @@ world-base: install
 self-distill: install
 	$(BIN)/python -m lightning_mtp.data.datamodule recipes/tiny-math/fast_mtp.yaml
 
+# Both worlds: tiny-math (every shipped method, peers) and tiny-world (per domain, plus off-distribution prompts).
 bench: install
 	$(BIN)/lightning-mtp bench --model tiny-math-fastmtp --model tiny-math-mtpd --model tiny-math-mtpd-loop8 \
 		--model tiny-math-mask-token --n 50 --repeats 3 --threads 1 \
 		--json benchmarks/tiny-math.json --markdown benchmarks/tiny-math.md --plots benchmarks/plots
+	$(BIN)/lightning-mtp bench --model tiny-world-fastmtp --prompts tiny-world,benchmarks/prompts/tiny-world-off.jsonl \
+		--n 30 --max-new-tokens 96 --batch-size 1 --peers --threads 1 \
+		--json benchmarks/tiny-world.json --markdown benchmarks/tiny-world.md --plots benchmarks/plots/tiny-world
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
