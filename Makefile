@@ -65,7 +65,7 @@ bench: install
 		--model tiny-math-mask-token --n 50 --repeats 3 --threads 1 \
 		--json benchmarks/tiny-math.json --markdown benchmarks/tiny-math.md --plots benchmarks/plots
 	$(BIN)/lightning-mtp bench --model tiny-world-fastmtp --prompts tiny-world,benchmarks/prompts/tiny-world-off.jsonl \
-		--n 30 --max-new-tokens 96 --batch-size 1 --peers --threads 1 \
+		--n 30 --max-new-tokens 96 --batch-size 1 --threads 1 \
 		--json benchmarks/tiny-world.json --markdown benchmarks/tiny-world.md --plots benchmarks/plots/tiny-world
 
 clean:
