@@ -40,7 +40,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from lightning_mtp import zoo_index
+import lightning_mtp.zoo_index as zoo_index
 from lightning_mtp.card import model_card
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import fetch, is_hub_id

@@ -33,7 +33,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import PreTrainedModel
 
-from lightning_mtp import convert, hub, zoo
+import lightning_mtp.convert as convert
+import lightning_mtp.hub as hub
+import lightning_mtp.zoo as zoo
 from lightning_mtp.artifacts import MTP_CONFIG, atomic_write_text, read_mtp_config
 from lightning_mtp.backbone import eos_ids, load_backbone
 from lightning_mtp.cli import CommandParser

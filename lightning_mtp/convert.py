@@ -34,7 +34,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from lightning_mtp import artifacts
+import lightning_mtp.artifacts as artifacts
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.io import atomic_dir
 from lightning_mtp.module import MTPModule

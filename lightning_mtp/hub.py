@@ -25,7 +25,7 @@ from typing import Any
 
 from huggingface_hub import CommitInfo
 
-from lightning_mtp import upload
+import lightning_mtp.upload as upload
 from lightning_mtp.card import model_card
 from lightning_mtp.commands import CommandParser
 from lightning_mtp.hub_transport import (

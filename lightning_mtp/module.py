@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 import lightning_mtp.methods  # noqa: F401  (registers the built-in methods)
-from lightning_mtp import upload
+import lightning_mtp.upload as upload
 from lightning_mtp.artifacts import load_artifact, save_artifact
 from lightning_mtp.backbone import BackboneParts, backbone_parts, load_backbone, pad_token_id
 from lightning_mtp.callbacks import ExactResume

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_mtp import zoo_index
+import lightning_mtp.zoo_index as zoo_index
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import fetch, is_hub_id
 

@@ -45,7 +45,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from lightning_mtp import artifacts
+import lightning_mtp.artifacts as artifacts
 from lightning_mtp.commands import CommandParser
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub import push_to_hub
