@@ -485,6 +485,7 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
 
 def token_agreement(outputs: list[list[int]], references: list[list[int]]) -> float:
     """The fraction of the reference's tokens that the output has at the same position (1.0: identical)."""
+    # an output may be shorter or longer than its reference: positions past the shorter one never match
     same = sum(sum(a == b for a, b in zip(o, r, strict=False)) for o, r in zip(outputs, references, strict=True))
     return same / max(1, sum(len(r) for r in references))
 
