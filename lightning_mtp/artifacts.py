@@ -360,10 +360,12 @@ def load_native_mtp(
     name_or_path: str | None = None,
     **module_kwargs: Any,
 ) -> Any:
-    """A ``cls`` (MTPModule) whose backbone and FastMTP head come from a native-MTP checkpoint directory.
+    """A ``cls`` (MTPModule) whose backbone and heads come from a native-MTP checkpoint directory.
 
-    ``method``: a fast_mtp config (mapping or name; default: the layout's, e.g. one draft step for MiMo).
-    ``mtp_layer``: which native MTP layer becomes the shared head when the checkpoint holds several.
+    ``method``: a fast_mtp config (one shared head; default: the layout's, e.g. one draft step for MiMo; the fields
+    it leaves out that the layout sets, such as MiMo's ``recurse_on_normed``, are the layout's, so the head still
+    runs as the engines run it) or an mtp_d config (one head per native layer, in order; its ``num_heads`` is the number of layers).
+    ``mtp_layer``: which native MTP layer becomes the shared fast_mtp head when the checkpoint holds several.
     ``name_or_path``: how saved artefacts refer to this base (e.g. its Hub id); default: the directory.
     """
     directory = Path(directory)
@@ -371,35 +373,75 @@ def load_native_mtp(
     if layout is None:
         raise UserInputError(f"{directory} is not a model with a native MTP layer (layouts: {sorted(NATIVE_LAYOUTS)})")
     lay = NATIVE_LAYOUTS[layout]
-    config = resolve_method(method if method is not None else dict(lay.default_method))
-    if config is None or config.name != "fast_mtp":
-        raise UserInputError(f"a native {layout} MTP layer converts to the 'fast_mtp' method, got "
-                             f"{None if config is None else config.name!r}")
-    if getattr(config, "draft_vocab_size", None) is not None:
-        raise UserInputError("fast_mtp draft_vocab_size (vocabulary compression) needs the token subset of training; "
-                             "convert with draft_vocab_size=None")
     layers = read_native_mtp_tensors(directory, layout)
-    if not layers:
-        raise UserInputError(f"{directory} declares a native MTP layer but its weights hold no '{lay.prefix}*' tensors")
-    if mtp_layer is None:
-        if len(layers) > 1:
-            raise UserInputError(f"{directory} holds {len(layers)} native MTP layers {sorted(layers)}; fast_mtp uses one "
-                                 "shared head: choose it with mtp_layer=")
-        mtp_layer = next(iter(layers))
-    if mtp_layer not in layers:
-        raise UserInputError(f"mtp_layer {mtp_layer} not in {directory}; it holds layers {sorted(layers)}")
+    config = _native_method(lay, method, len(layers))
     model, tokenizer = load_native_backbone(directory, dtype=dtype)
+    if lay.head_layer_at_offset:  # the head's decoder layer has the shape of the native one (MoE past first_k_dense)
+        config.head_layer = model.config.num_hidden_layers
     module = cls(model, method=config, **module_kwargs)
     module.tokenizer = tokenizer
     module.backbone_ref = name_or_path or str(directory)
-    state = from_native(layers[mtp_layer], layout)
+    chosen = _chosen_layers(directory, layers, config, mtp_layer)
     own = module.method.state_dict()
+    fused = any(k.endswith("experts.gate_up_proj") for k in own)
+    state = {}
+    for into, index in chosen:
+        _check_backbone_copies(lay, layers[index], module.parts, directory)
+        tensors = {k: v for k, v in layers[index].items() if k not in dict(lay.shared)}
+        state.update(from_native(tensors, layout, into=into, fuse_experts=fused))
     missing = sorted(set(own) - set(state))
     if missing:
-        raise UserInputError(f"the native {layout} MTP layer {mtp_layer} of {directory} lacks tensors for {missing}")
+        raise UserInputError(f"the native {layout} MTP layers {[i for _, i in chosen]} of {directory} lack tensors for "
+                             f"{missing}")
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise UserInputError(f"native tensor for {key} has shape {tuple(value.shape)}, our head expects "
                                  f"{tuple(own[key].shape)}")
     module.method.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return module.eval()
+
+
+def _native_method(lay, method: str | dict | None, num_layers: int):
+    """The method config a native checkpoint converts to: fast_mtp (the layout's default) or mtp_d (one head a layer)."""
+    if num_layers == 0:
+        raise UserInputError(f"the checkpoint declares a native {lay.name} MTP layer but its weights hold none")
+    if isinstance(method, str) and method == "mtp_d" or isinstance(method, dict) and method.get("name") == "mtp_d":
+        base = {"name": "mtp_d"} if isinstance(method, str) else dict(method)
+        config = resolve_method({**base, "num_heads": num_layers})
+    elif isinstance(method, dict) and method.get("name") == lay.default_method["name"]:
+        config = resolve_method({**lay.default_method, **method})  # what the engines run, unless overridden
+    else:
+        config = resolve_method(method if method is not None else dict(lay.default_method))
+    if config is None or config.name not in ("fast_mtp", "mtp_d"):
+        raise UserInputError(f"native {lay.name} MTP layers convert to the 'fast_mtp' or 'mtp_d' method, got "
+                             f"{None if config is None else config.name!r}")
+    if getattr(config, "draft_vocab_size", None) is not None:
+        raise UserInputError("fast_mtp draft_vocab_size (vocabulary compression) needs the token subset of training; "
+                             "convert with draft_vocab_size=None")
+    return config
+
+
+def _chosen_layers(directory: Path, layers: dict, config, mtp_layer: int | None) -> list[tuple[str, int]]:
+    """``[(head key prefix, native layer index)]``: every layer in order for mtp_d, the one shared head for fast_mtp."""
+    if config.name == "mtp_d":
+        if sorted(layers) != list(range(len(layers))):
+            raise UserInputError(f"{directory} holds native MTP layers {sorted(layers)}; mtp_d needs layers 0..K-1")
+        return [(f"heads.{k}.", k) for k in range(len(layers))]
+    if mtp_layer is None:
+        if len(layers) > 1:
+            raise UserInputError(f"{directory} holds {len(layers)} native MTP layers {sorted(layers)}; fast_mtp uses one "
+                                 "shared head: choose it with mtp_layer=, or load them all as method='mtp_d'")
+        mtp_layer = next(iter(layers))
+    if mtp_layer not in layers:
+        raise UserInputError(f"mtp_layer {mtp_layer} not in {directory}; it holds layers {sorted(layers)}")
+    return [("block.", mtp_layer)]
+
+
+def _check_backbone_copies(lay, tensors: dict[str, torch.Tensor], parts, directory: Path) -> None:
+    """A layout whose MTP layers store their own embedding / output head (DeepSeek-V3): ours share the backbone's,
+    so the copies must equal it."""
+    for key, what in lay.shared:
+        if key in tensors and not torch.equal(tensors[key].to(getattr(parts, what).weight.dtype),
+                                              getattr(parts, what).weight.detach()):
+            raise UserInputError(f"{directory}: the native MTP layer's {key} differs from the backbone's {what}; our heads "
+                                 "share the backbone's embedding and output head, so this layer cannot be converted")

@@ -197,6 +197,35 @@ def head_layer_index(parts: BackboneParts) -> int:
                          f"head from (its cache layers are {found}); use a method without heads, e.g. mask_token")
 
 
+def build_head_norm(parts: BackboneParts, eps: float, dtype: torch.dtype) -> nn.Module:
+    """An RMSNorm of the hidden width for a head: ``nn.RMSNorm``, or the backbone's own norm class where that scales
+    by ``1 + weight`` (zero-centred weights: Qwen3-Next, Qwen3.5, Gemma). A head's norm weights then mean what the
+    backbone's mean, and a native MTP layer's norms (stored zero-centred) map onto the head unchanged."""
+    H = parts.hidden_size
+    cls = type(parts.final_norm) if parts.final_norm is not None else None
+    if cls is not None and _zero_centred(cls, H, eps):
+        return cls(H, eps=eps).to(dtype)
+    return nn.RMSNorm(H, eps=eps, dtype=dtype)
+
+
+@torch.no_grad()
+def _zero_centred(cls: type, width: int, eps: float) -> bool:
+    """Whether ``cls(width, eps=eps)`` is an RMSNorm whose weight starts at zero and still scales by one."""
+    try:
+        norm = cls(width, eps=eps)
+    except TypeError:  # a norm built from a config or other arguments: not one we can build for a head
+        return False
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (width,) or bool(weight.any()):
+        return False
+    x = torch.randn(2, width, generator=torch.Generator().manual_seed(0))
+    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (2, width) what a unit-scale RMSNorm gives
+    try:
+        return torch.allclose(norm(x).float(), rms, atol=1e-4)
+    except (TypeError, RuntimeError):
+        return False
+
+
 def layer_type(parts: BackboneParts, index: int) -> str | None:
     """The config's name for decoder layer ``index`` (``"full_attention"``, ``"sliding_attention"``, ...), if it has
     ``layer_types``."""
@@ -204,18 +233,24 @@ def layer_type(parts: BackboneParts, index: int) -> str | None:
     return types[index] if isinstance(types, (list, tuple)) and index < len(types) else None
 
 
-def build_decoder_layer(parts: BackboneParts) -> tuple[nn.Module, str | None]:
+def build_decoder_layer(parts: BackboneParts, index: int | None = None) -> tuple[nn.Module, str | None]:
     """A fresh decoder layer (random init) of the backbone's own class for its attention layer
     (:func:`head_layer_index`), built from the config, and its layer type (for the rotary embedding).
 
-    The layer is built at its index in the backbone (hybrid models pick the mixer by index) and its mixers are then
-    renumbered 0, because a head keeps a cache of its own with one layer. Raises ``ValueError`` naming the reason
-    where the layer cannot serve as a head.
+    The layer is built at its index in the backbone (hybrid models pick the mixer by index), or at ``index``
+    when given: models whose layers differ by index (DeepSeek-V3: dense below ``first_k_dense_replace``, MoE
+    above) build the layer a native MTP layer at that index has. Its mixers are then renumbered 0, because a
+    head keeps a cache of its own with one layer. Raises ``ValueError`` naming the reason where the layer
+    cannot serve as a head.
     """
-    index = head_layer_index(parts)
-    cls = type(parts.layers[index])
-    _refuse_unusable_class(cls, parts.layers[index])
-    kind = layer_type(parts, index)
+    attention = head_layer_index(parts)
+    index = attention if index is None else index
+    if index < len(parts.layers) and layer_type(parts, index) not in (None, layer_type(parts, attention)):
+        raise UserInputError(f"head_layer {index} is a {layer_type(parts, index)!r} layer; a draft head needs an attention "
+                             f"layer such as layer {attention} ({layer_type(parts, attention)!r})")
+    cls = type(parts.layers[attention])
+    _refuse_unusable_class(cls, parts.layers[attention])
+    kind = layer_type(parts, index) or layer_type(parts, attention)
     layer = _construct(cls, parts, index, kind)
     _check_rotary(cls, parts, kind)
     for module in layer.modules():  # the mixers index the cache; the layer itself may look its type up by index

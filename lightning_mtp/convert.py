@@ -28,10 +28,12 @@ base becomes a MiMo-layout model directory that vLLM and SGLang serve with their
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lightning_mtp.artifacts as artifacts
@@ -79,41 +81,122 @@ def load_native_mtp(directory: str | os.PathLike, **kwargs: Any) -> MTPModule:
 
 
 def export_native(module: MTPModule, directory: str | os.PathLike, layout: str = "mimo") -> Path:
-    """Write ``module`` (backbone + trained FastMTP head) as a ``layout`` model directory engines serve natively.
+    """Write ``module`` (backbone + trained heads) as a ``layout`` model directory that engines serve natively.
 
-    Needs a backbone of the layout's architecture (Qwen2 for MiMo), a fast_mtp method and no vocabulary
-    compression or LoRA. The directory also holds ``mtp_config.json``, so lightning-mtp loads it back.
+    The backbone is written by transformers (``save_pretrained``: the checkpoint layout, e.g. per-expert MoE tensors)
+    and the heads as the layout's MTP layers in a shard of their own, listed in the safetensors index: a FastMTP
+    head is one layer, MTP-D's K heads are K layers (DeepSeek-V3 only: the one layout whose engines feed each
+    layer the previous one's un-normed output). ``mtp_config.json`` beside them lets lightning-mtp load it back.
+    Refused with one clear error, before anything is written: another method, LoRA not merged, vocabulary
+    compression, a backbone of another architecture, a head whose recursion or decoder layer differs from what
+    the engines run.
     """
     lay = native_layout(layout)
+    heads = _native_heads(module, lay)
     base = module.base_model
-    if module.method is None or module.method_config.name != "fast_mtp":
-        raise UserInputError(f"export to the {layout} layout needs a fast_mtp module, got "
-                             f"{None if module.method is None else module.method_config.name!r}")
-    if module.method.draft_ids is not None or module.lora is not None:
-        raise UserInputError(f"export to the {layout} layout supports neither vocabulary compression nor LoRA")
-    if base.config.model_type != lay.backbone_model_type:
-        raise UserInputError(f"the {layout} layout needs a {lay.backbone_model_type!r} backbone, this one is "
-                             f"{base.config.model_type!r}")
-    state = {k: v.detach().contiguous() for k, v in base.state_dict().items()}
-    if base.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    native = to_native(module.method.state_dict(), layout)
-    state.update({f"{lay.prefix}0.{k}": v.detach().contiguous() for k, v in native.items()})
-    config = base.config.to_dict()
-    config.update(model_type=layout, architectures=[lay.architecture], num_nextn_predict_layers=1)
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])  # engines that read the pre-v5 key
+    state = module.method.state_dict()
     target = Path(directory)
     with atomic_dir(target) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        base.save_pretrained(tmp)  # also its generation config
+        config = json.loads((tmp / "config.json").read_text())
+        native = {}
+        for i, head in enumerate(heads):
+            native.update({lay.key(i, k, config): v.detach().contiguous()
+                           for k, v in to_native(state, layout, head=head, model=base).items()})
+            native.update({lay.key(i, k, config): getattr(module.parts, what).weight.detach().clone()  # a copy each
+                           for k, what in lay.shared})
+        _add_shard(tmp, native)
+        config.update(model_type=lay.model_types[0], architectures=[lay.architecture], **{lay.count_field: len(heads)})
+        config.pop("auto_map", None)
+        rope = config.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            config.setdefault("rope_theta", rope["rope_theta"])  # engines that read the pre-v5 key
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if base.generation_config is not None:
-            base.generation_config.save_pretrained(tmp)
         if module.tokenizer is not None:
             module.tokenizer.save_pretrained(tmp)
-        base_model = base_model_record(module, ".", None, model_type=layout)
+        base_model = base_model_record(module, ".", None, model_type=lay.model_types[0])
         mtp = mtp_record(module, weights="native", native_layout=layout, base_model=base_model,
                          decoding={"decoding": "speculative", "num_draft_tokens": module.num_draft_tokens})
         (tmp / MTP_CONFIG).write_text(json.dumps(mtp, indent=2) + "\n")
     return target
+
+
+def _native_heads(module: MTPModule, lay: NativeLayout) -> list[str]:
+    """The head key prefixes that become native MTP layers 0..K-1, after every check that the layout carries them
+    exactly."""
+    name = None if module.method is None else module.method_config.name
+    where = f"export to the {lay.name} layout"
+    if name not in ("fast_mtp", "mtp_d"):
+        raise UserInputError(f"{where} needs a fast_mtp or mtp_d module, got {name!r}; mask_token models export as "
+                             "'parallel_draft' or 'hf'")
+    if module.lora is not None:
+        raise UserInputError(f"{where}: the module has a LoRA adapter; call module.merge_lora() (or export with "
+                             "--merge-lora) first")
+    if getattr(module.method, "draft_ids", None) is not None:
+        raise UserInputError(f"{where}: the head uses vocabulary compression (draft_vocab_size), which native MTP layers "
+                             "do not carry; train with draft_vocab_size: null")
+    model_type = module.base_model.config.model_type
+    if model_type != lay.backbone_model_type:
+        raise UserInputError(f"{where} needs a {lay.backbone_model_type!r} backbone, this one is {model_type!r}")
+    cfg = module.method_config
+    if name == "fast_mtp":
+        if cfg.num_steps > 1 and cfg.recurse_on_normed != lay.recurse_on_normed:
+            state = "final-normed output" if lay.recurse_on_normed else "output before its final norm"
+            raise UserInputError(f"{where}: its engines feed each further draft step the layer's {state}, this head was "
+                                 f"trained with recurse_on_normed={cfg.recurse_on_normed}; train with "
+                                 f"method.recurse_on_normed: {str(lay.recurse_on_normed).lower()}, or set num_steps: 1")
+        prefixes = ["block."]
+    else:
+        if lay.recurse_on_normed:
+            raise UserInputError(f"{where}: its engines feed each MTP layer the previous one's final-normed output, MTP-D "
+                                 "heads feed each other their output before the norm; export MTP-D heads to 'deepseek_v3'")
+        prefixes = [f"heads.{k}." for k in range(cfg.num_heads)]
+    if lay.max_layers is not None and len(prefixes) > lay.max_layers:
+        raise UserInputError(f"{where}: the layout holds at most {lay.max_layers} MTP layer(s), this module has "
+                             f"{len(prefixes)} heads")
+    if lay.head_layer_at_offset:
+        _check_layer_shape(module, prefixes[0], where)
+    return prefixes
+
+
+def _check_layer_shape(module: MTPModule, prefix: str, where: str) -> None:
+    """Engines build the MTP decoder layer as the backbone's next layer (DeepSeek-V3: MoE past first_k_dense_replace);
+    the head's must have the same tensors as the backbone's last layer, which is built by the same rule."""
+    last = {k: tuple(v.shape) for k, v in module.parts.layers[-1].state_dict().items()}
+    head = {k[len(prefix) + len("layer."):]: tuple(v.shape) for k, v in module.method.state_dict().items()
+            if k.startswith(prefix + "layer.")}
+    if head != last:
+        raise UserInputError(f"{where}: the head's decoder layer is not shaped like the MTP layer the engines build "
+                             f"(differing tensors: {sorted(set(head.items()) ^ set(last.items()))[:4]}); train with "
+                             f"method.head_layer: {module.base_model.config.num_hidden_layers}")
+
+
+def _add_shard(directory: Path, tensors: dict) -> None:
+    """Write ``tensors`` as one more safetensors shard of the checkpoint in ``directory`` and list it in the index
+    (creating one for a single-file checkpoint), as released native-MTP checkpoints keep their MTP layers."""
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        shard = "model-mtp.safetensors"
+    else:
+        single = directory / "model.safetensors"
+        with safe_open(str(single), framework="pt") as f:
+            keys = list(f.keys())  # noqa: SIM118
+            size = sum(_nbytes(f.get_slice(k)) for k in keys)
+        single.rename(directory / "model-00001-of-00002.safetensors")
+        index = {"metadata": {"total_size": size}, "weight_map": dict.fromkeys(keys, "model-00001-of-00002.safetensors")}
+        shard = "model-00002-of-00002.safetensors"
+    save_file(tensors, str(directory / shard), metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(tensors, shard))
+    index.setdefault("metadata", {})["total_size"] = sum(
+        t.numel() * t.element_size() for t in tensors.values()) + int(index.get("metadata", {}).get("total_size", 0))
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _nbytes(tensor_slice) -> int:
+    """Bytes of a safetensors tensor, read from its header (no data loaded)."""
+    return math.prod(tensor_slice.get_shape()) * _DTYPE_BYTES[tensor_slice.get_dtype()]

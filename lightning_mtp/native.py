@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils import logging as hf_logging
 
 from lightning_mtp.errors import UserInputError
@@ -33,18 +34,45 @@ __all__ = [
 
 @dataclass(frozen=True)
 class NativeLayout:
-    """How one family stores its MTP layer, and what its backbone is in transformers."""
+    """How one family stores its MTP layers, what its backbone is in transformers, and how engines run them."""
 
     name: str
     model_types: tuple[str, ...]  # config.json "model_type" values of this layout
     architecture: str  # config.json "architectures" entry engines look for
     backbone_model_type: str  # the transformers architecture the backbone loads as, without remote code
-    prefix: str  # checkpoint keys "{prefix}{i}.{name}" hold MTP layer i
-    renames: tuple[tuple[str, str], ...]  # (native key prefix, our FastMTPHead key prefix)
+    count_field: str  # the config.json field holding the number of MTP layers
+    key_format: str  # checkpoint key of MTP layer i's tensor "rest": format(i=..., rest=...)
+    renames: tuple[tuple[str, str], ...]  # (native key prefix, MTPBlock key prefix)
     swap_proj_halves: bool  # native projection input is cat([hidden, embedding]); ours is [embedding, hidden]
+    recurse_on_normed: bool  # engines feed draft step k+1 the layer's final-normed output (else the output itself)
     default_method: dict[str, Any]
     serving: Callable[[str, int], str]
+    index_offset_field: str | None = None  # layer i is stored at index i + config[field] (DeepSeek-V3: after the backbone)
+    shared: tuple[tuple[str, str], ...] = ()  # (native key, "embed_tokens" | "lm_head"): copies of the backbone's tensors
+    max_layers: int | None = None  # how many MTP layers the format can hold (None: any)
+    head_layer_at_offset: bool = False  # the engine builds the MTP decoder layer as backbone layer num_hidden_layers
     export_note: str = ""  # model cards of heads that export to this layout say so (see export_native)
+
+    def offset(self, config: dict) -> int:
+        return int(config.get(self.index_offset_field) or 0) if self.index_offset_field else 0
+
+    def key(self, index: int, rest: str, config: dict) -> str:
+        """The checkpoint key of MTP layer ``index``'s tensor ``rest`` (a native name such as ``eh_proj.weight``)."""
+        return self.key_format.format(i=index + self.offset(config), rest=rest)
+
+    def split(self, key: str, config: dict) -> tuple[int, str] | None:
+        """``(MTP layer index, native name)`` when ``key`` belongs to an MTP layer, else None."""
+        head, _, tail = self.key_format.partition("{i}")
+        if "{i}" not in self.key_format:  # one layer under a fixed prefix (Qwen3-Next: "mtp.")
+            prefix = self.key_format.removesuffix("{rest}")
+            return (0, key[len(prefix):]) if key.startswith(prefix) and len(key) > len(prefix) else None
+        if not key.startswith(head):
+            return None
+        index, dot, rest = key[len(head):].partition(".")
+        if not (index.isdigit() and dot and rest) or tail != ".{rest}":
+            return None
+        i = int(index) - self.offset(config)
+        return (i, rest) if i >= 0 else None
 
 
 def _mimo_serving(repo: str, k: int) -> str:
@@ -61,29 +89,84 @@ def _mimo_serving(repo: str, k: int) -> str:
     )
 
 
+def _nextn_serving(repo: str, k: int) -> str:
+    return (
+        "vLLM (native MTP layers; `mtp` maps the architecture to its MTP draft class):\n\n"
+        "```bash\n"
+        f"vllm serve {repo} --speculative-config '{{\"method\": \"mtp\", \"num_speculative_tokens\": {k}}}'\n"
+        "```\n\n"
+        "SGLang (NEXTN, its name for native MTP layers):\n\n"
+        "```bash\n"
+        f"python -m sglang.launch_server --model-path {repo} --speculative-algorithm NEXTN \\\n"
+        f"    --speculative-num-steps {k} --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}\n"
+        "```"
+    )
+
+
+_DECODER_LAYER = (
+    ("input_layernorm.", "layer.input_layernorm."),
+    ("post_attention_layernorm.", "layer.post_attention_layernorm."),
+    ("self_attn.", "layer.self_attn."),
+    ("mlp.", "layer.mlp."),
+)
+
 NATIVE_LAYOUTS: dict[str, NativeLayout] = {
+    # MiMo-7B and FastMTP's release: Qwen2 backbone, "model.mtp_layers.{i}.*", hidden state first, normed recursion
     "mimo": NativeLayout(
         name="mimo",
         model_types=("mimo",),
         architecture="MiMoForCausalLM",
         backbone_model_type="qwen2",
-        prefix="model.mtp_layers.",
-        renames=(
-            ("token_layernorm.", "block.enorm."),
-            ("hidden_layernorm.", "block.hnorm."),
-            ("input_proj.", "block.proj."),
-            ("final_layernorm.", "block.final_norm."),
-            ("input_layernorm.", "block.layer.input_layernorm."),
-            ("post_attention_layernorm.", "block.layer.post_attention_layernorm."),
-            ("self_attn.", "block.layer.self_attn."),
-            ("mlp.", "block.layer.mlp."),
-        ),
+        count_field="num_nextn_predict_layers",
+        key_format="model.mtp_layers.{i}.{rest}",
+        renames=(("token_layernorm.", "enorm."), ("hidden_layernorm.", "hnorm."), ("input_proj.", "proj."),
+                 ("final_layernorm.", "final_norm."), *_DECODER_LAYER),
         swap_proj_halves=True,
+        recurse_on_normed=True,  # vLLM's and SGLang's MiMo MTP return the final-normed state
         # MiMo's own layer was trained for one step ahead; further steps recurse on its final-normed output
         default_method={"name": "fast_mtp", "num_steps": 1, "recurse_on_normed": True},
         serving=_mimo_serving,
         export_note="This FastMTP head sits on a Qwen2-architecture base, so it can be exported to the MiMo native "
                     "MTP layout, which both engines serve",
+    ),
+    # DeepSeek-V3 / R1: MTP layer i is "model.layers.{num_hidden_layers + i}.*" with its own copies of the embedding
+    # and output head; embedding first; the un-normed output feeds the next step
+    "deepseek_v3": NativeLayout(
+        name="deepseek_v3",
+        model_types=("deepseek_v3",),
+        architecture="DeepseekV3ForCausalLM",
+        backbone_model_type="deepseek_v3",
+        count_field="num_nextn_predict_layers",
+        key_format="model.layers.{i}.{rest}",
+        index_offset_field="num_hidden_layers",
+        renames=(("enorm.", "enorm."), ("hnorm.", "hnorm."), ("eh_proj.", "proj."),
+                 ("shared_head.norm.", "final_norm."), *_DECODER_LAYER),
+        shared=(("embed_tokens.weight", "embed_tokens"), ("shared_head.head.weight", "lm_head")),
+        swap_proj_halves=False,
+        recurse_on_normed=False,  # vLLM's DeepSeekMTP hands the next step the layer output before shared_head.norm
+        head_layer_at_offset=True,  # vLLM builds it as layer num_hidden_layers: MoE when past first_k_dense_replace
+        default_method={"name": "fast_mtp", "num_steps": 1},
+        serving=_nextn_serving,
+        export_note="This head sits on a DeepSeek-V3-architecture base, so it can be exported to DeepSeek-V3's "
+                    "native MTP layout (one layer per head), which both engines serve",
+    ),
+    # Qwen3-Next: one MTP layer under "mtp.", embedding first, zero-centred norms, normed recursion
+    "qwen3_next": NativeLayout(
+        name="qwen3_next",
+        model_types=("qwen3_next",),
+        architecture="Qwen3NextForCausalLM",
+        backbone_model_type="qwen3_next",
+        count_field="mtp_num_hidden_layers",
+        key_format="mtp.{rest}",
+        renames=(("fc.", "proj."), ("pre_fc_norm_embedding.", "enorm."), ("pre_fc_norm_hidden.", "hnorm."),
+                 ("norm.", "final_norm."), ("layers.0.", "layer.")),
+        swap_proj_halves=False,
+        recurse_on_normed=True,  # vLLM's Qwen3NextMTP returns the state after its final norm
+        max_layers=1,
+        default_method={"name": "fast_mtp", "num_steps": 1, "recurse_on_normed": True},
+        serving=_nextn_serving,
+        export_note="This FastMTP head sits on a Qwen3-Next base, so it can be exported to Qwen3-Next's native MTP "
+                    "layout, which both engines serve",
     ),
 }
 
@@ -103,14 +186,33 @@ def _read_config(directory: Path) -> dict:
 
 
 def detect_native_layout(directory: str | os.PathLike | None) -> str | None:
-    """The layout name when ``directory`` is a model with a native MTP layer we can convert, else None."""
+    """The layout name when ``directory`` is a model with a native MTP layer we can convert, else None.
+
+    The config must declare MTP layers and the weights hold them: a plain DeepSeek-V3 or Qwen3-Next model saved by
+    transformers (whose config may carry the count) is no native-MTP checkpoint.
+    """
     if directory is None:
         return None
     config = _read_config(Path(directory))
     for layout in NATIVE_LAYOUTS.values():
-        if config.get("model_type") in layout.model_types and int(config.get("num_nextn_predict_layers") or 0) > 0:
-            return layout.name
+        if config.get("model_type") in layout.model_types and int(config.get(layout.count_field) or 0) > 0:
+            return layout.name if _holds_mtp_keys(Path(directory), layout, config) else None
     return None
+
+
+def _holds_mtp_keys(directory: Path, layout: NativeLayout, config: dict) -> bool:
+    try:
+        files = _safetensors_files(directory)
+    except UserInputError:
+        return False
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                if any(layout.split(key, config) is not None for key in f.keys()):  # noqa: SIM118
+                    return True
+        except Exception:  # noqa: BLE001 an unreadable file is reported when the weights are read
+            return True
+    return False
 
 
 def serving_snippet(layout: str, repo: str, num_draft_tokens: int) -> str:
@@ -127,30 +229,59 @@ def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight[:, H:], weight[:, :H]], dim=1).contiguous()  # (H, 2H)
 
 
-def from_native(tensors: dict[str, torch.Tensor], layout: str = "mimo") -> dict[str, torch.Tensor]:
-    """One native MTP layer's tensors (keys without the ``{prefix}{i}.`` part) -> a FastMTPHead state dict."""
+def _fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert MoE weights as checkpoints store them (``experts.{e}.gate_proj.weight`` (I, H), ``up_proj`` (I, H),
+    ``down_proj`` (H, I)) -> the fused tensors transformers' modules hold (``experts.gate_up_proj`` (E, 2I, H),
+    ``experts.down_proj`` (E, H, I)); :func:`to_native` reverses it with transformers' own conversion."""
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for key, value in state.items():
+        head, sep, tail = key.partition("experts.")
+        index, _, name = tail.partition(".")
+        if sep and index.isdigit() and name in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+            groups.setdefault(head + sep, {}).setdefault(int(index), {})[name] = value
+        else:
+            out[key] = value
+    for prefix, experts in groups.items():
+        order = [experts[e] for e in sorted(experts)]
+        out[prefix + "gate_up_proj"] = torch.stack([torch.cat([e["gate_proj.weight"], e["up_proj.weight"]]) for e in order])
+        out[prefix + "down_proj"] = torch.stack([e["down_proj.weight"] for e in order])
+    return out
+
+
+def from_native(tensors: dict[str, torch.Tensor], layout: str = "mimo", into: str = "block.",
+                fuse_experts: bool = False) -> dict[str, torch.Tensor]:
+    """One native MTP layer's tensors (keys without the layer prefix, the backbone copies left out) -> an
+    :class:`MTPBlock` state dict under ``into`` (``"block."`` for FastMTP, ``"heads.{k}."`` for MTP-D).
+    ``fuse_experts``: the head's decoder layer holds its MoE experts fused, as transformers' modules do."""
     lay = native_layout(layout)
     out = {}
     for key, value in tensors.items():
         rename = next(((src, dst) for src, dst in lay.renames if key.startswith(src)), None)
         if rename is None:
-            raise UserInputError(f"native {layout} MTP key {key!r} has no place in our FastMTP head "
+            raise UserInputError(f"native {layout} MTP key {key!r} has no place in our MTP head "
                                  f"(known prefixes: {[src for src, _ in lay.renames]})")
         ours = rename[1] + key[len(rename[0]):]
-        out[ours] = _swap_halves(value) if lay.swap_proj_halves and ours == "block.proj.weight" else value
-    return out
+        out[into + ours] = _swap_halves(value) if lay.swap_proj_halves and ours == "proj.weight" else value
+    return _fuse_experts(out) if fuse_experts else out
 
 
-def to_native(state: dict[str, torch.Tensor], layout: str = "mimo") -> dict[str, torch.Tensor]:
-    """A FastMTPHead state dict -> one native MTP layer's tensors (keys without the ``{prefix}{i}.`` part)."""
+def to_native(state: dict[str, torch.Tensor], layout: str = "mimo", head: str = "block.",
+              model: PreTrainedModel | None = None) -> dict[str, torch.Tensor]:
+    """One :class:`MTPBlock`'s tensors (the keys under ``head`` in ``state``) -> a native MTP layer's (keys without the
+    layer prefix). ``model``: the backbone, whose transformers conversion mapping un-fuses MoE experts."""
     lay = native_layout(layout)
+    block = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
+    if model is not None:  # checkpoint names for the decoder layer's weights (per-expert MoE tensors)
+        layer = revert_weight_conversion(model, {k: v for k, v in block.items() if k.startswith("layer.")})
+        block = {**{k: v for k, v in block.items() if not k.startswith("layer.")}, **layer}
     out = {}
-    for key, value in state.items():
+    for key, value in block.items():
         rename = next(((src, dst) for src, dst in lay.renames if key.startswith(dst)), None)
         if rename is None:
-            raise UserInputError(f"FastMTP head key {key!r} has no place in the native {layout} MTP layer")
+            raise UserInputError(f"MTP head key {key!r} has no place in the native {layout} MTP layer")
         native = rename[0] + key[len(rename[1]):]
-        out[native] = _swap_halves(value) if lay.swap_proj_halves and key == "block.proj.weight" else value
+        out[native] = _swap_halves(value) if lay.swap_proj_halves and key == "proj.weight" else value
     return out
 
 
@@ -169,20 +300,20 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 
 def read_native_mtp_tensors(directory: str | os.PathLike, layout: str = "mimo") -> dict[int, dict[str, torch.Tensor]]:
-    """``{layer index: {key without prefix: tensor}}`` for every native MTP layer in the checkpoint's safetensors."""
+    """``{layer index: {native name: tensor}}`` for every native MTP layer in the checkpoint's safetensors (the
+    layout's copies of the backbone's embedding and output head included)."""
     lay = native_layout(layout)
+    config = _read_config(Path(directory))
     layers: dict[int, dict[str, torch.Tensor]] = {}
     for file in _safetensors_files(Path(directory)):
         try:
             with safe_open(str(file), framework="pt") as f:
-                found = {key: f.get_tensor(key) for key in f.keys() if key.startswith(lay.prefix)}  # noqa: SIM118
+                found = {key: f.get_tensor(key) for key in f.keys() if lay.split(key, config) is not None}  # noqa: SIM118
         except Exception as err:  # safetensors raises its own error types for missing or corrupt files
             raise UserInputError(f"cannot read {file}: {err}") from None
         for key, tensor in found.items():
-            index, _, rest = key[len(lay.prefix):].partition(".")
-            if not index.isdigit() or not rest:
-                raise UserInputError(f"{file}: key {key!r} is not '{lay.prefix}<index>.<name>'")
-            layers.setdefault(int(index), {})[rest] = tensor
+            index, rest = lay.split(key, config)
+            layers.setdefault(index, {})[rest] = tensor
     return layers
 
 
@@ -214,7 +345,7 @@ def load_native_backbone(directory: str | os.PathLike, *, dtype: str | torch.dty
         raise UserInputError(f"backbone of {directory} could not be loaded: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(lay.prefix)]
+    unexpected = [k for k in info.get("unexpected_keys", []) if lay.split(k, raw) is None]
     missing = [k for k in info.get("missing_keys", []) if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if unexpected or missing:
         raise UserInputError(f"{directory} does not load as {type(model).__name__}: missing keys {missing}, "

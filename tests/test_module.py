@@ -86,7 +86,7 @@ def test_save_and_load_round_trip(tmp_path):
     config = json.loads((out_dir / "mtp_config.json").read_text())
     assert config["base_model"]["name_or_path"] == "../base"  # relative, never absolute
     assert config["method"] == {"name": "fast_mtp", "num_steps": 2, "beta": 0.6, "draft_vocab_size": None,
-                                "recurse_on_normed": False}
+                                "recurse_on_normed": False, "head_layer": None}
     assert not any(p.name.endswith(".tmp") or p.name.startswith(".") for p in tmp_path.iterdir())
     loaded = MTPModule.from_pretrained(out_dir)
     for (k, a), (k2, b) in zip(module.method.state_dict().items(), loaded.method.state_dict().items(), strict=True):

@@ -116,7 +116,7 @@ def test_zoo_base_entry_is_a_backbone_name_and_loads_as_plain_model():
 def test_method_overrides_and_unknown_options():
     assert zoo.load("tiny-math-fastmtp", num_steps=2).num_draft_tokens == 2
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['num_stepz'\] for zoo entry 'tiny-math-fastmtp'; "
-                                         r"method options are \['beta', 'draft_vocab_size', 'num_steps', "):
+                                         r"method options are \['beta', 'draft_vocab_size', 'head_layer', 'num_steps', "):
         zoo.load("tiny-math-fastmtp", num_stepz=2)
 
 
@@ -408,7 +408,7 @@ def test_native_keys_without_a_home_are_named(mimo, tmp_path):
     index = json.loads((bad / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.mtp_layers.0.eh_gate.weight"] = "extra.safetensors"
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"native mimo MTP key 'eh_gate.weight' has no place in our FastMTP head"):
+    with pytest.raises(ValueError, match=r"native mimo MTP key 'eh_gate.weight' has no place in our MTP head"):
         convert.load_native_mtp(bad)
 
 
@@ -421,7 +421,7 @@ def test_missing_native_tensor_is_named(mimo, tmp_path):
     index = json.loads((bad / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.mtp_layers.0.mlp.down_proj.weight"]
     (bad / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"lacks tensors for \['block.layer.mlp.down_proj.weight'\]"):
+    with pytest.raises(ValueError, match=r"lack tensors for \['block.layer.mlp.down_proj.weight'\]"):
         convert.load_native_mtp(bad)
 
 

@@ -61,6 +61,10 @@ class FastMTP(MethodConfig):
     recurse_on_normed: bool = False
     """Feed step k+1 the head's output after its final norm (as MiMo's MTP layer and the serving engines do)
     instead of before it (as DeepSeek-V3's MTP modules do)."""
+    head_layer: int | None = None
+    """The backbone layer index whose structure the head's decoder layer takes (models whose layers differ by
+    index, e.g. DeepSeek-V3's dense and MoE layers); None: the first attention layer. Native layouts set it to
+    where their MTP layer sits (DeepSeek-V3: ``num_hidden_layers``), so the head has the native layer's shape."""
 
     @property
     def num_draft_tokens(self) -> int:
@@ -73,6 +77,9 @@ class FastMTP(MethodConfig):
             raise UserInputError(f"fast_mtp beta must be > 0, got {self.beta!r}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
             raise UserInputError(f"fast_mtp draft_vocab_size must be >= 1 or None, got {self.draft_vocab_size!r}")
+        if self.head_layer is not None and (isinstance(self.head_layer, bool) or not isinstance(self.head_layer, int)
+                                            or self.head_layer < 0):
+            raise UserInputError(f"fast_mtp head_layer must be a layer index >= 0 or None, got {self.head_layer!r}")
 
     def loss_weights(self) -> list[float]:
         raw = [self.beta**k for k in range(self.num_steps)]
@@ -90,7 +97,7 @@ class FastMTPHead(MTPMethod):
         V = parts.vocab_size
         if config.draft_vocab_size is not None and config.draft_vocab_size > V:
             raise UserInputError(f"fast_mtp draft_vocab_size {config.draft_vocab_size} exceeds the backbone's vocabulary ({V})")
-        self.block = MTPBlock(parts)
+        self.block = MTPBlock(parts, config.head_layer)
         self.needs_token_counts = config.draft_vocab_size is not None
         if config.draft_vocab_size is not None:
             # until prepare() sees the data, the subset is the first N ids

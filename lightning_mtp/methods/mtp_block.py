@@ -4,7 +4,9 @@
 decoder layer is an instance of the backbone's own decoder-layer class, built from its config, and the
 embedding and output head are the backbone's (shared, frozen). The concatenation puts the embedding
 first, as DeepSeek-V3's released MTP weights do, so its ``eh_proj`` maps onto ``proj`` as is; MiMo puts the
-hidden state first, and :mod:`lightning_mtp.convert` swaps the two halves of its projection.
+hidden state first, and :mod:`lightning_mtp.convert` swaps the two halves of its projection. The norms are
+``nn.RMSNorm``, or the backbone's own class where it is zero-centred (scales by ``1 + weight``, as Qwen3-Next's),
+so native MTP layers' norm weights map onto them unchanged.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_mtp.backbone import BackboneParts, build_decoder_layer, call_decoder_layer
+from lightning_mtp.backbone import BackboneParts, build_decoder_layer, build_head_norm, call_decoder_layer
 from lightning_mtp.errors import UserInputError
 
 __all__ = ["MTPBlock"]
 
 
 class MTPBlock(nn.Module):
-    def __init__(self, parts: BackboneParts) -> None:
+    def __init__(self, parts: BackboneParts, layer_index: int | None = None) -> None:
         super().__init__()
         H = parts.hidden_size
         E = parts.embed_tokens.weight.shape[1]
@@ -28,12 +30,12 @@ class MTPBlock(nn.Module):
                                  "embeddings); heads cannot be built on it, use a method without heads, e.g. mask_token")
         eps = float(getattr(parts.config, "rms_norm_eps", None) or getattr(parts.config, "layer_norm_epsilon", 1e-6))
         dtype = parts.lm_head.weight.dtype
-        self.enorm = nn.RMSNorm(H, eps=eps, dtype=dtype)
-        self.hnorm = nn.RMSNorm(H, eps=eps, dtype=dtype)
+        self.enorm = build_head_norm(parts, eps, dtype)
+        self.hnorm = build_head_norm(parts, eps, dtype)
         self.proj = nn.Linear(2 * H, H, bias=False, dtype=dtype)
-        layer, self.layer_type = build_decoder_layer(parts)
+        layer, self.layer_type = build_decoder_layer(parts, layer_index)
         self.layer = layer.to(dtype)
-        self.final_norm = nn.RMSNorm(H, eps=eps, dtype=dtype)
+        self.final_norm = build_head_norm(parts, eps, dtype)
 
     def forward(
         self,

@@ -96,6 +96,10 @@ class MTPD(MethodConfig):
     init_from_sha256: str | None = None
     """Set when ``init_from`` is read: the SHA-256 of its weights file. Loading an artefact that shares frozen
     heads with a zoo entry refuses an entry whose weights changed since."""
+    head_layer: int | None = None
+    """The backbone layer index whose structure the head's decoder layer takes (models whose layers differ by
+    index, e.g. DeepSeek-V3's dense and MoE layers); None: the first attention layer. Native layouts set it to
+    where their MTP layer sits (DeepSeek-V3: ``num_hidden_layers``), so the head has the native layer's shape."""
 
     @property
     def num_draft_tokens(self) -> int:
@@ -116,6 +120,9 @@ class MTPD(MethodConfig):
             raise UserInputError(f"mtp_d kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
         if not isinstance(self.frozen_heads, int) or not 0 <= self.frozen_heads < self.num_heads:
             raise UserInputError(f"mtp_d frozen_heads must be in [0, num_heads={self.num_heads}), got {self.frozen_heads!r}")
+        if self.head_layer is not None and (isinstance(self.head_layer, bool) or not isinstance(self.head_layer, int)
+                                            or self.head_layer < 0):
+            raise UserInputError(f"mtp_d head_layer must be a layer index >= 0 or None, got {self.head_layer!r}")
 
     def per_head(self, name: str) -> list[float]:
         """``alpha`` or ``beta`` as one weight per head."""
@@ -170,7 +177,7 @@ class MTPDHeads(MTPMethod):
             raise UserInputError(f"mtp_d top_n {config.top_n} exceeds the backbone's vocabulary ({V}); use at most {V}, "
                                  "or None for min(10000, vocabulary)")
         self.top_n = config.top_n if config.top_n is not None else min(PAPER_TOP_N, V)
-        self.heads = nn.ModuleList([MTPBlock(parts) for _ in range(config.num_heads)])  # K separate modules
+        self.heads = nn.ModuleList([MTPBlock(parts, config.head_layer) for _ in range(config.num_heads)])  # K separate modules
         for head in self.heads[: config.frozen_heads]:
             head.requires_grad_(False)
 
