@@ -404,8 +404,9 @@ def _load_draft(draft_model: str, base: MTPModule) -> PreTrainedModel:
 
 def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool, draft_model: str | None,
                    prompt_lookup_tokens: int, counter: _CountForwards, sweep: bool = False,
-                   base: MTPModule | None = None) -> list[Decoder]:
-    """Every entry: the baselines and peers on ``base`` (the untouched base model), then each module's own."""
+                   base: MTPModule | None = None, constant_schedule: bool = False) -> list[Decoder]:
+    """Every entry: the baselines and peers on ``base`` (the untouched base model), then each module's own;
+    ``constant_schedule`` adds each method's default decoding with a constant chain (``{name}/constant``)."""
     base = base if base is not None else _untouched(modules)
     backbone = base.backbone
     eos, pad = eos_ids(backbone), pad_token_id(backbone)
@@ -426,6 +427,8 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
             continue
         for name, options in module.method.bench_entries(sweep=sweep):
             method_entries.append((name, i, module, options))
+            if constant_schedule and options == {"decoding": "speculative"}:  # the default, with a constant chain
+                method_entries.append((f"{name}/constant", i, module, {**options, "draft_schedule": "constant"}))
     names = [e[0] for e in method_entries]
     for name, i, module, options in method_entries:
         label = name if names.count(name) == 1 else f"{name}[{i}]"  # two models of one method: say which
@@ -442,7 +445,8 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
 def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, max_new_tokens: int = 128,
               repeats: int = 1, warmup: int = 2, batch_size: int = 8, peers: bool | None = None,
               draft_model: str | None = None, prompt_lookup_tokens: int = 10, sweep: bool = False,
-              progress: bool = True, model_names: list[str] | None = None, base: MTPModule | None = None) -> list[dict]:
+              progress: bool = True, model_names: list[str] | None = None, base: MTPModule | None = None,
+              constant_schedule: bool = False) -> list[dict]:
     """Time every decoder on ``prompts`` in one process, interleaved; return one JSON-ready row per entry.
 
     ``modules`` are MTPModules (or a single one). ``base`` is the untouched base model they were trained on (see
@@ -450,7 +454,7 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     module whose backbone is that base (a frozen backbone without LoRA), and refuses when there is none. ``peers``
     (HF prompt lookup and assisted generation) default to on for the shipped worlds' models, whose draft model is in the
     zoo; ``batch_size`` > 1 adds batched entries. ``model_names`` (one per module, e.g. the ``--model``
-    arguments) fill each method row's ``model`` field.
+    arguments) fill each method row's ``model`` field. ``constant_schedule``: see :func:`build_decoders`.
     """
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
     base = base if base is not None else _untouched(modules)
@@ -469,7 +473,7 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     try:
         decoders = build_decoders(modules, max_new_tokens=max_new_tokens, batch_size=batch_size, peers=peers,
                                   draft_model=draft_model, prompt_lookup_tokens=prompt_lookup_tokens, counter=counter,
-                                  sweep=sweep, base=base)
+                                  sweep=sweep, base=base, constant_schedule=constant_schedule)
         _time(decoders, base, tok, prompts, batch_size, repeats, warmup, progress)
         references = _reference_outputs(modules, base, decoders, max_new_tokens, tok, prompts)
     finally:
@@ -838,6 +842,9 @@ def _parser() -> CommandParser:
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of hf_prompt_lookup")
     parser.add_argument("--sweep", action="store_true",
                         help="also run each method's speed/accuracy sweep (e.g. ConfAdapt thresholds, static draft lengths)")
+    parser.add_argument("--constant-schedule", action="store_true",
+                        help="also run each method's default decoding with a constant chain length ({name}/constant), "
+                             "beside the adaptive default")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--markdown", default=None, help="write the table to this Markdown file")
@@ -862,7 +869,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
                                 batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
                                 prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep,
-                                model_names=args.model)
+                                model_names=args.model, constant_schedule=args.constant_schedule)
         rows += [{**row, "domain": domain} for row in domain_rows]
         print_table(domain_rows, title="lightning-mtp bench" + (f": {domain}" if len(sets) > 1 else ""))
     if len(sets) > 1:

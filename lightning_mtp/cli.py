@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from transformers import TextStreamer
 
 from lightning_mtp.commands import CommandParser
+from lightning_mtp.decoding.schedule import DRAFT_SCHEDULES
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import LogProgressBar, is_terminal
@@ -154,6 +155,8 @@ def generate(argv: list[str]) -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=None, help="draft length (0 = plain NTP)")
     parser.add_argument("--draft-confidence-threshold", type=float, default=None,
                         help="end a draft chain where the most likely draft has less probability (0 to 1)")
+    parser.add_argument("--draft-schedule", choices=DRAFT_SCHEDULES, default=None,
+                        help="adaptive (default): shorter chains, down to none, while drafts miss; constant: always K")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -172,6 +175,7 @@ def generate(argv: list[str]) -> None:
         top_k=args.top_k,
         num_draft_tokens=args.num_draft_tokens,
         draft_confidence_threshold=args.draft_confidence_threshold,
+        draft_schedule=args.draft_schedule,
         streamer=streamer,
     )
     print(file=sys.stderr)

@@ -266,6 +266,7 @@ class MTPModule(L.LightningModule):
         decoding: str | None = None,
         attention_mask: torch.Tensor | None = None,
         draft_confidence_threshold: float | None = None,
+        draft_schedule: str | None = None,
         **options: Any,
     ):
         """Decode ``input_ids`` (B, n); returns ``GenerateOutput(sequences, stats)`` like HF generate.
@@ -282,12 +283,16 @@ class MTPModule(L.LightningModule):
         has less than ``draft_confidence_threshold`` probability (default 0: never), which lets a long
         ``num_draft_tokens`` pay where the method is sure and cost little where it is not. Methods may offer
         modes of their own (see ``self.method.decodings``), which take their own ``options``.
+        ``draft_schedule``: ``"adaptive"`` (the default) shortens chains, down to none, while drafts miss, so a
+        method whose drafts do not fit the prompt costs about what plain decoding costs; ``"constant"`` drafts
+        ``num_draft_tokens`` every step (see :mod:`lightning_mtp.decoding.schedule`).
         """
         check_generate_inputs(self.backbone, input_ids, max_new_tokens)
         defaults = dict(self.decoding_defaults)
         default_mode = defaults.pop("decoding", "speculative")
         default_k = defaults.pop("num_draft_tokens", None)
         default_threshold = defaults.pop("draft_confidence_threshold", 0.0)
+        default_schedule = defaults.pop("draft_schedule", "adaptive")
         if decoding is None:
             decoding, options = default_mode, {**(defaults if default_mode != "speculative" else {}), **options}
         if num_draft_tokens is None:
@@ -296,6 +301,10 @@ class MTPModule(L.LightningModule):
             raise UserInputError(f"draft_confidence_threshold applies to speculative decoding, not {decoding!r}")
         if draft_confidence_threshold is None:
             draft_confidence_threshold = default_threshold
+        if draft_schedule is not None and decoding != "speculative":
+            raise UserInputError(f"draft_schedule applies to speculative decoding, not {decoding!r}")
+        if draft_schedule is None:
+            draft_schedule = default_schedule
         offered = ("speculative",) if self.method is None else self.method.decodings
         if decoding not in offered:
             raise UserInputError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
@@ -323,6 +332,7 @@ class MTPModule(L.LightningModule):
                     streamer=streamer,
                     attention_mask=mask,
                     draft_confidence_threshold=draft_confidence_threshold,
+                    draft_schedule=draft_schedule,
                     **sampling,
                 )
 

@@ -208,6 +208,16 @@ def test_a_prompt_file_of_chats_is_rendered_with_the_chat_template(chat_model, t
     assert all(r["identical_to_ntp"] == 1.0 for r in rows)
 
 
+def test_constant_schedule_adds_a_constant_chain_beside_each_default_decoding(chat_model, tmp_path):
+    art, _ = chat_model
+    f = tmp_path / "chats.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    rows = bench_main(["--model", str(art), "--prompts", str(f), "--max-new-tokens", "6", "--batch-size", "1",
+                       "--constant-schedule"])
+    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp", "fast_mtp/constant", "fast_mtp/k64@0.4"]
+    assert all(r["identical_to_ntp"] == 1.0 for r in rows)
+
+
 def test_chats_with_a_tokenizer_without_a_chat_template_are_one_clear_error(models, tmp_path):
     f = tmp_path / "chats.jsonl"
     f.write_text("".join(json.dumps(c) + "\n" for c in CHATS))

@@ -26,6 +26,12 @@ Drafter hooks (see :class:`~lightning_mtp.methods.base.Drafter`):
   and hidden states go to ``Drafter.draft`` as ``appended``, with ``complete`` marking the rows that accepted
   every draft they verified (only there do the appended tokens sit right after the committed sequence). This
   lets a model draft for the next step in the very forward that verifies this one.
+
+Chain length: ``draft_schedule`` (:mod:`~lightning_mtp.decoding.schedule`) sets how many drafts each step asks for,
+at most ``num_draft_tokens``: ``constant`` always that many, ``adaptive`` fewer, down to none, while drafts miss.
+A step without drafts is a plain step; the positions it commits reach the drafter with the next positions it is
+asked to draft after, so a drafter's own cache still sees every committed position once. Its forward carries the
+ride-along tokens only when the drafter drafts after it.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from lightning_mtp.backbone import (
 )
 from lightning_mtp.decoding.drafter import AppendedOutputs, Drafter
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
+from lightning_mtp.decoding.schedule import DraftSchedule
 from lightning_mtp.errors import UserInputError
 
 __all__ = [
@@ -241,6 +248,7 @@ def speculative_generate(
     parts: BackboneParts | None = None,
     attention_mask: torch.Tensor | None = None,
     draft_confidence_threshold: float = 0.0,
+    draft_schedule: str = "constant",
 ) -> GenerateOutput:
     """Decode ``input_ids`` (B, n) with drafts from ``drafter`` verified by ``model``; see the module docstring.
 
@@ -248,7 +256,9 @@ def speculative_generate(
     ``num_draft_tokens`` is the longest chain a step verifies; a drafter that drafts one token at a time ends a
     chain early after EOS and before a position where its most likely token has less than
     ``draft_confidence_threshold`` probability (HF's ``assistant_confidence_threshold``); no drafter is asked for
-    more drafts than the token budget can use.
+    more drafts than the token budget can use. ``draft_schedule``: ``"constant"`` asks every step for
+    ``num_draft_tokens`` drafts, ``"adaptive"`` for fewer, down to none, while they miss (see
+    :mod:`~lightning_mtp.decoding.schedule`).
     """
     real = _check_decode_args(model, input_ids, max_new_tokens, num_draft_tokens, attention_mask, streamer,
                               draft_confidence_threshold)
@@ -258,6 +268,7 @@ def speculative_generate(
         warnings.warn(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, so "
                       "drafts cannot be verified in one forward: decoding without drafts", stacklevel=2)
         K = 0
+    schedule = DraftSchedule(draft_schedule, K)  # refuses an unknown name, before any forward
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     if K > 0 and parts is None:
         parts = backbone_parts(model.get_base_model() if hasattr(model, "get_base_model") else model)
@@ -265,7 +276,7 @@ def speculative_generate(
         drafter.min_confidence = float(draft_confidence_threshold)  # where chains end (see DraftChain)
     t_start = time.perf_counter()
     with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
-        decoder = _Decoder(model, drafter, K, max_new_tokens, probs_fn, generator, streamer, grab)
+        decoder = _Decoder(model, drafter, schedule, max_new_tokens, probs_fn, generator, streamer, grab)
         generated, stats = decoder.run(input_ids, real)
     stats.total_seconds = time.perf_counter() - t_start
     longest = max(len(g) for g in generated)
@@ -431,22 +442,25 @@ class _Decoder:
     position of each row's next token (both None while every row sees every slot, as always at batch size 1);
     ``rows`` the original index of each active row, ``token`` (b,) its last emitted token, ``drafts`` (b, w) and
     ``draft_probs`` what the drafter proposed after it. Tokens a drafter asks to ride along (``append``, A of them)
-    go at the end of every forward and are cropped right after it; what the backbone made of them reaches the
-    drafter as ``appended``.
+    go at the end of every forward that feeds the drafter (``A_step`` of them in this step's) and are cropped right
+    after it; what the backbone made of them reaches the drafter as ``appended``. ``held`` keeps the positions
+    committed by steps the schedule left without drafts, for the drafter's next call.
     """
 
-    def __init__(self, model, drafter, K, max_new_tokens, probs_fn, generator, streamer, grab) -> None:
-        self.model, self.drafter, self.K = model, drafter, K
+    def __init__(self, model, drafter, schedule: DraftSchedule, max_new_tokens, probs_fn, generator, streamer,
+                 grab) -> None:
+        self.model, self.drafter, self.schedule, self.K = model, drafter, schedule, schedule.longest
         self.max_new_tokens, self.probs_fn, self.generator = max_new_tokens, probs_fn, generator
         self.streamer, self.grab = streamer, grab
         self.eos = eos_ids(model)
-        self.stats = DecodeStats(reached=[0] * K, accepted=[0] * K)
+        self.stats = DecodeStats(reached=[0] * self.K, accepted=[0] * self.K)
 
     def draft_length(self, generated: list[list[int]], rows: torch.Tensor, done: list[bool]) -> int:
-        """Drafts the next step can use: K, or fewer where the largest token budget left among the rows that go on
-        is smaller (a step keeps one token of its budget for the verifier's own); 0 when no row goes on."""
+        """Drafts the next step can use: the schedule's length, or fewer where the largest token budget left among
+        the rows that go on is smaller (a step keeps one token of its budget for the verifier's own); 0 when no
+        row goes on."""
         left = [self.max_new_tokens - len(generated[r]) for r, d in zip(rows.tolist(), done, strict=True) if not d]
-        return min(self.K, max(left, default=0) - 1)
+        return min(self.schedule.length, max(left, default=0) - 1)
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:  # (b, V) -> (b,)
         if self.probs_fn is None:
@@ -476,6 +490,7 @@ class _Decoder:
         self.pos = real.sum(1) if real is not None else None  # (b,) position id of the next token to feed
         append = self.drafter.appended_tokens(self.K) if self.K > 0 else None  # (A,) tokens riding along, or None
         self.A = 0 if append is None else append.numel()
+        self.held: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # positions not yet drafted on
         self.append = None if append is None else append.to(device=device, dtype=input_ids.dtype)
         t0 = time.perf_counter()
         recurrent = self.K > 0 and is_recurrent(model)
@@ -541,6 +556,8 @@ class _Decoder:
             if self.drafts is not None:
                 self.drafts = self.drafts[idx]
                 self.draft_probs = self.draft_probs[idx] if self.draft_probs is not None else None
+            if self.held is not None:
+                self.held = tuple(t[idx] if t is not None else None for t in self.held)
         return keep
 
     def step(self, keep: list[int]) -> None:
@@ -548,17 +565,19 @@ class _Decoder:
         remaining = [self.max_new_tokens - len(self.generated[r]) for r in self.rows.tolist()]
         budget, seen_drafts = self._budgets(remaining)
         k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
+        self.A_step = self.A if k > 0 or self.schedule.feeds_drafter_next else 0
         t0 = time.perf_counter()
         step_ids, logits, hidden, appended = self._verify(k, seen_drafts)
         accepted, nxt = self._accept(logits, k, budget)
         drafts_list = self.drafts[:, :k].tolist() if k > 0 else [[] for _ in budget]
         self._count(accepted, budget)
+        self.schedule.update(budget, accepted)
         kept = self._commit(step_ids, accepted, k)
         self.stats.verify_seconds += time.perf_counter() - t0
         self._emit(keep, drafts_list, accepted, nxt, remaining)
         self.token = nxt
         k_next = self.draft_length(self.generated, self.rows, self.done)
-        if k_next <= 0:
+        if k_next <= 0 and self.K == 0:
             self.drafts = self.draft_probs = None
             return
         # next_ids[:, j] is the token after the position of hidden[:, j]: the kept drafts, then nxt
@@ -568,11 +587,27 @@ class _Decoder:
             m = torch.tensor(accepted, device=self.device)[:, None]  # (b, 1)
             next_ids = next_ids.scatter(1, m, nxt[:, None])
             cols = torch.arange(1 + kept, device=self.device) <= m
+        hidden, next_ids, cols = self._with_held(hidden[:, : kept + 1], next_ids, cols)
+        if k_next <= 0:  # a plain step next: the drafter sees these positions at its next call
+            self.held, self.drafts, self.draft_probs = (hidden, next_ids, cols), None, None
+            return
         complete = None  # ride-along outputs follow a row's last verified slot: usable where all were accepted
         if appended is not None:
             verified = torch.tensor(seen_drafts if seen_drafts is not None else [k] * len(accepted), device=self.device)
             complete = torch.tensor(accepted, device=self.device) == verified
-        self.draft(hidden[:, : kept + 1], next_ids, k_next, cols, appended, complete)
+        self.draft(hidden, next_ids, k_next, cols, appended, complete)
+
+    def _with_held(self, hidden: torch.Tensor, next_ids: torch.Tensor, cols: torch.Tensor | None):
+        """This step's committed positions after the ones held since the drafter's last call:
+        ``(hidden (b, m, H), next_ids (b, m), cols (b, m) or None)``."""
+        if self.held is None:
+            return hidden, next_ids, cols
+        held_hidden, held_ids, held_cols = self.held
+        self.held = None
+        if held_cols is not None or cols is not None:
+            held_cols = held_cols if held_cols is not None else held_ids.new_ones(held_ids.shape, dtype=torch.bool)
+            cols = torch.cat([held_cols, cols if cols is not None else next_ids.new_ones(next_ids.shape, dtype=torch.bool)], 1)
+        return torch.cat([held_hidden, hidden], dim=1), torch.cat([held_ids, next_ids], dim=1), cols
 
     def _budgets(self, remaining: list[int]) -> tuple[list[int], list[int] | None]:
         """Each row's usable drafts this step, and how many draft slots each row sees when some row drafted
@@ -591,7 +626,7 @@ class _Decoder:
 
     def _verify(self, k: int, seen_drafts: list[int] | None):
         """One forward over [token, d_1 .. d_k, ride-along] for every row: ``(step_ids, logits, hidden, appended)``."""
-        A, device = self.A, self.device
+        A, device = self.A_step, self.device
         b = len(self.token)
         step_ids = self.token[:, None] if k == 0 else torch.cat([self.token[:, None], self.drafts[:, :k]], dim=1)
         if A:
@@ -647,7 +682,7 @@ class _Decoder:
     def _commit(self, step_ids: torch.Tensor, accepted: list[int], k: int) -> int:
         """Drop the ride-along slots and those no row kept (in one crop: a sliding-window layer trims itself to its
         window at every crop); mask the ones only some rows kept. Returns the most drafts any row kept."""
-        cache, device, A = self.cache, self.device, self.A
+        cache, device, A = self.cache, self.device, self.A_step
         b, kept = len(accepted), max(accepted)
         if (kept < k or A) and self.states is not None and self.states.active:  # b == 1: such backbones go row by row
             self.states.restore()
