@@ -2,8 +2,8 @@
 
 ``constant`` always drafts the chain length asked for. ``adaptive`` (the default of ``MTPModule.generate``) follows
 how the drafts fare, as HF assisted generation's ``heuristic`` schedule and EAGLE-2's confidence-guided drafting
-do, and may stop drafting altogether: where a step keeps every draft the chain grows by one (up to the length asked
-for); where it keeps none it shrinks by one, down to no drafts at all. With no drafts a step costs what a plain
+do, and may stop drafting altogether: where a step keeps every draft the chain doubles (up to the length asked
+for); where it keeps none it becomes one shorter than the chain just drafted, down to no drafts at all. With no drafts a step costs what a plain
 step costs, so a drafter whose drafts miss cannot make decoding slower than NTP by more than its probes: after
 ``wait`` plain steps one draft is tried again; a probe that misses doubles ``wait`` (up to ``MAX_WAIT``), one that
 lands resets it. The rule reads only acceptance, never timings, so a given prompt always decodes with the same
@@ -46,14 +46,16 @@ class DraftSchedule:
         if not verified:  # the token budget left no room for drafts: nothing learnt
             return
         if all(a == 0 for _, a in verified):
-            self.length -= 1
+            # one shorter than the longest chain drafted: a drafter that ends its own chains (at EOS, or by a
+            # confidence threshold under a long num_draft_tokens) shrinks from where it really was
+            self.length = min(self.length, max(d for d, _ in verified)) - 1
             if self.length == 0:  # a pause starts; a probe that missed makes it longer
                 self.wait = min(MAX_WAIT, 2 * self.wait) if self.probing else 1
                 self.idle = 0
         else:
             self.wait = 1
-            if all(a == d for d, a in verified):
-                self.length = min(self.longest, self.length + 1)
+            if all(a == d for d, a in verified):  # doubling: a long chain grows back fast after a miss
+                self.length = min(self.longest, 2 * max(self.length, 1))
         self.probing = False
 
     @property
