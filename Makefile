@@ -64,9 +64,13 @@ bench: install
 	$(BIN)/lightning-mtp bench --model tiny-math-fastmtp --model tiny-math-mtpd --model tiny-math-mtpd-loop8 \
 		--model tiny-math-mask-token --n 50 --repeats 3 --threads 1 \
 		--json benchmarks/tiny-math.json --markdown benchmarks/tiny-math.md --plots benchmarks/plots
-	$(BIN)/lightning-mtp bench --model tiny-world-fastmtp --prompts tiny-world,benchmarks/prompts/tiny-world-off.jsonl \
-		--n 30 --max-new-tokens 96 --batch-size 1 --threads 1 \
+	$(BIN)/lightning-mtp bench --model tiny-world-fastmtp --model tiny-world-mtpd \
+		--prompts tiny-world,benchmarks/prompts/tiny-world-off.jsonl --n 20 --max-new-tokens 96 --batch-size 1 \
+		--threads 1 --constant-schedule \
 		--json benchmarks/tiny-world.json --markdown benchmarks/tiny-world.md --plots benchmarks/plots/tiny-world
+	$(BIN)/lightning-mtp bench --model tiny-math-fastmtp --model tiny-math-mtpd --model tiny-math-mask-token \
+		--prompts benchmarks/prompts/tiny-math-off.jsonl,tiny-math --n 24 --max-new-tokens 64 --batch-size 1 \
+		--threads 1 --constant-schedule --no-peers --json benchmarks/tiny-math-off.json --markdown benchmarks/tiny-math-off.md
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -62,6 +62,7 @@ from lightning_mtp.record import (
     base_revision,
     mtp_record,
     read_mtp_config,
+    weights_kind,
 )
 from lightning_mtp.resolve import is_zoo_name, locate_artifact, resolve_base_reference
 from lightning_mtp.zoo_index import HUB_KWARGS, ZooEntry
@@ -138,8 +139,7 @@ def save_artifact(
         defaults = {"decoding": "speculative", "num_draft_tokens": module.num_draft_tokens}
         defaults.update(getattr(module, "decoding_defaults", None) or {})
         defaults.update(decoding or {})
-        weights = "full" if full else ("method+adapter" if module.lora is not None else "method")
-        config = mtp_record(module, weights=weights, base_model=base_model_record(module, base_ref, revision),
+        config = mtp_record(module, weights=weights_kind(module, full), base_model=base_model_record(module, base_ref, revision),
                             decoding=defaults, metrics=metrics)
         (tmp / MTP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         if card:

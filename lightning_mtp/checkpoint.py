@@ -34,7 +34,14 @@ from typing import Any
 import torch
 
 from lightning_mtp.errors import UserInputError
-from lightning_mtp.record import IDENTITY_FIELDS, base_model_record, base_revision, mtp_record
+from lightning_mtp.record import (
+    IDENTITY_FIELDS,
+    LEGACY_WEIGHTS,
+    base_model_record,
+    base_revision,
+    mtp_record,
+    weights_kind,
+)
 
 __all__ = [
     "IDENTITY_KEY",
@@ -165,19 +172,11 @@ def _reference(ref: str) -> str:
     return ref
 
 
-def _weights(module) -> str:
-    if module.trains_backbone_weights:
-        return "full"
-    if module.lora is not None:
-        return "adapter" if module.method is None else "method+adapter"
-    return "method"
-
-
 def run_identity(module) -> dict[str, Any]:
     """What a checkpoint of ``module`` must match to be loaded into another module (plain JSON-like values): the
     identity fields of its artefact record, with the base named as checkpoints name it."""
     base = base_model_record(module, _reference(module.backbone_ref), base_revision(module))
-    record = mtp_record(module, weights=_weights(module), base_model=base)
+    record = mtp_record(module, weights=weights_kind(module, module.trains_backbone_weights), base_model=base)
     return {key: record[key] for key in IDENTITY_FIELDS}
 
 
@@ -206,7 +205,7 @@ def _differences(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
         out.extend(f"method option {k}: checkpoint {sm.get(k)!r}, this module {mm.get(k)!r}" for k in keys)
     if saved.get("lora") != mine["lora"]:
         out.append(f"lora: checkpoint {saved.get('lora')!r}, this module {mine['lora']!r}")
-    if saved.get("weights") != mine["weights"]:
+    if LEGACY_WEIGHTS.get(saved.get("weights"), saved.get("weights")) != mine["weights"]:
         out.append(f"trained weights: checkpoint {saved.get('weights')!r}, this module {mine['weights']!r}")
     return out
 

@@ -42,6 +42,18 @@ IDENTITY_FIELDS = ("library_version", "base_model", "method", "lora", "weights")
 """The fields of the record a Lightning checkpoint carries as its identity (:mod:`lightning_mtp.checkpoint`)."""
 
 
+LEGACY_WEIGHTS = {"adapter": "method+adapter"}
+"""Kinds older checkpoints recorded: LoRA without a method was "adapter" in a checkpoint's identity only."""
+
+
+def weights_kind(module, full: bool) -> str:
+    """Which files hold ``module``'s trained weights (the record's ``weights``): one answer for artefacts, exports and
+    checkpoint identities. ``full``: the whole backbone is saved (it trains, or the caller asks for it)."""
+    if full:
+        return "full"
+    return "method+adapter" if module.lora is not None else "method"
+
+
 def base_model_record(module, name_or_path: str | None, revision: str | None, model_type: str | None = None) -> dict:
     """What a record says about ``module``'s base: how to find it again, and what it must match to be reused."""
     return {

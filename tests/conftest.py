@@ -77,9 +77,13 @@ def train_method(model: PreTrainedModel, method, steps: int = 40, lr: float = 3e
     from lightning_mtp import MTPModule
 
     module = MTPModule(model, method=method)
-    batch = greedy_batch(model, training_prompts(), new_tokens=24)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
     torch.manual_seed(0)
+    return train_steps(module, greedy_batch(model, training_prompts(), new_tokens=24), steps, lr)
+
+
+def train_steps(module, batch: dict, steps: int, lr: float = 3e-3):
+    """``steps`` AdamW steps of ``module`` (an MTPModule) on one ``batch``; returns it in eval mode."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
     module.train()
     for i in range(steps):
         loss = module.training_step(batch, i)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EOS
+from conftest import EOS, train_steps
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -169,15 +169,7 @@ def _train(module: MTPModule, steps: int = 15) -> MTPModule:
     seqs = [module.backbone.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16)[0] for p in PROMPTS]
     T = min(len(s) for s in seqs)
     ids = torch.stack([s[:T] for s in seqs])
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
-    module.train()
-    for i in range(steps):
-        loss = module.training_step(batch, i)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return module.eval()
+    return train_steps(module, {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}, steps)
 
 
 def _greedy(module: MTPModule) -> list[torch.Tensor]:

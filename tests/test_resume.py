@@ -7,6 +7,7 @@ plus optimizer/scheduler state, and refuse to load into a module of another base
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from fit_job import CrashAt, SimulatedCrash, fit, tiny_math_data, trained_state
 from helpers import REPO, save_tiny_math_shaped_model
 
 from lightning_mtp import METHODS, MTPModule
-from lightning_mtp.checkpoint import IDENTITY_KEY, checkpoint_tensors_bytes
+from lightning_mtp.checkpoint import IDENTITY_KEY, check_identity, checkpoint_tensors_bytes, run_identity
 
 # 16 steps per epoch; checkpoints every 5 steps; the crash at step 23 loses 3 steps after the checkpoint at step 20
 # (in the middle of epoch 1), a validation (every 7 steps) ran at step 21 in between, and the resumed fit crosses
@@ -203,3 +204,13 @@ def test_load_from_checkpoint_rebuilds_the_frozen_backbone_from_its_reference(ba
     ckpt = torch.load(fast_mtp_ckpt, weights_only=True)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ckpt["state_dict"].items())
     assert all(torch.equal(a, b) for a, b in zip(loaded.backbone.parameters(), fresh.backbone.parameters(), strict=True))
+
+
+def test_checkpoint_identity_names_the_weights_as_the_artefact_does_and_reads_the_legacy_adapter_kind(base, tmp_path):
+    module = MTPModule(base, lora={"r": 4, "target_modules": ["q_proj"]})  # LoRA without a method
+    identity = run_identity(module)
+    saved = json.loads((module.save_pretrained(tmp_path / "art") / "mtp_config.json").read_text())
+    assert identity["weights"] == saved["weights"] == "method+adapter"
+    check_identity(module, {IDENTITY_KEY: {**identity, "weights": "adapter"}})  # written before the two agreed
+    with pytest.raises(ValueError, match=r"trained weights: checkpoint 'full', this module 'method\+adapter'"):
+        check_identity(module, {IDENTITY_KEY: {**identity, "weights": "full"}})
