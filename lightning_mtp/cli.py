@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("lightning_mtp.bench:main", "compare decoders: lightning-mtp bench --model zoo/tiny-math-fastmtp --n 50"),
     "distill": ("lightning_mtp.data.distill:main", "self-distil training data: lightning-mtp distill --model M --data D --out DIR"),
     "zoo": ("lightning_mtp.zoo:main", "the model zoo: lightning-mtp zoo list | lightning-mtp zoo info NAME"),
+    "export": ("lightning_mtp.convert:main", "serve it in vLLM / SGLang: lightning-mtp export RUN_OR_ARTEFACT --format mimo --out DIR"),
     "push": ("lightning_mtp.hub:main", "upload to the Hub in one commit: lightning-mtp push CKPT_OR_DIR --repo-id NAMESPACE/NAME"),
 }
 

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lightning_mtp.artifacts as artifacts
+from lightning_mtp.commands import CommandParser
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.io import atomic_dir
 from lightning_mtp.module import MTPModule
@@ -54,13 +55,16 @@ from lightning_mtp.native import (
 from lightning_mtp.record import MTP_CONFIG, base_model_record, mtp_record
 
 __all__ = [
+    "EXPORT_FORMATS",
     "NATIVE_LAYOUTS",
     "NativeLayout",
     "detect_native_layout",
+    "export",
     "export_native",
     "from_native",
     "load_native_backbone",
     "load_native_mtp",
+    "main",
     "read_native_mtp_tensors",
     "serving_snippet",
     "to_native",
@@ -78,6 +82,36 @@ def load_native_mtp(directory: str | os.PathLike, **kwargs: Any) -> MTPModule:
 
 
 # ------------------------------------------------------------------------------------------ export
+
+EXPORT_FORMATS = tuple(NATIVE_LAYOUTS)
+"""What :func:`export` writes: the native MTP layouts (a base with its MTP layers, as the engines serve them)."""
+
+
+def export(module: MTPModule, fmt: str, directory: str | os.PathLike) -> Path:
+    """Write ``module`` in the serving format ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``directory``; returns it.
+    A head that does not map exactly onto the format is refused with the mismatch named (see :func:`export_native`)."""
+    if fmt not in EXPORT_FORMATS:
+        raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
+    return export_native(module, directory, layout=fmt)
+
+
+def _load_source(source: str) -> MTPModule:
+    """A run's Lightning checkpoint (``.ckpt``), or what :meth:`MTPModule.from_pretrained` loads (an artefact
+    directory such as a run's export dir, a zoo name, a Hub id)."""
+    if Path(source).is_file() and Path(source).suffix == ".ckpt":
+        return MTPModule.load_from_checkpoint(source, map_location="cpu", weights_only=True)
+    return MTPModule.from_pretrained(source)
+
+
+def main(argv: list[str]) -> None:
+    """``lightning-mtp export RUN_OR_ARTEFACT --format FORMAT --out DIR``: write a trained model as engines serve it."""
+    parser = CommandParser(prog="lightning-mtp export", description=main.__doc__.splitlines()[0])
+    parser.add_argument("source", help="an artefact directory, zoo name or Hub id, or a run's Lightning .ckpt")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the serving format to write")
+    parser.add_argument("--out", required=True, help="the directory to write (replaced whole, never half-written)")
+    args = parser.parse_args(argv)
+    module = _load_source(args.source).merge_lora()  # engines load plain weights: a LoRA backbone is folded in
+    print(export(module, args.format, args.out))
 
 
 def export_native(module: MTPModule, directory: str | os.PathLike, layout: str = "mimo") -> Path:

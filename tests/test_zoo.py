@@ -400,6 +400,26 @@ def test_export_native_round_trips_and_gets_serving_flags(mimo, tmp_path):
     assert "vllm serve me/mimo-tiny --speculative-config" in card and "--speculative-num-steps 3" in card
 
 
+def test_export_command_writes_a_trained_artefact_in_a_serving_format(mimo, tmp_path, capsys):
+    main = cli.main
+    path, _, _ = mimo
+    art = convert.load_native_mtp(path, method={"name": "fast_mtp", "num_steps": 2}).save_pretrained(tmp_path / "art")
+    main(["export", str(art), "--format", "mimo", "--out", str(tmp_path / "served")])
+    out = Path(capsys.readouterr().out.strip())
+    assert out == tmp_path / "served"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MiMoForCausalLM"] and config["num_nextn_predict_layers"] == 1
+    back, trained = MTPModule.from_pretrained(out), MTPModule.from_pretrained(art)
+    for k, v in trained.method.state_dict().items():
+        assert torch.equal(v, back.method.state_dict()[k]), k
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(art), "--format", "eagle9", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "invalid choice: 'eagle9'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match=r"unknown export format 'eagle9'; choose one of \['mimo', 'deepseek_v3', 'qwen3_next'\]"):
+        convert.export(trained, "eagle9", tmp_path / "x")
+
+
 def test_native_keys_without_a_home_are_named(mimo, tmp_path):
     path, _, _ = mimo
     bad = tmp_path / "bad"
