@@ -71,6 +71,18 @@ def test_unknown_schedule_is_refused():
         MTPModule(model, method="fast_mtp").generate(PROMPT, max_new_tokens=4, draft_schedule="fast")
 
 
+def test_the_schedule_comes_from_the_decoding_defaults_of_an_artefact():
+    module = MTPModule(make_backbone("llama"), method="fast_mtp")
+    module.decoding_defaults = {"draft_schedule": "constant"}
+    by_default = module.generate(PROMPT, max_new_tokens=NEW).stats
+    constant = module.generate(PROMPT, max_new_tokens=NEW, draft_schedule="constant").stats
+    adaptive = module.generate(PROMPT, max_new_tokens=NEW, draft_schedule="adaptive").stats
+    assert by_default.draft_steps == constant.draft_steps > adaptive.draft_steps  # random heads: drafts miss
+    module.decoding_defaults = {"draft_schedule": "often"}
+    with pytest.raises(UserInputError, match="unknown draft_schedule 'often'"):
+        module.generate(PROMPT, max_new_tokens=4)
+
+
 class FlakyOracle(OracleDrafter):
     """The backbone's greedy continuation from its ``good_after``-th call on, wrong drafts before; checks that the
     positions it is handed continue the sequence exactly (none lost or repeated while the schedule paused)."""
