@@ -3,8 +3,8 @@
 ``constant`` always drafts the chain length asked for. ``adaptive`` (the default of ``MTPModule.generate``) follows
 how the drafts fare, as HF assisted generation's ``heuristic`` schedule and EAGLE-2's confidence-guided drafting
 do, and may stop drafting altogether: where a step keeps every draft the chain doubles (up to the length asked
-for); where it keeps none it becomes one shorter than the chain just drafted, down to no drafts at all. With no drafts a step costs what a plain
-step costs, so a drafter whose drafts miss cannot make decoding slower than NTP by more than its probes: after
+for); where it keeps none it becomes one shorter than the chain just drafted, down to no drafts at all. With no
+drafts a step costs what a plain step costs, so a drafter whose drafts miss cannot make decoding slower than NTP by more than its probes: after
 ``wait`` plain steps one draft is tried again; a probe that misses doubles ``wait`` (up to ``MAX_WAIT``), one that
 lands resets it. The rule reads only acceptance, never timings, so a given prompt always decodes with the same
 schedule, and it never changes which tokens are emitted: greedy output stays the backbone's own.

@@ -442,9 +442,9 @@ class _Decoder:
     position of each row's next token (both None while every row sees every slot, as always at batch size 1);
     ``rows`` the original index of each active row, ``token`` (b,) its last emitted token, ``drafts`` (b, w) and
     ``draft_probs`` what the drafter proposed after it. Tokens a drafter asks to ride along (``append``, A of them)
-    go at the end of every forward that feeds the drafter (``A_step`` of them in this step's) and are cropped right
-    after it; what the backbone made of them reaches the drafter as ``appended``. ``held`` keeps the positions
-    committed by steps the schedule left without drafts, for the drafter's next call.
+    go at the end of every forward that feeds the drafter and are cropped right after it; what the backbone made of
+    them reaches the drafter as ``appended``. ``held`` keeps the positions committed by steps the schedule left
+    without drafts, for the drafter's next call.
     """
 
     def __init__(self, model, drafter, schedule: DraftSchedule, max_new_tokens, probs_fn, generator, streamer,
@@ -490,7 +490,7 @@ class _Decoder:
         self.pos = real.sum(1) if real is not None else None  # (b,) position id of the next token to feed
         append = self.drafter.appended_tokens(self.K) if self.K > 0 else None  # (A,) tokens riding along, or None
         self.A = 0 if append is None else append.numel()
-        self.held: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # positions not yet drafted on
+        self.held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # (hidden, next_ids, cols) per plain step
         self.append = None if append is None else append.to(device=device, dtype=input_ids.dtype)
         t0 = time.perf_counter()
         recurrent = self.K > 0 and is_recurrent(model)
@@ -556,8 +556,7 @@ class _Decoder:
             if self.drafts is not None:
                 self.drafts = self.drafts[idx]
                 self.draft_probs = self.draft_probs[idx] if self.draft_probs is not None else None
-            if self.held is not None:
-                self.held = tuple(t[idx] if t is not None else None for t in self.held)
+            self.held = [tuple(t[idx] if t is not None else None for t in held) for held in self.held]
         return keep
 
     def step(self, keep: list[int]) -> None:
@@ -565,14 +564,14 @@ class _Decoder:
         remaining = [self.max_new_tokens - len(self.generated[r]) for r in self.rows.tolist()]
         budget, seen_drafts = self._budgets(remaining)
         k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
-        self.A_step = self.A if k > 0 or self.schedule.feeds_drafter_next else 0
+        A = self.A if k > 0 or self.schedule.feeds_drafter_next else 0  # ride-along tokens only before a draft
         t0 = time.perf_counter()
-        step_ids, logits, hidden, appended = self._verify(k, seen_drafts)
+        step_ids, logits, hidden, appended = self._verify(k, A, seen_drafts)
         accepted, nxt = self._accept(logits, k, budget)
         drafts_list = self.drafts[:, :k].tolist() if k > 0 else [[] for _ in budget]
         self._count(accepted, budget)
         self.schedule.update(budget, accepted)
-        kept = self._commit(step_ids, accepted, k)
+        kept = self._commit(step_ids, accepted, k, A)
         self.stats.verify_seconds += time.perf_counter() - t0
         self._emit(keep, drafts_list, accepted, nxt, remaining)
         self.token = nxt
@@ -587,10 +586,11 @@ class _Decoder:
             m = torch.tensor(accepted, device=self.device)[:, None]  # (b, 1)
             next_ids = next_ids.scatter(1, m, nxt[:, None])
             cols = torch.arange(1 + kept, device=self.device) <= m
-        hidden, next_ids, cols = self._with_held(hidden[:, : kept + 1], next_ids, cols)
         if k_next <= 0:  # a plain step next: the drafter sees these positions at its next call
-            self.held, self.drafts, self.draft_probs = (hidden, next_ids, cols), None, None
+            self.held.append((hidden[:, : kept + 1], next_ids, cols))
+            self.drafts = self.draft_probs = None
             return
+        hidden, next_ids, cols = self._with_held(hidden[:, : kept + 1], next_ids, cols)
         complete = None  # ride-along outputs follow a row's last verified slot: usable where all were accepted
         if appended is not None:
             verified = torch.tensor(seen_drafts if seen_drafts is not None else [k] * len(accepted), device=self.device)
@@ -598,16 +598,14 @@ class _Decoder:
         self.draft(hidden, next_ids, k_next, cols, appended, complete)
 
     def _with_held(self, hidden: torch.Tensor, next_ids: torch.Tensor, cols: torch.Tensor | None):
-        """This step's committed positions after the ones held since the drafter's last call:
+        """This step's committed positions after the ones held since the drafter's last call, in one tensor each:
         ``(hidden (b, m, H), next_ids (b, m), cols (b, m) or None)``."""
-        if self.held is None:
+        if not self.held:
             return hidden, next_ids, cols
-        held_hidden, held_ids, held_cols = self.held
-        self.held = None
-        if held_cols is not None or cols is not None:
-            held_cols = held_cols if held_cols is not None else held_ids.new_ones(held_ids.shape, dtype=torch.bool)
-            cols = torch.cat([held_cols, cols if cols is not None else next_ids.new_ones(next_ids.shape, dtype=torch.bool)], 1)
-        return torch.cat([held_hidden, hidden], dim=1), torch.cat([held_ids, next_ids], dim=1), cols
+        parts, self.held = [*self.held, (hidden, next_ids, cols)], []
+        if any(c is not None for _, _, c in parts):  # some step had holes: every part says which columns count
+            cols = torch.cat([c if c is not None else n.new_ones(n.shape, dtype=torch.bool) for _, n, c in parts], 1)
+        return torch.cat([h for h, _, _ in parts], dim=1), torch.cat([n for _, n, _ in parts], dim=1), cols
 
     def _budgets(self, remaining: list[int]) -> tuple[list[int], list[int] | None]:
         """Each row's usable drafts this step, and how many draft slots each row sees when some row drafted
@@ -624,9 +622,10 @@ class _Decoder:
         seen_drafts = [min(n, k) for n in lengths] if lengths is not None else None
         return budget, (seen_drafts if seen_drafts is not None and min(seen_drafts) < k else None)
 
-    def _verify(self, k: int, seen_drafts: list[int] | None):
-        """One forward over [token, d_1 .. d_k, ride-along] for every row: ``(step_ids, logits, hidden, appended)``."""
-        A, device = self.A_step, self.device
+    def _verify(self, k: int, A: int, seen_drafts: list[int] | None):
+        """One forward over [token, d_1 .. d_k, A ride-along tokens] for every row: ``(step_ids, logits, hidden,
+        appended)``."""
+        device = self.device
         b = len(self.token)
         step_ids = self.token[:, None] if k == 0 else torch.cat([self.token[:, None], self.drafts[:, :k]], dim=1)
         if A:
@@ -679,10 +678,10 @@ class _Decoder:
         for accepted_i, budget_i in zip(accepted, budget, strict=True):
             self.stats.count_step(accepted_i, budget_i)
 
-    def _commit(self, step_ids: torch.Tensor, accepted: list[int], k: int) -> int:
+    def _commit(self, step_ids: torch.Tensor, accepted: list[int], k: int, A: int) -> int:
         """Drop the ride-along slots and those no row kept (in one crop: a sliding-window layer trims itself to its
         window at every crop); mask the ones only some rows kept. Returns the most drafts any row kept."""
-        cache, device, A = self.cache, self.device, self.A_step
+        cache, device = self.cache, self.device
         b, kept = len(accepted), max(accepted)
         if (kept < k or A) and self.states is not None and self.states.active:  # b == 1: such backbones go row by row
             self.states.restore()
