@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import fetch
+from lightning_mtp.parts import BackboneParts
 from lightning_mtp.resolve import resolve_model_path
 
 __all__ = [
@@ -105,27 +105,6 @@ def context_length(model: PreTrainedModel) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-@dataclass
-class BackboneParts:
-    """Handles into a causal LM: what draft heads share with it."""
-
-    base: nn.Module  # the decoder stack (LlamaModel, GPT2Model, ...): input_ids -> last hidden state
-    embed_tokens: nn.Embedding
-    lm_head: nn.Linear
-    layers: nn.ModuleList | None  # None where they cannot be found: only methods without heads work then
-    rotary_emb: nn.Module | None
-    config: object  # the text config the decoder layers are built from
-    final_norm: nn.Module | None = None  # its output is the final hidden state (what hidden_states[-1] holds)
-
-    @property
-    def hidden_size(self) -> int:
-        return getattr(self.config, "hidden_size", None) or self.lm_head.weight.shape[1]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.lm_head.weight.shape[0]
 
 
 def _decoder(model: PreTrainedModel) -> nn.Module:

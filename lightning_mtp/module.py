@@ -32,7 +32,7 @@ from lightning_mtp.decoding.speculative import (
     speculative_generate,
 )
 from lightning_mtp.errors import UserInputError
-from lightning_mtp.methods.base import MethodConfig, MTPMethod, resolve_method
+from lightning_mtp.methods.base import MethodConfig, MethodContext, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
 
 __all__ = ["MTPModule"]
@@ -124,8 +124,9 @@ class MTPModule(L.LightningModule):
                 p.requires_grad_(lora is not None and "lora_" in name)
         self.parts: BackboneParts = backbone_parts(self.base_model)
         self.method: MTPMethod | None = None if self.method_config is None else self.method_config.build(self.parts)
+        self.context = MethodContext(self)  # what the method sees of this module
         if self.method is not None:
-            self.method.attach(self)  # the module is the methods' MethodContext
+            self.method.attach(self.context)
         k = 0 if self.method_config is None else self.method_config.num_draft_tokens
         self.val_acceptance = AcceptanceRate(max(k, 1))
         self.decoding_defaults: dict[str, Any] = {}
@@ -142,16 +143,6 @@ class MTPModule(L.LightningModule):
         return self.backbone.get_base_model() if self.lora is not None else self.backbone
 
     @property
-    def _base_model(self) -> PreTrainedModel:  # the name code written before base_model went public uses
-        return self.base_model
-
-    # ------------------------------------------------------------------ what methods see (MethodContext)
-    @property
-    def backbone_trains(self) -> bool:
-        """Whether any backbone weight (its own, or its LoRA adapter's) has ``requires_grad``."""
-        return any(p.requires_grad for p in self.backbone.parameters())
-
-    @property
     def is_sharded(self) -> bool:
         """True when a sharding strategy (FSDP, FSDP2, DeepSpeed) trains this module: its weights may be split
         across processes, so a copy of them is not the model."""
@@ -165,10 +156,6 @@ class MTPModule(L.LightningModule):
             return False
         return any(isinstance(m, FullyShardedDataParallel) for m in self.modules()) or any(
             isinstance(p, DTensor) for p in self.parameters())
-
-    def on_load_state_dict(self, hook) -> None:
-        """Run ``hook()`` before a state dict (a checkpoint's weights) is loaded into this module."""
-        self.register_load_state_dict_pre_hook(lambda *args, **kwargs: hook())
 
     @property
     def num_draft_tokens(self) -> int:
@@ -187,7 +174,7 @@ class MTPModule(L.LightningModule):
                 valid = tgt != -100
                 self.log("val/token_accuracy", (pred[valid] == tgt[valid]).float().mean(), prog_bar=True)
         else:
-            loss, logs = self.method.training_loss(self, batch)
+            loss, logs = self.method.training_loss(self.context, batch)
             correct = logs.pop("draft_correct", None)  # (K, N) teacher-forced draft matches, if the method has them
             if stage == "val" and correct is not None:
                 self.val_acceptance.update(correct)
@@ -318,7 +305,7 @@ class MTPModule(L.LightningModule):
         sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
         try:
             if decoding != "speculative":
-                return self.method.generate(self, input_ids.to(self.device), decoding=decoding,
+                return self.method.generate(self.context, input_ids.to(self.device), decoding=decoding,
                                             max_new_tokens=max_new_tokens, streamer=streamer, **sampling, **options)
             def decode(ids: torch.Tensor, mask: torch.Tensor | None):
                 drafter = self.method.drafter(self.parts) if (self.method is not None and k > 0) else None

@@ -237,8 +237,8 @@ def test_fast_mtp_loss_on_packed_batch_equals_unpacked(tmp_path):
     assert (b_plain["labels"] != -100).sum() == (b_packed["labels"] != -100).sum()  # same tokens trained
     torch.manual_seed(0)
     with torch.no_grad():
-        loss_plain, logs_plain = module.method.training_loss(module, b_plain)
-        loss_packed, logs_packed = module.method.training_loss(module, b_packed)
+        loss_plain, logs_plain = module.method.training_loss(module.context, b_plain)
+        loss_packed, logs_packed = module.method.training_loss(module.context, b_packed)
     torch.testing.assert_close(loss_packed, loss_plain, atol=1e-5, rtol=1e-5)
     for k in (1, 2, 3):
         torch.testing.assert_close(logs_packed[f"ce_{k}"], logs_plain[f"ce_{k}"], atol=1e-5, rtol=1e-5)

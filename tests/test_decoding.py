@@ -166,6 +166,47 @@ def test_always_wrong_drafter_is_lossless_at_one_token_per_forward(arch):
         assert out.stats.backbone_forwards == out.stats.new_tokens
 
 
+def trusted_reference(model, prompt: list[int], k: int, max_new: int) -> list[int]:
+    """What trusting OracleDrafter(wrong=True) must emit, from full forwards: the backbone's token, then the k
+    drafts as drafted (each one id off the greedy continuation), again and again, cut at EOS and the budget."""
+    seq, out = list(prompt), []
+
+    def greedy_next(tokens):
+        return int(model(torch.tensor([tokens])).logits[0, -1].argmax())
+
+    with torch.no_grad():
+        while True:
+            out.append(greedy_next(seq + out))
+            if out[-1] == EOS or len(out) == max_new:
+                return out
+            cont = []
+            for _ in range(k):
+                cont.append(greedy_next(seq + out + cont))
+            for t in cont:
+                out.append((t + 1) % VOCAB)
+                if out[-1] == EOS or len(out) == max_new:
+                    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_trusted_drafts_are_kept_unverified(arch):
+    """``trust_drafts`` (ConfAdapt's mode) keeps every draft, even ones the backbone would never pick."""
+    model = make_backbone(arch)
+    for prompt in PROMPTS[:4]:
+        ids = torch.tensor([prompt])
+        drafter = OracleDrafter(model, ids, wrong=True)
+        out = speculative_generate(model, ids, drafter=drafter, num_draft_tokens=3, max_new_tokens=MAX_NEW,
+                                   trust_drafts=True)
+        expected = trusted_reference(model, prompt, 3, MAX_NEW)
+        assert out.sequences[0, len(prompt):].tolist() == expected
+        assert expected != hf_greedy(model, ids, MAX_NEW)[0, len(prompt):].tolist()  # the wrong drafts are in it
+        assert out.stats.accepted == out.stats.reached == [out.stats.draft_steps] * 3  # every draft kept
+        # tokens come in blocks [own token, d, d, d], one forward each: every forward drafts after it, except the
+        # last when its own token ended the sequence
+        ended_on_own_token = len(expected) % 4 == 1
+        assert out.stats.backbone_forwards == out.stats.draft_steps + ended_on_own_token
+
+
 # ---------------------------------------------------------------- where a chain ends: EOS, confidence, budget
 
 

@@ -132,7 +132,7 @@ def test_training_step_logs_agreement_and_trains_the_backbone(ntp_weight):
     assert module.trains_backbone_weights  # full fine-tuning by default, as the paper
     batch = greedy_batch(model, training_prompts(4), 10)
     module.train()
-    loss, logs = module.method.training_loss(module, batch)
+    loss, logs = module.method.training_loss(module.context, batch)
     loss.backward()
     assert all(p.grad is not None for p in module.backbone.parameters() if p.requires_grad)
     assert 2 <= float(logs["k"]) <= 5 and 0 <= float(logs["agreement"]) <= 1
@@ -140,7 +140,7 @@ def test_training_step_logs_agreement_and_trains_the_backbone(ntp_weight):
     if ntp_weight:
         assert float(logs["ntp_agreement"]) == 1.0  # before any step the student is the teacher
     module.eval()
-    _, logs = module.method.training_loss(module, batch)
+    _, logs = module.method.training_loss(module.context, batch)
     assert logs["draft_correct"].shape[0] == 3 and logs["draft_correct"].dtype == torch.bool  # (K, N)
     assert {f"agree_{j}" for j in range(5)} <= set(logs)
 
@@ -150,9 +150,9 @@ def test_self_distillation_raises_teacher_agreement(loss):
     model = make_backbone("qwen3")
     before = MTPModule(copy.deepcopy(model), method={"name": "mask_token", "k_max": 4}).eval()
     batch = greedy_batch(model, training_prompts(), 24)
-    _, logs_before = before.method.training_loss(before, batch)
+    _, logs_before = before.method.training_loss(before.context, batch)
     after = train_mask_token(model, steps=30, loss=loss, entropy_weight=0.01 if loss == "soft" else 0.0)
-    _, logs_after = after.method.training_loss(after, batch)
+    _, logs_after = after.method.training_loss(after.context, batch)
     assert float(logs_after["agree_1"]) > float(logs_before["agree_1"]) + 0.2
 
 
@@ -186,7 +186,7 @@ def test_teacher_read_again_from_the_reference_is_the_initial_model(tmp_path):
     with torch.no_grad():
         for p in module.backbone.parameters():
             p.add_(torch.randn_like(p))  # the student moved on
-    teacher = module.method.load_teacher(module)
+    teacher = module.method.load_teacher(module.context)
     assert teacher.get_input_embeddings().weight.shape[0] == module.parts.vocab_size  # the <MTP> row is there
     ids = torch.tensor([[5, 17, 40, 33, 21, 8]])
     with torch.no_grad():  # the new row's mean initialisation is random: compare the base vocabulary
@@ -194,13 +194,13 @@ def test_teacher_read_again_from_the_reference_is_the_initial_model(tmp_path):
     nameless = MTPModule(make_backbone("llama"), method="mask_token")
     nameless.backbone_ref = ""
     with pytest.raises(ValueError, match="cannot be read again"):
-        nameless.method.load_teacher(nameless)
+        nameless.method.load_teacher(nameless.context)
 
 
 def test_lora_teacher_is_the_base_model_with_the_adapter_disabled():
     model = make_backbone("llama")
     module = MTPModule(model, method={"name": "mask_token", "k_max": 4}, lora=LORA)
-    reference = copy.deepcopy(module._base_model)  # before training: the adapter changes nothing yet
+    reference = copy.deepcopy(module.base_model)  # before training: the adapter changes nothing yet
     mask_id = module.method_config.mask_token_id
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in trainable) and any("trainable_tokens" in n for n in trainable)
@@ -214,7 +214,7 @@ def test_lora_teacher_is_the_base_model_with_the_adapter_disabled():
     mask = additive_mask(torch.ones(1, 6, 6, dtype=torch.bool).tril(), torch.float32)
     pos = torch.arange(6)[None]
     with torch.no_grad():
-        teacher = module.method.teacher_logits(module, ids, mask, pos, first=0)
+        teacher = module.method.teacher_logits(module.context, ids, mask, pos, first=0)
         student = module.backbone(ids).logits
         base_logits = reference(ids).logits
     assert torch.equal(teacher, base_logits)

@@ -15,6 +15,7 @@ from conftest import EOS, make_backbone, train_method, training_prompts
 from helpers import save_tiny_math_shaped_model
 
 from lightning_mtp import METHODS, MTPModule
+from lightning_mtp.methods.base import MethodContext
 
 MAX_NEW = 20
 PROMPTS = [[5], [8, 60, 48], [7, 11, 13, 17, 19, 23], list(range(20, 31))]
@@ -77,3 +78,23 @@ def test_save_and_load_round_trip(name, tmp_path):
     assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
     ids = module.tokenizer("Question: Tom has 3 apples.", return_tensors="pt")["input_ids"]
     assert torch.equal(module.generate(ids, max_new_tokens=10).sequences, loaded.generate(ids, max_new_tokens=10).sequences)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_method_sees_a_narrow_context_not_the_module(name, monkeypatch):
+    module = MTPModule(make_backbone("llama"), method={"name": name})
+    seen = []
+    original = module.method.training_loss
+
+    def spy(context, batch):
+        seen.append(context)
+        return original(context, batch)
+
+    monkeypatch.setattr(module.method, "training_loss", spy)
+    ids = torch.randint(3, 60, (2, 16), generator=torch.Generator().manual_seed(0))
+    module.training_step({"input_ids": ids, "labels": ids.clone()}, 0)
+    (context,) = seen
+    assert isinstance(context, MethodContext) and not isinstance(context, MTPModule)
+    assert context.backbone is module.backbone and context.parts is module.parts
+    module.eval()
+    assert context.training is False  # live: it follows the module's mode

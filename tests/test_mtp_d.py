@@ -110,8 +110,8 @@ def test_beta_zero_is_plain_multi_head_mtp():
     distilled = MTPModule(model, method={"name": "mtp_d", "beta": 1.0})
     distilled.method.load_state_dict(plain.method.state_dict())
     plain.train(), distilled.train()
-    loss_plain, logs_plain = plain.method.training_loss(plain, batch)
-    loss_kd, logs_kd = distilled.method.training_loss(distilled, batch)
+    loss_plain, logs_plain = plain.method.training_loss(plain.context, batch)
+    loss_kd, logs_kd = distilled.method.training_loss(distilled.context, batch)
     assert not any(key.startswith("kl_") for key in logs_plain)
     ce = sum(logs_plain[f"ce_{k}"] for k in range(1, 5))
     torch.testing.assert_close(loss_plain, ce)
@@ -123,12 +123,12 @@ def test_joint_training_trains_the_backbone_and_tracks_the_main_head():
     module = MTPModule(model, method="mtp_d", freeze_backbone=False)
     batch = greedy_batch(model, training_prompts(4), 8)
     module.train()
-    loss, logs = module.method.training_loss(module, batch)
+    loss, logs = module.method.training_loss(module.context, batch)
     assert "ntp_loss" in logs  # the backbone's own CE joins the loss
     loss.backward()
     assert all(p.grad is not None for p in module.backbone.parameters() if p.requires_grad)
     module.eval()
-    _, logs = module.method.training_loss(module, batch)
+    _, logs = module.method.training_loss(module.context, batch)
     assert {"main_ce", "main_acc"} <= set(logs)
 
 

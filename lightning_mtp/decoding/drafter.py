@@ -21,6 +21,8 @@ class AppendedOutputs(NamedTuple):
     logits: torch.Tensor  # (B, a, V) the backbone's logits at the appended positions
     hidden: torch.Tensor | None  # (B, a, H) their final hidden states (None when the decoder has none)
     complete: torch.Tensor  # (B,) bool: the row committed every position before the appended tokens
+    before: torch.Tensor | None = None  # (B, V) the backbone's logits at the slot the appended tokens follow (where
+    # ``complete``, the distribution the decoder's own next token came from)
 
 
 class Drafter:
@@ -44,6 +46,8 @@ class Drafter:
     They cost no extra forward: their cache entries are dropped right after it, and what the backbone made
     of them reaches :meth:`draft` as ``appended``. Those outputs continue the committed sequence only in rows
     whose every verified draft was accepted (``appended.complete``); other rows must draft without them.
+    :attr:`appended_at_prefill` says whether the prefill's forward carries them too (then the first draft can read
+    them); without, the first draft comes after the first step's forward.
 
     Where a chain ends: the decoder sets :attr:`stop_ids` (the backbone's EOS ids) and :attr:`min_confidence`
     (``draft_confidence_threshold``) before the first call; a drafter that drafts one token at a time builds its
@@ -54,6 +58,8 @@ class Drafter:
     """(E,) token ids after which a chain ends: nothing after an EOS can be emitted, so drafting on is wasted."""
     min_confidence: float = 0.0
     """A chain ends before a position whose most likely draft has less probability than this (0: never)."""
+    appended_at_prefill: bool = True
+    """Whether the prefill's forward carries the :meth:`appended_tokens` too (when there are any)."""
 
     def appended_tokens(self, k: int) -> torch.Tensor | None:
         """Token ids (a,) to append after the ``k`` drafts of every forward, or None (the default) for none."""

@@ -27,6 +27,11 @@ Drafter hooks (see :class:`~lightning_mtp.methods.base.Drafter`):
   every draft they verified (only there do the appended tokens sit right after the committed sequence). This
   lets a model draft for the next step in the very forward that verifies this one.
 
+Trusted drafts (``trust_drafts=True``, lossy): a drafter whose drafts are kept as they come, unverified (ConfAdapt,
+:mod:`~lightning_mtp.decoding.conf_adapt`, whose drafter keeps only its confident predictions). They are emitted as
+soon as they are drafted and the next forward only feeds them, with the ride-along tokens after them; its logits at
+the last one give the next token. The output is then no longer the backbone's own.
+
 Chain length: ``draft_schedule`` (:mod:`~lightning_mtp.decoding.schedule`) sets how many drafts each step asks for,
 at most ``num_draft_tokens``: ``constant`` always that many, ``adaptive`` fewer, down to none, while drafts miss.
 A step without drafts is a plain step; the positions it commits reach the drafter with the next positions it is
@@ -249,6 +254,7 @@ def speculative_generate(
     attention_mask: torch.Tensor | None = None,
     draft_confidence_threshold: float = 0.0,
     draft_schedule: str = "constant",
+    trust_drafts: bool = False,
 ) -> GenerateOutput:
     """Decode ``input_ids`` (B, n) with drafts from ``drafter`` verified by ``model``; see the module docstring.
 
@@ -258,7 +264,8 @@ def speculative_generate(
     ``draft_confidence_threshold`` probability (HF's ``assistant_confidence_threshold``); no drafter is asked for
     more drafts than the token budget can use. ``draft_schedule``: ``"constant"`` asks every step for
     ``num_draft_tokens`` drafts, ``"adaptive"`` for fewer, down to none, while they miss (see
-    :mod:`~lightning_mtp.decoding.schedule`).
+    :mod:`~lightning_mtp.decoding.schedule`). ``trust_drafts`` keeps every draft unverified (lossy; see the module
+    docstring).
     """
     real = _check_decode_args(model, input_ids, max_new_tokens, num_draft_tokens, attention_mask, streamer,
                               draft_confidence_threshold)
@@ -276,7 +283,7 @@ def speculative_generate(
         drafter.min_confidence = float(draft_confidence_threshold)  # where chains end (see DraftChain)
     t_start = time.perf_counter()
     with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
-        decoder = _Decoder(model, drafter, schedule, max_new_tokens, probs_fn, generator, streamer, grab)
+        decoder = _Decoder(model, drafter, schedule, max_new_tokens, probs_fn, generator, streamer, grab, trust_drafts)
         generated, stats = decoder.run(input_ids, real)
     stats.total_seconds = time.perf_counter() - t_start
     longest = max(len(g) for g in generated)
@@ -444,12 +451,14 @@ class _Decoder:
     ``draft_probs`` what the drafter proposed after it. Tokens a drafter asks to ride along (``append``, A of them)
     go at the end of every forward that feeds the drafter and are cropped right after it; what the backbone made of
     them reaches the drafter as ``appended``. ``held`` keeps the positions committed by steps the schedule left
-    without drafts, for the drafter's next call.
+    without drafts, for the drafter's next call. With ``trust`` every draft is kept unverified: emitted when drafted,
+    fed by the next forward.
     """
 
     def __init__(self, model, drafter, schedule: DraftSchedule, max_new_tokens, probs_fn, generator, streamer,
-                 grab) -> None:
+                 grab, trust: bool = False) -> None:
         self.model, self.drafter, self.schedule, self.K = model, drafter, schedule, schedule.longest
+        self.trust = trust
         self.max_new_tokens, self.probs_fn, self.generator = max_new_tokens, probs_fn, generator
         self.streamer, self.grab = streamer, grab
         self.eos = eos_ids(model)
@@ -458,8 +467,10 @@ class _Decoder:
     def draft_length(self, generated: list[list[int]], rows: torch.Tensor, done: list[bool]) -> int:
         """Drafts the next step can use: the schedule's length, or fewer where the largest token budget left among
         the rows that go on is smaller (a step keeps one token of its budget for the verifier's own); 0 when no
-        row goes on."""
+        row goes on. Trusted drafts are all asked for: they are cut where they are emitted."""
         left = [self.max_new_tokens - len(generated[r]) for r, d in zip(rows.tolist(), done, strict=True) if not d]
+        if self.trust:
+            return self.schedule.length if left else 0
         return min(self.schedule.length, max(left, default=0) - 1)
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:  # (b, V) -> (b,)
@@ -494,8 +505,9 @@ class _Decoder:
         self.append = None if append is None else append.to(device=device, dtype=input_ids.dtype)
         t0 = time.perf_counter()
         recurrent = self.K > 0 and is_recurrent(model)
-        logits, hidden = self._prefill_forward(input_ids, real, recurrent)
-        logits, hidden, appended = _split_appended(logits, hidden, self.A)
+        A = self.A if self.drafter is None or self.drafter.appended_at_prefill else 0
+        logits, hidden = self._prefill_forward(input_ids, real, recurrent, A)
+        logits, hidden, appended = _split_appended(logits, hidden, A)
         self.states = RecurrentStates(self.cache) if recurrent else None
         stats.backbone_forwards += 1
         stats.row_forwards += B
@@ -512,12 +524,17 @@ class _Decoder:
         k_next = self.draft_length(self.generated, self.rows, self.done)
         if k_next > 0:
             next_ids = torch.cat([input_ids[:, 1:], self.token[:, None]], dim=1)  # (B, n): the token after each position
+            if self.A and not A:  # the drafter reads the ride-along tokens: it drafts after the first step's forward
+                self.held.append((hidden, next_ids, real))
+                return
+            if appended is not None:
+                appended = appended._replace(before=logits[:, -1])
             complete = None if appended is None else self.token.new_ones(B, dtype=torch.bool)
             self.draft(hidden, next_ids, k_next, real, appended, complete)
 
-    def _prefill_forward(self, input_ids: torch.Tensor, real: torch.Tensor | None, recurrent: bool):
-        """The prefill forward: ``(logits, hidden)`` of the prompt's last position and the ride-along tokens."""
-        model, A, B, n = self.model, self.A, *input_ids.shape
+    def _prefill_forward(self, input_ids: torch.Tensor, real: torch.Tensor | None, recurrent: bool, A: int):
+        """The prefill forward: ``(logits, hidden)`` of the prompt's last position and the ``A`` ride-along tokens."""
+        model, B, n = self.model, *input_ids.shape
         position_ids = (real.long().cumsum(1) - 1).clamp(min=0) if real is not None else None  # like HF generate
         ids, mask = input_ids, (real.long() if real is not None else None)
         if A:
@@ -568,8 +585,9 @@ class _Decoder:
         t0 = time.perf_counter()
         step_ids, logits, hidden, appended = self._verify(k, A, seen_drafts)
         accepted, nxt = self._accept(logits, k, budget)
-        drafts_list = self.drafts[:, :k].tolist() if k > 0 else [[] for _ in budget]
-        self._count(accepted, budget)
+        drafts_list = self.drafts[:, :k].tolist() if k > 0 and not self.trust else [[] for _ in budget]  # to emit
+        if not self.trust:  # trusted drafts were counted when drafted
+            self._count(accepted, budget)
         self.schedule.update(budget, accepted)
         kept = self._commit(step_ids, accepted, k, A)
         self.stats.verify_seconds += time.perf_counter() - t0
@@ -595,6 +613,8 @@ class _Decoder:
         if appended is not None:
             verified = torch.tensor(seen_drafts if seen_drafts is not None else [k] * len(accepted), device=self.device)
             complete = torch.tensor(accepted, device=self.device) == verified
+            last = verified - (1 + k - logits.shape[1])  # (b,) that slot's column (logits may hold the last one only)
+            appended = appended._replace(before=logits[torch.arange(len(last), device=self.device), last])
         self.draft(hidden, next_ids, k_next, cols, appended, complete)
 
     def _with_held(self, hidden: torch.Tensor, next_ids: torch.Tensor, cols: torch.Tensor | None):
@@ -616,7 +636,10 @@ class _Decoder:
         if lengths is not None:
             self.drafts = self.drafts.clamp(min=0)  # the -1 tails become harmless ids in slots their rows never see
         width = self.drafts.shape[1]
-        budget = [min(self.K, width if lengths is None else lengths[i], r - 1) for i, r in enumerate(remaining)]
+        if self.trust:  # already emitted: every one is fed
+            budget = [width] * len(remaining) if lengths is None else list(lengths)
+        else:
+            budget = [min(self.K, width if lengths is None else lengths[i], r - 1) for i, r in enumerate(remaining)]
         k = max(budget)
         # rows with fewer drafts than k must not see the other rows' extra slots
         seen_drafts = [min(n, k) for n in lengths] if lengths is not None else None
@@ -645,8 +668,9 @@ class _Decoder:
             step_pos = self.pos[:, None] + step.long().cumsum(1) - 1  # (b, 1 + k + A); a hidden slot repeats one
         if self.states is not None and self.states.active and (k or A):
             self.states.save()
-        logits, hidden = cached_forward(self.model, step_ids, self.cache, self.grab, 1 if k == 0 and A == 0 else None,
-                                        mask, step_pos, self.filled)
+        # the logits each accept rule reads: verifying, every slot's; trusting (or no drafts), the last one's
+        keep = 1 + A if k == 0 or (self.trust and seen is None) else None
+        logits, hidden = cached_forward(self.model, step_ids, self.cache, self.grab, keep, mask, step_pos, self.filled)
         self.stats.backbone_forwards += 1
         self.stats.row_forwards += b
         return (step_ids, *_split_appended(logits, hidden, A))
@@ -657,6 +681,9 @@ class _Decoder:
         sampling), then takes the backbone's token at the node where the walk stopped."""
         if k == 0:
             return [0] * len(budget), self.pick(logits[:, -1])
+        if self.trust:  # every draft is kept; the token after a row's last one is the backbone's
+            last = torch.tensor(budget, device=self.device) - (1 + k - logits.shape[1])  # (b,) its column in logits
+            return list(budget), self.pick(logits[torch.arange(len(budget), device=self.device), last])
         drafts = self.drafts[:, :k]  # (b, k) the path
         if self.probs_fn is None:
             target = logits.argmax(-1)  # (b, 1 + k) the backbone's token at each node
@@ -724,3 +751,20 @@ class _Decoder:
         self.drafts, self.draft_probs = self.drafter.draft(hidden, next_ids, k, self.probs_fn, self.generator, cols,
                                                            **extra)
         self.stats.draft_seconds += time.perf_counter() - t0
+        if self.trust:
+            self._emit_trusted(k)
+
+    def _emit_trusted(self, k: int) -> None:
+        """Trusted drafts are a row's next tokens as soon as they are drafted: count them as accepted out of the
+        ``k`` asked for and emit them, cut where HF generate stops (the next forward feeds the rest)."""
+        lengths, width = _draft_lengths(self.drafts), self.drafts.shape[1]
+        drafts = self.drafts.tolist()
+        for i, r in enumerate(self.rows.tolist()):
+            if self.done[i]:
+                continue
+            n = width if lengths is None else lengths[i]
+            self.stats.count_step(n, k)
+            new, self.done[i] = cut_at_stop(drafts[i][:n], self.eos, self.max_new_tokens - len(self.generated[r]))
+            self.generated[r].extend(new)
+            if self.streamer is not None and new:
+                self.streamer.put(torch.tensor(new))

@@ -9,7 +9,7 @@ the drafter interface in :mod:`lightning_mtp.decoding.drafter`; both are re-expo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,35 +63,62 @@ def main_head_metrics(logits: torch.Tensor, labels: torch.Tensor, position_ids: 
         }
 
 
-class MethodContext(Protocol):
-    """What a method sees of the model it is attached to, and all it may use (``MTPModule`` provides it).
+class MethodContext:
+    """What a method sees of the model it is attached to, and all it may use.
 
-    Methods receive this in :meth:`MTPMethod.attach`, :meth:`MTPMethod.training_loss` and
-    :meth:`MTPMethod.generate`: the backbone and its parts, whether the backbone trains, and the LoRA handle.
-    The values are live (merging the adapter replaces ``backbone`` and ``parts``; ``training`` follows
-    train/eval), so a method reads them when it needs them rather than keeping copies.
+    The owning :class:`~lightning_mtp.module.MTPModule` builds one and hands it to :meth:`MTPMethod.attach`,
+    :meth:`MTPMethod.training_loss` and :meth:`MTPMethod.generate`, instead of itself: the backbone and its parts,
+    whether the backbone trains, and the LoRA handle. The values are live (merging the adapter replaces
+    ``backbone`` and ``parts``; ``training`` follows train/eval), so a method reads them when it needs them rather
+    than keeping copies.
     """
 
-    backbone: nn.Module  # the causal LM, wrapped by PEFT when a LoRA adapter trains
-    parts: BackboneParts  # handles into the backbone (embeddings, lm_head, layers, config)
-    lora: dict | None  # the LoRA configuration (PEFT ``LoraConfig`` arguments), None without an adapter
-    backbone_ref: str  # how the backbone was named (directory, zoo name, Hub id); "" for a model object
-    training: bool  # train or eval mode of the owning module
+    def __init__(self, owner: nn.Module) -> None:
+        self._owner = owner  # the MTPModule: read through the properties below, never handed to the method
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The causal LM, wrapped by PEFT when a LoRA adapter trains."""
+        return self._owner.backbone
+
+    @property
+    def parts(self) -> BackboneParts:
+        """Handles into the backbone (embeddings, lm_head, layers, config)."""
+        return self._owner.parts
+
+    @property
+    def lora(self) -> dict | None:
+        """The LoRA configuration (PEFT ``LoraConfig`` arguments), None without an adapter."""
+        return self._owner.lora
+
+    @property
+    def backbone_ref(self) -> str:
+        """How the backbone was named (directory, zoo name, Hub id); "" for a model object."""
+        return self._owner.backbone_ref
+
+    @property
+    def training(self) -> bool:
+        """Train or eval mode of the owning module."""
+        return self._owner.training
 
     @property
     def base_model(self) -> PreTrainedModel:
         """The backbone without its LoRA wrapper."""
+        return self._owner.base_model
 
     @property
     def backbone_trains(self) -> bool:
         """Whether any backbone weight (its own, or its LoRA adapter's) has ``requires_grad``."""
+        return any(p.requires_grad for p in self.backbone.parameters())
 
     @property
     def is_sharded(self) -> bool:
         """Whether a sharding strategy (FSDP, FSDP2, DeepSpeed) may have split the weights across processes."""
+        return self._owner.is_sharded
 
     def on_load_state_dict(self, hook: Callable[[], None]) -> None:
-        """Run ``hook`` before a state dict (a checkpoint's weights) is loaded into the model."""
+        """Run ``hook()`` before a state dict (a checkpoint's weights) is loaded into the model."""
+        self._owner.register_load_state_dict_pre_hook(lambda *args, **kwargs: hook())
 
 
 class MTPMethod(nn.Module):

@@ -387,57 +387,51 @@ class MaskTokenMTP(MTPMethod):
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
         B, T = input_ids.shape
-        device = input_ids.device
         training = context.training
-        generator = None if training else torch.Generator(device=device).manual_seed(0)
+        generator = None if training else torch.Generator(device=input_ids.device).manual_seed(0)
         k = int(torch.randint(cfg.k_min, cfg.k_max + 1, (1,))) if training else cfg.k_max
-        R = min(cfg.regions_per_sequence, T)
-
-        # anchors: response positions (the next token carries a label), R per row, uniformly without replacement
-        can_anchor = future_labels(labels, 1, position_ids) != -100  # (B, T)
-        scores = torch.rand(B, T, device=device, generator=generator).masked_fill(~can_anchor, -1.0)
-        anchors = scores.topk(R, dim=1).indices  # (B, R)
-        region_ok = can_anchor.gather(1, anchors)  # (B, R) rows with fewer response positions repeat nothing
+        can_anchor, anchors, region_ok = _draw_anchors(labels, position_ids, min(cfg.regions_per_sequence, T), generator)
+        R = anchors.shape[1]
 
         allowed, positions = real_attention(attention_mask, position_ids, input_ids)
         layout, packed_pos = packed_layout(allowed, positions, anchors, k)  # (B, L, L), (B, L)
-        dtype = context.parts.embed_tokens.weight.dtype
-        mask = additive_mask(layout, dtype)  # (B, 1, L, L)
+        mask = additive_mask(layout, context.parts.embed_tokens.weight.dtype)  # (B, 1, L, L)
         anchor_ids = input_ids.gather(1, anchors)  # (B, R)
         masks = anchor_ids.new_full((B, R, k - 1), cfg.mask_token_id)
-        student_regions = torch.cat([anchor_ids[:, :, None], masks], dim=2)  # (B, R, k)
-        student_ids = torch.cat([input_ids, student_regions.reshape(B, R * k)], dim=1)  # (B, L)
-
-        trains = training and context.backbone_trains
         first = 0 if cfg.ntp_weight > 0 else T  # the real tokens' logits only feed the optional NTP term
-        with torch.set_grad_enabled(trains):
-            student_all = _logits_at(context.backbone, student_ids, mask, packed_pos, first)
+        with torch.set_grad_enabled(training and context.backbone_trains):
+            student_all = _logits_at(context.backbone, _with_regions(input_ids, anchor_ids, masks), mask, packed_pos,
+                                     first)
         student = student_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         rollout = student.detach().argmax(-1)  # (B, R, k): y'_1 .. y'_k
 
-        teacher_regions = torch.cat([anchor_ids[:, :, None], rollout[:, :, : k - 1]], dim=2)  # (B, R, k)
-        teacher_ids = torch.cat([input_ids, teacher_regions.reshape(B, R * k)], dim=1)  # (B, L)
+        teacher_ids = _with_regions(input_ids, anchor_ids, rollout[:, :, : k - 1])  # (B, L)
         teacher_all = self.teacher_logits(context, teacher_ids, mask, packed_pos, first)
         teacher = teacher_all[:, -R * k :].float().view(B, R, k, -1)  # (B, R, k, V)
         target = teacher.argmax(-1)  # (B, R, k)
-
         weight = self._scored(region_ok, target)  # (B, R, k)
-        w = weight.float()
-        denom = w.sum().clamp(min=1.0)
 
-        log_p = F.log_softmax(student, dim=-1)  # (B, R, k, V)
-        distill = (_distill(log_p, teacher, cfg.loss) * w).sum() / denom
-        loss = distill
-        logs: dict[str, torch.Tensor] = {cfg.loss + "_loss": distill.detach()}
+        loss, logs = self._region_loss(student, teacher, weight, training)
         if cfg.ntp_weight > 0:  # every response token's next-token prediction, against the teacher's
             loss = loss + cfg.ntp_weight * _ntp_term(student_all[:, :T], teacher_all[:, :T], can_anchor, cfg.loss, logs)
+        logs.update(_agreement_logs(rollout == target, weight, training, cfg.num_speculative_tokens))
+        return loss, logs
+
+    def _region_loss(self, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, training: bool
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The distillation loss of the region positions (student and teacher logits (B, R, k, V)) where ``weight``
+        (B, R, k) scores, plus the entropy term when it has a weight (always logged in validation)."""
+        cfg: MaskToken = self.config
+        w = weight.float()
+        denom = w.sum().clamp(min=1.0)
+        log_p = F.log_softmax(student, dim=-1)  # (B, R, k, V)
+        loss = (_distill(log_p, teacher, cfg.loss) * w).sum() / denom
+        logs: dict[str, torch.Tensor] = {cfg.loss + "_loss": loss.detach()}
         if cfg.entropy_weight > 0 or not training:
             entropy = (-(log_p.exp() * log_p).sum(-1) * w).sum() / denom
             if cfg.entropy_weight > 0:
                 loss = loss + cfg.entropy_weight * entropy
             logs["entropy"] = entropy.detach()
-
-        logs.update(_agreement_logs(rollout == target, weight, training, cfg.num_speculative_tokens))
         return loss, logs
 
     def _scored(self, region_ok: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -497,6 +491,24 @@ class MaskTokenMTP(MTPMethod):
                         for t in SWEEP_TAUS if t != tau]
             entries += [(f"mask_token/static@{k}", {"decoding": "static", "k": k}) for k in SWEEP_STATIC_K]
         return entries
+
+
+def _draw_anchors(labels: torch.Tensor, position_ids: torch.Tensor | None, R: int, generator: torch.Generator | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R anchors per row among the response positions (the next token carries a label), uniformly without
+    replacement: ``(can_anchor (B, T), anchors (B, R), region_ok (B, R))``; a row with fewer response positions
+    than R gets regions that score nothing (``region_ok`` False)."""
+    can_anchor = future_labels(labels, 1, position_ids) != -100  # (B, T)
+    scores = torch.rand(labels.shape, device=labels.device, generator=generator).masked_fill(~can_anchor, -1.0)
+    anchors = scores.topk(R, dim=1).indices  # (B, R)
+    return can_anchor, anchors, can_anchor.gather(1, anchors)
+
+
+def _with_regions(input_ids: torch.Tensor, anchor_ids: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """The packed sequence (B, T + R * k): the real tokens, then each region [anchor token, its k - 1 ``tail``
+    tokens] (``anchor_ids`` (B, R), ``tail`` (B, R, k - 1): the masks for the student, its rollout for the teacher)."""
+    regions = torch.cat([anchor_ids[:, :, None], tail], dim=2)  # (B, R, k)
+    return torch.cat([input_ids, regions.reshape(input_ids.shape[0], -1)], dim=1)
 
 
 def _distill(log_p: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:

@@ -11,15 +11,13 @@ import dataclasses
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import yaml
+from torch import nn
 
 from lightning_mtp.errors import UserInputError
-
-if TYPE_CHECKING:  # annotations only: the registry must not import the layers that build methods
-    from lightning_mtp.backbone import BackboneParts
-    from lightning_mtp.methods.base import MTPMethod
+from lightning_mtp.parts import BackboneParts
 
 __all__ = ["METHODS", "MethodConfig", "register_method", "resolve_method"]
 
@@ -62,7 +60,10 @@ class MethodConfig:
         same); lets a zoo entry be checked against its base without loading it."""
         return vocab_size
 
-    def build(self, parts: BackboneParts) -> MTPMethod:
+    def build(self, parts: BackboneParts) -> nn.Module:
+        """The method this config describes, for the backbone ``parts`` take apart: its
+        :class:`~lightning_mtp.methods.base.MTPMethod` (the interface sits above the registry, so it is named here
+        only as the ``nn.Module`` it is)."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
