@@ -176,6 +176,35 @@ def test_drafter_reproduces_teacher_forced_heads_over_many_steps(arch, num_heads
             seq = torch.cat([seq, new], dim=1)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_heads_past_a_short_chain_wait_and_catch_up_exactly(arch):
+    """Chains of changing length (an adaptive schedule's): the heads a chain does not reach do not run, and when a
+    longer chain needs them they catch up on every position they missed, drafting what teacher forcing gives."""
+    model = make_backbone(arch)
+    module = MTPModule(model, method={"name": "mtp_d", "num_heads": 4}).eval()
+    calls = [0] * 4
+    for j, head in enumerate(module.method.heads):
+        head.register_forward_hook(lambda *args, j=j: calls.__setitem__(j, calls[j] + 1))
+    g = torch.Generator().manual_seed(3)
+    seq = torch.randint(4, VOCAB, (1, 3), generator=g)
+    drafter = module.method.drafter(module.parts)
+    new, hidden_from = seq, 0
+    for k in (1, 1, 2, 1, 4, 1, 1, 1, 3, 4):
+        nxt = int(torch.randint(4, VOCAB, (1,), generator=g))
+        with torch.no_grad():
+            hidden = model(seq, output_hidden_states=True).hidden_states[-1][:, hidden_from:]
+            next_ids = torch.cat([new[:, 1:], torch.tensor([[nxt]])], dim=1)
+            expected = reference_drafts(module, seq, nxt)[:k]  # runs the heads too: counted before the draft
+            before = list(calls)
+            drafts, _ = drafter.draft(hidden, next_ids, k)
+        assert drafts[0].tolist() == expected
+        assert [c - b for c, b in zip(calls, before, strict=True)] == [1] * k + [0] * (4 - k)  # one call per head used
+        n = int(torch.randint(1, 3, (1,), generator=g))
+        new = torch.cat([torch.tensor([[nxt]]), torch.randint(4, VOCAB, (1, n - 1), generator=g)], dim=1)
+        hidden_from = seq.shape[1]
+        seq = torch.cat([seq, new], dim=1)
+
+
 def test_batched_drafter_matches_each_row_alone():
     """Left padding at the prefill, then rows committing different numbers of tokens (holes in the caches)."""
     model = make_backbone("llama")

@@ -31,7 +31,9 @@ its committed entries lag one position behind head k-1's: after every verify ste
 positions it can now see (fed by head k-1's outputs, the first of them carried over from the previous step),
 and in the same call runs its k-1 speculative chain rows (positions L-k+2..L, fed the drafts so far),
 whose last row proposes draft k. The speculative entries are dropped at the next step. One head call per
-head per step, as FastMTP's one call per application.
+head per step, as FastMTP's one call per application. Heads past the chain a step asks for (an adaptive schedule's
+short chains) do not run at all: their new inputs wait (``pending``) and are caught up in one call, in order,
+at the first step that needs their drafts again.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -299,13 +302,33 @@ def extend_heads(module, num_heads: int, *, freeze_trained: bool = True):
     return extended
 
 
+class _HeadInputs(NamedTuple):
+    """A head's committed inputs, column by column: ``h`` (B, n, H) the previous head's outputs (the backbone's
+    hidden states for head 0), ``ids`` (B, n) the token after each column's position, ``v`` (B, n) the columns
+    this head can use, ``cols`` (B, n) the columns the decoder committed."""
+
+    h: torch.Tensor
+    ids: torch.Tensor
+    v: torch.Tensor
+    cols: torch.Tensor
+
+    @staticmethod
+    def join(first: _HeadInputs | None, then: _HeadInputs | None) -> _HeadInputs | None:
+        """Two runs of columns, one after the other (either may be None)."""
+        if first is None or then is None:
+            return then if first is None else first
+        return _HeadInputs(*(torch.cat([a, b], dim=1) for a, b in zip(first, then, strict=True)))
+
+
 class MTPDDrafter(CachedChainDrafter):
     """Chain drafting with K heads, each with its own KV cache (see the module docstring for the schedule).
 
     Per head j (0-based; head j drafts token j + 1): ``carry[j]`` is its output at its last committed position
     (``carry_valid[j]`` says, per row, whether it has one yet); ``head_caches[j]`` counts its committed cache
     entries and the speculative chain entries dropped at the next call. Everything is kept column-aligned with
-    the decoder's ``next_ids``: head j's column c sits one position before head j-1's. Batches (B > 1) mask the
+    the decoder's ``next_ids``: head j's column c sits one position before head j-1's. ``pending[j]`` holds the
+    committed inputs head j has not run on yet (its columns, token ids, usable columns and committed columns), from
+    steps whose chain did not reach it. Batches (B > 1) mask the
     entries a row cannot use (slots) and carry per-row positions, as the decoder does for the backbone; at batch
     size 1 the unusable columns are always leading ones and are sliced off instead, so no masks are built.
     """
@@ -316,6 +339,7 @@ class MTPDDrafter(CachedChainDrafter):
         self.method, self.parts = method, parts
         self.carry: list[torch.Tensor | None] = [None] * K  # (B, 1, H)
         self.carry_valid: list[torch.Tensor | None] = [None] * K  # (B,) bool
+        self.pending: list[_HeadInputs | None] = [None] * K
 
     def select(self, rows: torch.Tensor) -> None:
         super().select(rows)
@@ -323,6 +347,7 @@ class MTPDDrafter(CachedChainDrafter):
             for j, value in enumerate(state):
                 if value is not None:
                     state[j] = value[rows]
+        self.pending = [None if p is None else _HeadInputs(*(t[rows] for t in p)) for p in self.pending]
 
     def draft(
         self,
@@ -342,21 +367,28 @@ class MTPDDrafter(CachedChainDrafter):
         self.begin(B, device, holes=B > 1)  # from the first batched call on, every head tracks slots
         old_carry, old_valid = list(self.carry), list(self.carry_valid)  # before this call's commits
         chain = DraftChain(self, B, device, sampling=probs_fn is not None)
-        wanted = k  # drafts still wanted: k, cut short where every row's chain ended (the heads still commit)
+        wanted = k  # drafts still wanted: k, cut short where every row's chain ended (later heads then wait)
         cols = valid if valid is not None else torch.ones(B, m, dtype=torch.bool, device=device)  # (B, m) committed
-        h_full, v_full = hidden, cols  # (B, m, H), (B, m) head j's input, column-aligned with next_ids
+        new: _HeadInputs | None = _HeadInputs(hidden, next_ids, cols, cols)  # head 0's: the committed positions
         chain_out = hidden[:, :0]  # (B, rows, H) head j-1's chain outputs, positions L-j+2 .. L
         for j, head in enumerate(method.heads):
-            if j:  # head j sees head j-1's committed outputs one position later: its old carry, then the new ones
-                h_full, v_full = self._shift(h_full, v_full, cols, old_carry[j - 1], old_valid[j - 1])
+            if j and new is not None:  # head j sees head j-1's outputs one position later: its old carry, then those
+                new = new._replace(**dict(zip(("h", "v"), self._shift(new.h, new.v, new.cols, old_carry[j - 1],
+                                                                     old_valid[j - 1]), strict=True)))
+            inputs = _HeadInputs.join(self.pending[j], new)
+            if j >= wanted:  # no draft wanted from head j: it and the heads after it catch up when one is
+                self.pending[j], new = inputs, None
+                continue
+            self.pending[j] = None
             rows = self._chain_length(j, wanted, B > 1)
-            out, n_in, start = self._run_head(j, h_full, v_full, next_ids, chain, chain_out, rows, hidden.dtype)
-            h_full, chain_out = self._commit_outputs(j, out, n_in, start, v_full), out[:, n_in:]
-            if j < wanted:  # draft token j + 1: head j's output at position L (its last chain row; head 0: its carry)
-                h_last = out[:, -1:] if j else self.carry[0]  # (B, 1, H)
-                tok, p = chain.pick(method.logits(self.parts, head, h_last)[:, -1], probs_fn, generator)
-                if not chain.add(tok, p):
-                    wanted = len(chain)
+            out, n_in, start = self._run_head(j, inputs.h, inputs.v, inputs.ids, chain, chain_out, rows, hidden.dtype)
+            new = inputs._replace(h=self._commit_outputs(j, out, n_in, start, inputs.v))
+            chain_out = out[:, n_in:]
+            # draft token j + 1: head j's output at position L (its last chain row; head 0: its carry)
+            h_last = out[:, -1:] if j else self.carry[0]  # (B, 1, H)
+            tok, p = chain.pick(method.logits(self.parts, head, h_last)[:, -1], probs_fn, generator)
+            if not chain.add(tok, p):
+                wanted = len(chain)
         return chain.result()  # (B, k') with k' <= k, -1 after a row's chain ended; (B, k', V) when sampling
 
     @staticmethod
