@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 import lightning_mtp.artifacts as artifacts
 from lightning_mtp.commands import CommandParser
 from lightning_mtp.errors import UserInputError
+from lightning_mtp.export_speculators import export_speculators
 from lightning_mtp.io import atomic_dir
 from lightning_mtp.module import MTPModule
 from lightning_mtp.native import (
@@ -83,15 +84,21 @@ def load_native_mtp(directory: str | os.PathLike, **kwargs: Any) -> MTPModule:
 
 # ------------------------------------------------------------------------------------------ export
 
-EXPORT_FORMATS = tuple(NATIVE_LAYOUTS)
-"""What :func:`export` writes: the native MTP layouts (a base with its MTP layers, as the engines serve them)."""
+EXPORT_FORMATS = (*NATIVE_LAYOUTS, "speculators")
+"""What :func:`export` writes: the native MTP layouts (a base with its MTP layers, as the engines serve them), and
+``speculators`` (a draft model directory that ``vllm serve`` configures itself from)."""
 
 
-def export(module: MTPModule, fmt: str, directory: str | os.PathLike) -> Path:
+def export(module: MTPModule, fmt: str, directory: str | os.PathLike, verifier: str | None = None) -> Path:
     """Write ``module`` in the serving format ``fmt`` (one of :data:`EXPORT_FORMATS`) to ``directory``; returns it.
-    A head that does not map exactly onto the format is refused with the mismatch named (see :func:`export_native`)."""
+    A head that does not map exactly onto the format is refused with the mismatch named (see :func:`export_native`
+    and :func:`~lightning_mtp.export_speculators.export_speculators`, which takes ``verifier``)."""
     if fmt not in EXPORT_FORMATS:
         raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
+    if fmt == "speculators":
+        return export_speculators(module, directory, verifier=verifier)
+    if verifier is not None:
+        raise UserInputError(f"verifier names the base of a speculators draft; the {fmt!r} layout holds its base itself")
     return export_native(module, directory, layout=fmt)
 
 
@@ -109,9 +116,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("source", help="an artefact directory, zoo name or Hub id, or a run's Lightning .ckpt")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the serving format to write")
     parser.add_argument("--out", required=True, help="the directory to write (replaced whole, never half-written)")
+    parser.add_argument("--verifier", default=None,
+                        help="speculators only: the base model the draft serves, as vLLM loads it (a Hub id or a "
+                             "directory; default: the backbone the model was trained on)")
     args = parser.parse_args(argv)
     module = _load_source(args.source).merge_lora()  # engines load plain weights: a LoRA backbone is folded in
-    print(export(module, args.format, args.out))
+    print(export(module, args.format, args.out, verifier=args.verifier))
 
 
 def export_native(module: MTPModule, directory: str | os.PathLike, layout: str = "mimo") -> Path:

@@ -27,8 +27,10 @@ __all__ = [
     "from_native",
     "native_layout",
     "load_native_backbone",
+    "DECODER_LAYER_RENAMES",
     "read_native_mtp_tensors",
     "serving_snippet",
+    "rename_block",
     "to_native",
 ]
 
@@ -103,7 +105,7 @@ def _nextn_serving(repo: str, k: int) -> str:
     )
 
 
-_DECODER_LAYER = (
+DECODER_LAYER_RENAMES = (
     ("input_layernorm.", "layer.input_layernorm."),
     ("post_attention_layernorm.", "layer.post_attention_layernorm."),
     ("self_attn.", "layer.self_attn."),
@@ -120,7 +122,7 @@ NATIVE_LAYOUTS: dict[str, NativeLayout] = {
         count_field="num_nextn_predict_layers",
         key_format="model.mtp_layers.{i}.{rest}",
         renames=(("token_layernorm.", "enorm."), ("hidden_layernorm.", "hnorm."), ("input_proj.", "proj."),
-                 ("final_layernorm.", "final_norm."), *_DECODER_LAYER),
+                 ("final_layernorm.", "final_norm."), *DECODER_LAYER_RENAMES),
         swap_proj_halves=True,
         recurse_on_normed=True,  # vLLM's and SGLang's MiMo MTP return the final-normed state
         # MiMo's own layer was trained for one step ahead; further steps recurse on its final-normed output
@@ -140,7 +142,7 @@ NATIVE_LAYOUTS: dict[str, NativeLayout] = {
         key_format="model.layers.{i}.{rest}",
         index_offset_field="num_hidden_layers",
         renames=(("enorm.", "enorm."), ("hnorm.", "hnorm."), ("eh_proj.", "proj."),
-                 ("shared_head.norm.", "final_norm."), *_DECODER_LAYER),
+                 ("shared_head.norm.", "final_norm."), *DECODER_LAYER_RENAMES),
         shared=(("embed_tokens.weight", "embed_tokens"), ("shared_head.head.weight", "lm_head")),
         swap_proj_halves=False,
         recurse_on_normed=False,  # vLLM's DeepSeekMTP hands the next step the layer output before shared_head.norm
@@ -275,13 +277,20 @@ def to_native(state: dict[str, torch.Tensor], layout: str = "mimo", head: str = 
     if model is not None:  # checkpoint names for the decoder layer's weights (per-expert MoE tensors)
         layer = revert_weight_conversion(model, {k: v for k, v in block.items() if k.startswith("layer.")})
         block = {**{k: v for k, v in block.items() if not k.startswith("layer.")}, **layer}
+    return rename_block(block, lay.renames, lay.swap_proj_halves, f"the native {layout} MTP layer")
+
+
+def rename_block(block: dict[str, torch.Tensor], renames: tuple[tuple[str, str], ...], swap_proj_halves: bool,
+                 where: str) -> dict[str, torch.Tensor]:
+    """An :class:`MTPBlock`'s tensors (keys ``enorm.weight``, ``layer.self_attn...``) under another format's names:
+    ``renames`` holds (format prefix, block prefix) pairs; ``swap_proj_halves`` when the format's projection takes
+    cat([hidden, embedding]). A key with no place is refused, naming ``where``."""
     out = {}
     for key, value in block.items():
-        rename = next(((src, dst) for src, dst in lay.renames if key.startswith(dst)), None)
+        rename = next(((src, dst) for src, dst in renames if key.startswith(dst)), None)
         if rename is None:
-            raise UserInputError(f"MTP head key {key!r} has no place in the native {layout} MTP layer")
-        native = rename[0] + key[len(rename[1]):]
-        out[native] = _swap_halves(value) if lay.swap_proj_halves and key == "proj.weight" else value
+            raise UserInputError(f"MTP head key {key!r} has no place in {where}")
+        out[rename[0] + key[len(rename[1]):]] = _swap_halves(value) if swap_proj_halves and key == "proj.weight" else value
     return out
 
 

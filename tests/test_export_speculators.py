@@ -1,0 +1,162 @@
+"""The speculators export (``lightning-mtp export --format speculators``), checked by the speculators package itself.
+
+speculators pins its own transformers, so it runs in an environment of its own, made here on first use under
+``~/.cache/lightning-mtp/envs`` (pinned versions; torch and the rest come from this environment through a ``.pth``
+file): the exported directory loads with ``MTPDraftModel.from_pretrained`` with no missing or unexpected tensors,
+and its teacher-forced forward gives our head's draft logits at every step, to float tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VOCAB, make_backbone
+from safetensors.torch import load_file, save_file
+
+from lightning_mtp import MTPModule
+from lightning_mtp.backbone import LastHiddenState
+from lightning_mtp.convert import export
+from lightning_mtp.export_speculators import SPECULATORS_VERSION
+from lightning_mtp.methods.base import future_tokens
+
+PINS = [f"speculators=={SPECULATORS_VERSION}", "transformers==5.19.0", "hs-connectors==0.9.0", "loguru==0.7.3"]
+WITH_DEPS = ["openai==3.63.0", "pydantic-settings==2.16.3"]  # their own dependencies do not pin transformers
+CHECK = Path(__file__).parent / "speculators_check.py"
+
+
+def _env_python() -> Path:
+    """The speculators environment's Python, made once (atomically: parallel workers may race to make it)."""
+    env = Path.home() / ".cache" / "lightning-mtp" / "envs" / f"speculators-{SPECULATORS_VERSION}"
+    python = env / "bin" / "python"
+    if not python.exists():
+        tmp = env.with_name(f"{env.name}.tmp{os.getpid()}")
+        subprocess.run([sys.executable, "-m", "venv", str(tmp)], check=True)
+        _link_site_packages(tmp)
+        pip = [str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "--no-deps", *PINS], check=True)
+        subprocess.run([*pip, *WITH_DEPS], check=True)
+        try:
+            tmp.rename(env)
+        except OSError:  # another worker made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    _link_site_packages(env)  # this checkout's environment (torch, safetensors, ...) after the env's own packages
+    return python
+
+
+def _link_site_packages(env: Path) -> None:
+    own = next((env / "lib").glob("python*/site-packages"))
+    (own / "lightning_mtp_deps.pth").write_text(site.getsitepackages()[0] + "\n")
+
+
+@pytest.fixture(scope="module")
+def speculators_python() -> Path:
+    return _env_python()
+
+
+def _trained_like(module: MTPModule) -> MTPModule:
+    """Every head weight moved off its initial value (norms included), so that each tensor's place is checked."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.method.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def _our_logits(module: MTPModule, ids: torch.Tensor, hidden: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Our head's teacher-forced logits per step (B, T, V), as FastMTP computes them in training."""
+    head, parts = module.method, module.parts
+    T = ids.shape[1]
+    out, h = [], hidden
+    with torch.no_grad():
+        for k in range(1, steps + 1):
+            block_out = head.block(parts, h, future_tokens(ids, k, 0), torch.arange(T)[None])
+            out.append(head.logits(parts, block_out).float())
+            h = head.recur(block_out)
+    return out
+
+
+def test_a_fast_mtp_head_loads_in_speculators_with_equal_draft_logits(tmp_path, speculators_python):
+    steps = 3
+    module = _trained_like(MTPModule(make_backbone("qwen3"), method={"name": "fast_mtp", "num_steps": steps,
+                                                                    "recurse_on_normed": True}).eval())
+    verifier = tmp_path / "verifier"
+    module.base_model.save_pretrained(verifier)
+    out = export(module, "speculators", tmp_path / "draft", verifier=str(verifier))
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(verifier.resolve())
+
+    ids = torch.randint(4, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), LastHiddenState(module.parts) as grab:
+        hidden = grab.get(module.backbone(ids, **grab.kwargs))  # (1, T, H) the verifier's final hidden state
+    save_file({"input_ids": ids, "hidden": hidden.contiguous()}, str(tmp_path / "in.safetensors"))
+    run = subprocess.run([str(speculators_python), str(CHECK), str(out), str(tmp_path / "in.safetensors"),
+                          str(tmp_path / "out.safetensors")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["unexpected"] == []
+    assert set(report["missing"]) <= {"embed_tokens.weight", "lm_head.weight", "verifier_lm_head.weight"}
+    assert report["steps"] == steps
+    theirs = load_file(str(tmp_path / "out.safetensors"))
+    ours = _our_logits(module, ids, hidden, steps)
+    assert len(theirs) == steps
+    for s in range(steps):
+        step = theirs[f"step{s}"]  # (1, valid, V): the positions where every step has a token to read
+        torch.testing.assert_close(step, ours[s][:, : step.shape[1]], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(step, ours[(s + 1) % steps][:, : step.shape[1]])  # the steps do differ
+
+
+@pytest.mark.parametrize(("method", "arch", "match"), [
+    ({"name": "mask_token"}, "qwen3", "needs a fast_mtp or mtp_d module, got 'mask_token'"),
+    ({"name": "fast_mtp"}, "llama", r"builds MTP layers for \['qwen3', .*\] only, this backbone is 'llama'"),
+    ({"name": "fast_mtp", "num_steps": 3}, "qwen3", "trained with recurse_on_normed=False"),
+    ({"name": "fast_mtp", "draft_vocab_size": 32}, "qwen3", "vocabulary compression"),
+])
+def test_heads_the_format_cannot_carry_are_refused_before_anything_is_written(tmp_path, method, arch, match):
+    module = MTPModule(make_backbone(arch), method=method)
+    with pytest.raises(ValueError, match=match):
+        export(module, "speculators", tmp_path / "draft", verifier=str(tmp_path))
+    assert not (tmp_path / "draft").exists()
+
+
+def test_a_verifier_vllm_cannot_load_is_refused(tmp_path):
+    module = MTPModule(make_backbone("qwen3"), method={"name": "fast_mtp", "num_steps": 1})
+    with pytest.raises(ValueError, match="neither a Hub id nor a directory; name the base model"):
+        export(module, "speculators", tmp_path / "draft")
+    assert not (tmp_path / "draft").exists()
+
+
+def test_mtp_d_exports_its_first_head_as_a_one_token_draft(tmp_path):
+    module = MTPModule(make_backbone("qwen3"), method={"name": "mtp_d", "num_heads": 3})
+    out = export(module, "speculators", tmp_path / "draft", verifier=str(tmp_path))
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 1
+    tensors = load_file(str(out / "model.safetensors"))
+    first = {k.removeprefix("heads.0."): v for k, v in module.method.state_dict().items() if k.startswith("heads.0.")}
+    assert torch.equal(tensors["mtp_layers.0.input_proj.weight"], first["proj.weight"])
+    assert torch.equal(tensors["mtp_layers.0.token_layernorm.weight"], first["enorm.weight"])
+    assert len(tensors) == len(first)
+
+
+def test_the_export_command_writes_a_speculators_draft_of_a_saved_artefact(tmp_path, capsys):
+    from lightning_mtp import cli
+
+    verifier = tmp_path / "verifier"
+    make_backbone("qwen3").save_pretrained(verifier)
+    module = MTPModule(str(verifier), method={"name": "fast_mtp", "num_steps": 2, "recurse_on_normed": True})
+    art = module.save_pretrained(tmp_path / "art")
+    cli.main(["export", str(art), "--format", "speculators", "--out", str(tmp_path / "draft")])
+    out = Path(capsys.readouterr().out.strip())
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_model_type"] == "mtp"
+    assert config["speculators_config"]["verifier"]["name_or_path"] == str(verifier.resolve())  # the trained-on base
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
+    tensors = load_file(str(out / "model.safetensors"))
+    assert torch.equal(tensors["mtp_layers.0.final_layernorm.weight"], module.method.block.final_norm.weight)
