@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from lightning_mtp.hub_transport import is_hub_id
 from lightning_mtp.methods.registry import METHODS
-from lightning_mtp.native import NATIVE_LAYOUTS, detect_native_layout, serving_snippet
+from lightning_mtp.native import NATIVE_LAYOUTS, SPECULATORS_MTP_MODEL_TYPES, detect_native_layout, serving_snippet
 from lightning_mtp.record import MTP_CONFIG
 
 __all__ = ["model_card"]
@@ -160,4 +160,7 @@ def _serving_markdown(directory: Path | None, config: Mapping[str, Any], where: 
     for lay in NATIVE_LAYOUTS.values():  # a head that a native layout can hold: say how to export it
         if lay.export_note and method == lay.default_method["name"] and base.get("model_type") == lay.backbone_model_type:
             text += f" {lay.export_note}: `lightning_mtp.convert.export_native(module, out_dir)`."
+    if method in ("fast_mtp", "mtp_d") and base.get("model_type") in SPECULATORS_MTP_MODEL_TYPES:
+        text += (" Its base is one speculators builds MTP layers for, so it also exports as a speculators `mtp` draft "
+                 "(`lightning-mtp export DIR --format speculators --out OUT`; see docs/serving.md).")
     return text

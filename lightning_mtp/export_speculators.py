@@ -30,14 +30,14 @@ from lightning_mtp.errors import UserInputError
 from lightning_mtp.hub_transport import is_hub_id
 from lightning_mtp.io import atomic_dir
 from lightning_mtp.module import MTPModule
-from lightning_mtp.native import DECODER_LAYER_RENAMES, rename_block
+from lightning_mtp.native import (
+    DECODER_LAYER_RENAMES,
+    SPECULATORS_MTP_MODEL_TYPES,
+    SPECULATORS_VERSION,
+    rename_block,
+)
 
 __all__ = ["SPECULATORS_MTP_MODEL_TYPES", "SPECULATORS_VERSION", "export_speculators"]
-
-SPECULATORS_VERSION = "0.9.0"
-"""The speculators release whose loader the export is checked against (tests/test_export_speculators.py)."""
-SPECULATORS_MTP_MODEL_TYPES = ("qwen3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
-"""Verifier architectures speculators builds an MTP layer for (``mtp_model_classes`` of its release above)."""
 
 _RENAMES = (("token_layernorm.", "enorm."), ("hidden_layernorm.", "hnorm."), ("input_proj.", "proj."),
             ("final_layernorm.", "final_norm."), *DECODER_LAYER_RENAMES)

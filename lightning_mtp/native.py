@@ -28,6 +28,8 @@ __all__ = [
     "native_layout",
     "load_native_backbone",
     "DECODER_LAYER_RENAMES",
+    "SPECULATORS_MTP_MODEL_TYPES",
+    "SPECULATORS_VERSION",
     "read_native_mtp_tensors",
     "serving_snippet",
     "rename_block",
@@ -171,6 +173,13 @@ NATIVE_LAYOUTS: dict[str, NativeLayout] = {
                     "layout, which both engines serve",
     ),
 }
+
+
+SPECULATORS_VERSION = "0.9.0"
+"""The speculators release whose ``mtp`` loader our speculators export is checked against
+(tests/test_export_speculators.py)."""
+SPECULATORS_MTP_MODEL_TYPES = ("qwen3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+"""Verifier architectures that release builds an MTP layer for (its ``mtp_model_classes``)."""
 
 
 def native_layout(name: str) -> NativeLayout:

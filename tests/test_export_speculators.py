@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from lightning_mtp import MTPModule
 from lightning_mtp.backbone import LastHiddenState
 from lightning_mtp.convert import export
-from lightning_mtp.export_speculators import SPECULATORS_VERSION
 from lightning_mtp.methods.base import future_tokens
+from lightning_mtp.native import SPECULATORS_VERSION
 
 PINS = [f"speculators=={SPECULATORS_VERSION}", "transformers==5.19.0", "hs-connectors==0.9.0", "loguru==0.7.3"]
 WITH_DEPS = ["openai==3.63.0", "pydantic-settings==2.16.3"]  # their own dependencies do not pin transformers
@@ -160,3 +160,13 @@ def test_the_export_command_writes_a_speculators_draft_of_a_saved_artefact(tmp_p
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
     tensors = load_file(str(out / "model.safetensors"))
     assert torch.equal(tensors["mtp_layers.0.final_layernorm.weight"], module.method.block.final_norm.weight)
+
+
+def test_model_cards_say_which_heads_export_to_speculators(tmp_path):
+    from lightning_mtp.hub import model_card
+
+    for arch, exports in (("qwen3", True), ("llama", False)):
+        base = tmp_path / arch
+        make_backbone(arch).save_pretrained(base)
+        art = MTPModule(str(base), method={"name": "fast_mtp", "num_steps": 1}).save_pretrained(tmp_path / f"{arch}-art")
+        assert ("--format speculators" in str(model_card(art, repo_id="me/x"))) is exports, arch
