@@ -61,6 +61,7 @@ __all__ = [
     "NativeLayout",
     "detect_native_layout",
     "export",
+    "export_mask_token",
     "export_native",
     "from_native",
     "load_native_backbone",
@@ -84,9 +85,10 @@ def load_native_mtp(directory: str | os.PathLike, **kwargs: Any) -> MTPModule:
 
 # ------------------------------------------------------------------------------------------ export
 
-EXPORT_FORMATS = (*NATIVE_LAYOUTS, "speculators")
-"""What :func:`export` writes: the native MTP layouts (a base with its MTP layers, as the engines serve them), and
-``speculators`` (a draft model directory that ``vllm serve`` configures itself from)."""
+EXPORT_FORMATS = (*NATIVE_LAYOUTS, "speculators", "parallel_draft", "hf")
+"""What :func:`export` writes: the native MTP layouts (a base with its MTP layers, as the engines serve them),
+``speculators`` (a draft model directory that ``vllm serve`` configures itself from), and for mask-token models
+``parallel_draft`` (a vLLM parallel-drafting draft model) and ``hf`` (a plain model, for any engine)."""
 
 
 def export(module: MTPModule, fmt: str, directory: str | os.PathLike, verifier: str | None = None) -> Path:
@@ -97,6 +99,8 @@ def export(module: MTPModule, fmt: str, directory: str | os.PathLike, verifier: 
         raise UserInputError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
     if fmt == "speculators":
         return export_speculators(module, directory, verifier=verifier)
+    if fmt in ("parallel_draft", "hf"):
+        return export_mask_token(module, directory, parallel_draft=fmt == "parallel_draft")
     if verifier is not None:
         raise UserInputError(f"verifier names the base of a speculators draft; the {fmt!r} layout holds its base itself")
     return export_native(module, directory, layout=fmt)
@@ -122,6 +126,31 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     module = _load_source(args.source).merge_lora()  # engines load plain weights: a LoRA backbone is folded in
     print(export(module, args.format, args.out, verifier=args.verifier))
+
+
+def export_mask_token(module: MTPModule, directory: str | os.PathLike, parallel_draft: bool = True) -> Path:
+    """Write a mask-token model as a plain Hugging Face model directory (its ``<MTP>`` token one more vocabulary
+    entry), which any engine serves as a next-token model; with ``parallel_draft`` its ``config.json`` also carries
+    ``pard_token`` (the mask id), which vLLM's parallel drafting reads from a draft model's config
+    (``"method": "draft_model", "parallel_drafting": true``): one forward over the last token and K - 1 masks
+    drafts K tokens, as this model was trained to. Refused: another method, LoRA not merged."""
+    name = None if module.method is None else module.method_config.name
+    fmt = "parallel_draft" if parallel_draft else "hf"
+    if name != "mask_token":
+        raise UserInputError(f"export to {fmt!r} needs a mask_token module, got {name!r}: other methods leave the "
+                             "backbone as it was and export their heads ('speculators' or a native layout)")
+    if module.lora is not None:
+        raise UserInputError(f"export to {fmt!r}: the module has a LoRA adapter; call module.merge_lora() first")
+    target = Path(directory)
+    with atomic_dir(target) as tmp:
+        module.base_model.save_pretrained(tmp)
+        if module.tokenizer is not None:
+            module.tokenizer.save_pretrained(tmp)
+        if parallel_draft:
+            config = json.loads((tmp / "config.json").read_text())
+            config["pard_token"] = module.method_config.mask_token_id
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return target
 
 
 def export_native(module: MTPModule, directory: str | os.PathLike, layout: str = "mimo") -> Path:

@@ -86,7 +86,8 @@ def _exported_head(module: MTPModule) -> tuple[str, int]:
     name = None if module.method is None else module.method_config.name
     where = "export to speculators"
     if name not in ("fast_mtp", "mtp_d"):
-        raise UserInputError(f"{where} needs a fast_mtp or mtp_d module, got {name!r}")
+        raise UserInputError(f"{where} needs a fast_mtp or mtp_d module, got {name!r}; mask_token models export as "
+                             "'parallel_draft' or 'hf'")
     if module.lora is not None:
         raise UserInputError(f"{where}: the module has a LoRA adapter; call module.merge_lora() first")
     if getattr(module.method, "draft_ids", None) is not None:

@@ -416,7 +416,7 @@ def test_export_command_writes_a_trained_artefact_in_a_serving_format(mimo, tmp_
         main(["export", str(art), "--format", "eagle9", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and "invalid choice: 'eagle9'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match=r"unknown export format 'eagle9'; choose one of \['mimo', 'deepseek_v3', 'qwen3_next', 'speculators'\]"):
+    with pytest.raises(ValueError, match=r"unknown export format 'eagle9'; choose one of \['mimo', 'deepseek_v3', 'qwen3_next', 'speculators', 'parallel_draft', 'hf'\]"):
         convert.export(trained, "eagle9", tmp_path / "x")
 
 
