@@ -16,7 +16,14 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from lightning_mtp.hub_transport import is_hub_id
 from lightning_mtp.methods.registry import METHODS
-from lightning_mtp.native import NATIVE_LAYOUTS, SPECULATORS_MTP_MODEL_TYPES, detect_native_layout, serving_snippet
+from lightning_mtp.native import (
+    NATIVE_LAYOUTS,
+    SPECULATORS_MTP_MODEL_TYPES,
+    detect_native_layout,
+    parallel_draft_snippet,
+    serving_snippet,
+    speculators_snippet,
+)
 from lightning_mtp.record import MTP_CONFIG
 
 __all__ = ["model_card"]
@@ -154,6 +161,11 @@ def _serving_markdown(directory: Path | None, config: Mapping[str, Any], where: 
     if layout is not None:
         k = int((config.get("decoding") or {}).get("num_draft_tokens", 3))
         return serving_snippet(layout, where, k)
+    engine_config = _read_json(directory / "config.json") if directory is not None else {}
+    if "speculators_model_type" in engine_config:  # lightning-mtp export --format speculators
+        return speculators_snippet(where)
+    if "pard_token" in engine_config:  # lightning-mtp export --format parallel_draft
+        return parallel_draft_snippet(where)
     text = "vLLM and SGLang do not load lightning-mtp artefacts directly; decode with `MTPModule.generate` (above)."
     base = config.get("base_model") or {}
     method = (config.get("method") or {}).get("name")
@@ -164,3 +176,12 @@ def _serving_markdown(directory: Path | None, config: Mapping[str, Any], where: 
         text += (" Its base is one speculators builds MTP layers for, so it also exports as a speculators `mtp` draft "
                  "(`lightning-mtp export DIR --format speculators --out OUT`; see docs/serving.md).")
     return text
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when there is none (or it is not an object)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -31,7 +31,9 @@ __all__ = [
     "SPECULATORS_MTP_MODEL_TYPES",
     "SPECULATORS_VERSION",
     "read_native_mtp_tensors",
+    "parallel_draft_snippet",
     "serving_snippet",
+    "speculators_snippet",
     "rename_block",
     "to_native",
 ]
@@ -180,6 +182,22 @@ SPECULATORS_VERSION = "0.9.0"
 (tests/test_export_speculators.py)."""
 SPECULATORS_MTP_MODEL_TYPES = ("qwen3", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 """Verifier architectures that release builds an MTP layer for (its ``mtp_model_classes``)."""
+
+
+def speculators_snippet(repo: str) -> str:
+    """How vLLM serves a speculators draft directory (``lightning-mtp export --format speculators``)."""
+    return ("vLLM (a speculators draft: vLLM reads the verifier, the method and the draft length from `config.json`; "
+            "checked with the speculators package, tests/test_export_speculators.py):\n\n"
+            f"```bash\nvllm serve {repo}\n```")
+
+
+def parallel_draft_snippet(repo: str) -> str:
+    """How vLLM uses a mask-token model as a parallel-drafting draft model (``--format parallel_draft``)."""
+    return ("vLLM (parallel drafting: this model drafts K tokens in one forward from `pard_token` masks, for the base "
+            "it was trained from; checked as a transformers model, tests/test_export_mask_token.py):\n\n"
+            "```bash\nvllm serve BASE_MODEL --speculative-config \\\n"
+            f"    '{{\"model\": \"{repo}\", \"method\": \"draft_model\", \"parallel_drafting\": true, "
+            "\"num_speculative_tokens\": 3}'\n```")
 
 
 def native_layout(name: str) -> NativeLayout:

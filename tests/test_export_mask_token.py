@@ -51,3 +51,11 @@ def test_other_methods_and_unmerged_adapters_are_refused(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     merged = export(lora.merge_lora(), "hf", tmp_path / "c")
     assert (merged / "config.json").is_file()
+
+
+def test_the_card_of_a_parallel_draft_export_says_how_vllm_drafts_with_it(tmp_path, mask_module):
+    from lightning_mtp.hub import model_card
+
+    card = str(model_card(export(mask_module, "parallel_draft", tmp_path / "pard"), repo_id="me/pard"))
+    assert '"model": "me/pard", "method": "draft_model", "parallel_drafting": true' in card
+    assert "parallel_drafting" not in str(model_card(export(mask_module, "hf", tmp_path / "hf"), repo_id="me/hf"))

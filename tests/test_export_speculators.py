@@ -182,3 +182,12 @@ def test_model_cards_say_which_heads_export_to_speculators(tmp_path):
         make_backbone(arch).save_pretrained(base)
         art = MTPModule(str(base), method={"name": "fast_mtp", "num_steps": 1}).save_pretrained(tmp_path / f"{arch}-art")
         assert ("--format speculators" in str(model_card(art, repo_id="me/x"))) is exports, arch
+
+
+def test_the_card_of_a_speculators_export_says_how_vllm_serves_it(tmp_path):
+    from lightning_mtp.hub import model_card
+
+    module = MTPModule(make_backbone("qwen3"), method={"name": "fast_mtp", "num_steps": 1})
+    out = export(module, "speculators", tmp_path / "draft", verifier=str(tmp_path))
+    card = str(model_card(out, repo_id="me/qwen3-mtp-draft"))
+    assert "vllm serve me/qwen3-mtp-draft\n" in card and "tests/test_export_speculators.py" in card
