@@ -222,6 +222,9 @@ def build_decoder_layer(parts: BackboneParts, index: int | None = None) -> tuple
     head keeps a cache of its own with one layer. Raises ``ValueError`` naming the reason where the layer
     cannot serve as a head.
     """
+    if getattr(parts.config, "hidden_size", None) is None:  # e.g. a byte-level model's config of several sub-models
+        raise UserInputError(f"{type(parts.config).__name__} names no hidden_size for its decoder layers, so a head cannot "
+                             "be built from them; use a method without heads, e.g. mask_token")
     attention = head_layer_index(parts)
     index = attention if index is None else index
     if index < len(parts.layers) and layer_type(parts, index) not in (None, layer_type(parts, attention)):

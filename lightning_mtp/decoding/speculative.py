@@ -76,7 +76,9 @@ __all__ = [
     "is_recurrent",
     "check_context",
     "check_generate_inputs",
+    "crop_problem",
     "cut_at_stop",
+    "dynamic_cache_problem",
     "needs_row_by_row",
     "new_cache",
     "pad_token_id",
@@ -275,6 +277,11 @@ def speculative_generate(
         warnings.warn(f"{type(model).__name__} restarts its recurrent state when a forward takes several tokens, so "
                       "drafts cannot be verified in one forward: decoding without drafts", stacklevel=2)
         K = 0
+    problem = crop_problem(model) if K > 0 else None
+    if problem is not None:
+        raise UserInputError(f"{type(model).__name__} cannot drop tokens from the end of its cache, which the decoder "
+                             f"does after every step that drafts (rejected drafts, ride-along tokens): {problem}; "
+                             "decode it with num_draft_tokens=0")
     schedule = DraftSchedule(draft_schedule, K)  # refuses an unknown name, before any forward
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     if K > 0 and parts is None:
@@ -302,6 +309,10 @@ def _check_decode_args(model, input_ids, max_new_tokens, num_draft_tokens, atten
     if not takes_cache(model):
         raise UserInputError(f"{type(model).__name__} takes no transformers KV cache (its forward has none of the cache "
                              "keywords), which speculative decoding needs")
+    problem = dynamic_cache_problem(model)
+    if problem is not None:
+        raise UserInputError(f"{type(model).__name__} cannot decode through transformers' DynamicCache, which the "
+                             f"decoder keeps (it crops rejected drafts from it): {problem}")
     B, n = input_ids.shape
     if not _is_int(num_draft_tokens):
         raise UserInputError(f"num_draft_tokens must be an integer >= 0, got {num_draft_tokens!r}")
@@ -413,6 +424,71 @@ class RecurrentStates:
 def is_recurrent(model: PreTrainedModel) -> bool:
     """Whether the backbone has linear-attention / SSM layers (a running state instead of per-token keys)."""
     return any(issubclass(kind, LinearAttentionCacheLayerMixin) for kind in cache_layer_types(model.config))
+
+
+_CACHE_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def dynamic_cache_problem(model: PreTrainedModel) -> str | None:
+    """Why the backbone cannot decode through the decoder's cache (transformers' ``DynamicCache``), or None.
+
+    Probed once per model, as plain decoding runs: three tokens, then one and one more, through a new cache, against
+    the five in one forward. A model with a cache class of its own refuses a ``DynamicCache`` (or breaks on
+    it) in its own forward: its error is the reason. One whose logits a token at a time differ from one forward's (beyond
+    rounding) cannot be decoded losslessly through it either. Both go through :func:`cached_forward` with the
+    positions the decoder passes.
+    """
+    if model not in _CACHE_PROBLEM:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = ((torch.arange(5, device=model.device) * 7 + 3) % vocab)[None]  # (1, 5) any valid ids
+        try:  # the reference is one forward over all five, positions as the decoder passes them (explicit)
+            full = cached_forward(model, ids, new_cache(model), None, 1)[0][0, -1].float()
+            cache = new_cache(model)
+            for start, end in ((0, 3), (3, 4), (4, 5)):
+                last, _ = cached_forward(model, ids[:, start:end], cache, None, 1, start=start)
+        except Exception as err:  # the model's own code refused or broke on the cache: that is the capability
+            _CACHE_PROBLEM[model] = f"its forward raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        else:
+            error = (last[0, -1].float() - full).abs().max() / full.abs().max().clamp(min=1e-6)
+            tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
+            _CACHE_PROBLEM[model] = None if error < tolerance else (
+                f"its logits one token at a time differ from one forward's over the same tokens by {float(error):.1%}")
+    return _CACHE_PROBLEM[model]
+
+
+_CROP_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def crop_problem(model: PreTrainedModel) -> str | None:
+    """Why the decoder's cache of this backbone cannot drop its last tokens exactly, or None.
+
+    Probed once per model, as a step that rejects drafts runs: three tokens, then two that are dropped again
+    (``crop``), then the fourth, against the four in one forward. Recurrent states roll back another way
+    (:class:`RecurrentStates`), so such backbones are not probed here.
+    """
+    if is_recurrent(model):
+        return None
+    if model not in _CROP_PROBLEM:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = ((torch.arange(4, device=model.device) * 7 + 3) % vocab)[None]  # (1, 4) any valid ids
+        dropped = ((torch.arange(2, device=model.device) * 11 + 5) % vocab)[None]  # (1, 2) tokens that are cropped
+        full = cached_forward(model, ids, new_cache(model), None, 1)[0][0, -1].float()  # one forward over all four
+        cache = new_cache(model)
+        try:
+            cached_forward(model, ids[:, :3], cache, None, 1)
+            cached_forward(model, dropped, cache, None, 1, start=3)
+            cache.crop(-2)
+            last, _ = cached_forward(model, ids[:, 3:], cache, None, 1, start=3)
+        except Exception as err:  # the cache's own code refused or broke on the crop: that is the capability
+            _CROP_PROBLEM[model] = f"the crop raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        else:
+            error = (last[0, -1].float() - full).abs().max() / full.abs().max().clamp(min=1e-6)
+            tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
+            _CROP_PROBLEM[model] = None if error < tolerance else (
+                f"after a crop its logits differ from one forward's over the same tokens by {float(error):.1%}")
+    return _CROP_PROBLEM[model]
 
 
 _CONTINUES_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
