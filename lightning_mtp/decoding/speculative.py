@@ -45,6 +45,7 @@ import contextlib
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -216,8 +217,7 @@ def _honours_holes(model: PreTrainedModel) -> bool:
                       use_cache=False).logits[0, -1].float()
         holed = model(ids, attention_mask=torch.tensor([[1, 1, 0, 1]], device=model.device),
                       position_ids=torch.tensor([[0, 1, 1, 2]], device=model.device), use_cache=False).logits[0, -1].float()
-        error = (plain - holed).abs().max() / plain.abs().max().clamp(min=1e-6)
-        _HOLES[model] = bool(error < (1e-3 if model.dtype == torch.float32 else 3e-2))
+        _HOLES[model] = _mismatch(holed, plain, model) is None
     return _HOLES[model]
 
 
@@ -426,6 +426,28 @@ def is_recurrent(model: PreTrainedModel) -> bool:
     return any(issubclass(kind, LinearAttentionCacheLayerMixin) for kind in cache_layer_types(model.config))
 
 
+def _mismatch(got: torch.Tensor, want: torch.Tensor, model: PreTrainedModel) -> float | None:
+    """The largest difference of two logits tensors relative to ``want``'s largest logit, when it is more than
+    rounding (1e-3 in float32, 3e-2 in half precision), else None: the probes' one rule."""
+    error = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6))
+    return error if error >= (1e-3 if model.dtype == torch.float32 else 3e-2) else None
+
+
+def _cache_probe(model: PreTrainedModel, ids: torch.Tensor, steps: Callable[[DynamicCache], torch.Tensor],
+                 raised: str, differ: str) -> str | None:
+    """What a cache probe found, or None: ``steps`` runs the probe's forwards through a new cache and returns the last
+    one's logits (1, 1, V), compared with one forward over ``ids`` (1, n) (positions as the decoder passes them). An
+    error from the model's or the cache's own code is the finding ("``raised`` ValueError: ..."), as is a difference
+    beyond rounding ("``differ`` over the same tokens by 2.5%")."""
+    try:
+        full = cached_forward(model, ids, new_cache(model), None, 1)[0][0, -1]
+        last = steps(new_cache(model))
+    except Exception as err:  # the model's own code refused or broke: that is the capability probed
+        return f"{raised} {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    error = _mismatch(last[0, -1], full, model)
+    return None if error is None else f"{differ} over the same tokens by {error:.1%}"
+
+
 _CACHE_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -442,18 +464,14 @@ def dynamic_cache_problem(model: PreTrainedModel) -> str | None:
     if model not in _CACHE_PROBLEM:
         vocab = model.get_input_embeddings().weight.shape[0]
         ids = ((torch.arange(5, device=model.device) * 7 + 3) % vocab)[None]  # (1, 5) any valid ids
-        try:  # the reference is one forward over all five, positions as the decoder passes them (explicit)
-            full = cached_forward(model, ids, new_cache(model), None, 1)[0][0, -1].float()
-            cache = new_cache(model)
+
+        def steps(cache: DynamicCache) -> torch.Tensor:
             for start, end in ((0, 3), (3, 4), (4, 5)):
                 last, _ = cached_forward(model, ids[:, start:end], cache, None, 1, start=start)
-        except Exception as err:  # the model's own code refused or broke on the cache: that is the capability
-            _CACHE_PROBLEM[model] = f"its forward raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        else:
-            error = (last[0, -1].float() - full).abs().max() / full.abs().max().clamp(min=1e-6)
-            tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
-            _CACHE_PROBLEM[model] = None if error < tolerance else (
-                f"its logits one token at a time differ from one forward's over the same tokens by {float(error):.1%}")
+            return last
+
+        _CACHE_PROBLEM[model] = _cache_probe(model, ids, steps, "its forward raised",
+                                             "its logits one token at a time differ from one forward's")
     return _CACHE_PROBLEM[model]
 
 
@@ -474,20 +492,15 @@ def crop_problem(model: PreTrainedModel) -> str | None:
         vocab = model.get_input_embeddings().weight.shape[0]
         ids = ((torch.arange(4, device=model.device) * 7 + 3) % vocab)[None]  # (1, 4) any valid ids
         dropped = ((torch.arange(2, device=model.device) * 11 + 5) % vocab)[None]  # (1, 2) tokens that are cropped
-        full = cached_forward(model, ids, new_cache(model), None, 1)[0][0, -1].float()  # one forward over all four
-        cache = new_cache(model)
-        try:
+
+        def steps(cache: DynamicCache) -> torch.Tensor:
             cached_forward(model, ids[:, :3], cache, None, 1)
             cached_forward(model, dropped, cache, None, 1, start=3)
             cache.crop(-2)
-            last, _ = cached_forward(model, ids[:, 3:], cache, None, 1, start=3)
-        except Exception as err:  # the cache's own code refused or broke on the crop: that is the capability
-            _CROP_PROBLEM[model] = f"the crop raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        else:
-            error = (last[0, -1].float() - full).abs().max() / full.abs().max().clamp(min=1e-6)
-            tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
-            _CROP_PROBLEM[model] = None if error < tolerance else (
-                f"after a crop its logits differ from one forward's over the same tokens by {float(error):.1%}")
+            return cached_forward(model, ids[:, 3:], cache, None, 1, start=3)[0]
+
+        _CROP_PROBLEM[model] = _cache_probe(model, ids, steps, "the crop raised",
+                                            "after a crop its logits differ from one forward's")
     return _CROP_PROBLEM[model]
 
 
@@ -512,9 +525,7 @@ def verifies_several_tokens(model: PreTrainedModel) -> bool:
         cache = new_cache(model)
         model(ids[:, :4], **{cache_kwarg(model): cache}, use_cache=True)
         part = model(ids[:, 4:], **{cache_kwarg(model): cache}, use_cache=True).logits.float()  # (1, 4, V)
-        error = (part - full[:, 4:]).abs().max() / full.abs().max().clamp(min=1e-6)
-        tolerance = 1e-3 if model.dtype == torch.float32 else 3e-2
-        _CONTINUES_STATE[model] = bool(error < tolerance)
+        _CONTINUES_STATE[model] = _mismatch(part, full[:, 4:], model) is None
     return _CONTINUES_STATE[model]
 
 
