@@ -45,3 +45,11 @@ def test_a_cache_that_cannot_crop_refuses_drafts_but_decodes_without_them():
         module.generate(ids, decoding="speculative", max_new_tokens=6)
     plain = module.generate(ids, decoding="speculative", num_draft_tokens=0, max_new_tokens=6).sequences
     assert torch.equal(plain, model.generate(ids, do_sample=False, max_new_tokens=6))
+
+
+def test_a_backbone_that_loses_a_hole_through_the_cache_decodes_row_by_row():
+    """GIT honours a masked slot in one forward but not once it sits in the cache: the probe finds it, and a
+    left-padded batch then decodes each row as alone."""
+    from lightning_mtp.decoding.speculative import needs_row_by_row
+
+    assert needs_row_by_row(build("git")) and not needs_row_by_row(make_backbone("llama"))

@@ -191,6 +191,8 @@ def needs_row_by_row(model: PreTrainedModel) -> bool:
         return True
     if any(kind is not DynamicLayer for kind in cache_layer_types(model.config)):
         return True
+    if dynamic_cache_problem(model) is not None:  # each row is then refused, with the reason, as it would be alone
+        return True
     return not _honours_holes(model)
 
 
@@ -209,15 +211,20 @@ _HOLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 @torch.no_grad()
 def _honours_holes(model: PreTrainedModel) -> bool:
     """Whether a masked-out slot with explicit position ids leaves the other tokens' logits as they would be without
-    it (probed once per model: three tokens, against the same three with a masked token between them)."""
+    it, in one forward and through the cache (probed once per model: three tokens, against the same three with a
+    masked token between them, once in one forward and once with the last token fed after the cache holds the hole,
+    as the decoder's steps feed it)."""
     if model not in _HOLES:
+        device = model.device
         vocab = model.get_input_embeddings().weight.shape[0]
-        ids = ((torch.arange(4, device=model.device) * 5 + 3) % vocab)[None]  # (1, 4) any valid ids
-        plain = model(ids[:, [0, 1, 3]], position_ids=torch.tensor([[0, 1, 2]], device=model.device),
-                      use_cache=False).logits[0, -1].float()
-        holed = model(ids, attention_mask=torch.tensor([[1, 1, 0, 1]], device=model.device),
-                      position_ids=torch.tensor([[0, 1, 1, 2]], device=model.device), use_cache=False).logits[0, -1].float()
-        _HOLES[model] = _mismatch(holed, plain, model) is None
+        ids = ((torch.arange(4, device=device) * 5 + 3) % vocab)[None]  # (1, 4) any valid ids
+        mask, pos = torch.tensor([[1, 1, 0, 1]], device=device), torch.tensor([[0, 1, 1, 2]], device=device)
+        plain = model(ids[:, [0, 1, 3]], position_ids=pos[:, [0, 1, 3]], use_cache=False).logits[0, -1]
+        holed = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[0, -1]
+        cache = new_cache(model)
+        cached_forward(model, ids[:, :3], cache, None, 1, mask[:, :3], pos[:, :3])
+        stepped, _ = cached_forward(model, ids[:, 3:], cache, None, 1, mask, pos[:, 3:])
+        _HOLES[model] = _mismatch(holed, plain, model) is None and _mismatch(stepped[0, -1], plain, model) is None
     return _HOLES[model]
 
 
