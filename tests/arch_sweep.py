@@ -105,10 +105,7 @@ OVERRIDES: dict[str, dict] = {
 """Per-architecture fields where the generic shrink cannot build the model (kept as short as possible)."""
 
 
-KNOWN_FAILURES: dict[str, str] = {
-    "moshi": "mask_token: with drafts, one prompt decoded alone differs from HF greedy (a rollback the probes do not "
-             "catch: several tokens per forward, crops and holes all probe clean)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 """Architectures that build but fail a check for a reason not yet fixed: their test is a strict xfail (it fails as
 soon as they pass, so the entry is removed) and the page shows the reason. Kept short; each is an open defect."""
 

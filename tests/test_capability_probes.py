@@ -11,7 +11,7 @@ from conftest import make_backbone
 from transformers import DynamicCache
 
 from lightning_mtp import MTPModule
-from lightning_mtp.decoding.speculative import crop_problem, dynamic_cache_problem
+from lightning_mtp.decoding.speculative import crop_problem, dynamic_cache_problem, needs_row_by_row
 
 
 def test_a_healthy_backbone_passes_both_probes():
@@ -50,6 +50,15 @@ def test_a_cache_that_cannot_crop_refuses_drafts_but_decodes_without_them():
 def test_a_backbone_that_loses_a_hole_through_the_cache_decodes_row_by_row():
     """GIT honours a masked slot in one forward but not once it sits in the cache: the probe finds it, and a
     left-padded batch then decodes each row as alone."""
-    from lightning_mtp.decoding.speculative import needs_row_by_row
-
     assert needs_row_by_row(build("git")) and not needs_row_by_row(make_backbone("llama"))
+
+
+def test_a_cache_that_drops_what_one_forward_still_sees_is_probed_past_its_window():
+    """Moshi's cache keeps its sliding window (8 here) while one forward over the same tokens attends past it: the
+    two agree on 5 tokens and differ from the 9th on, so the probe runs two tokens past a small window and finds it."""
+    model = build("moshi")
+    assert model.config.sliding_window == 8
+    assert "one token at a time differ from one forward's" in dynamic_cache_problem(model)
+    module = MTPModule(model, method={"name": "mask_token", "mask_token_id": 3})
+    with pytest.raises(ValueError, match="MoshiForCausalLM cannot decode through transformers' DynamicCache"):
+        module.generate(torch.tensor([[5, 6, 7]]), decoding="speculative", max_new_tokens=4)

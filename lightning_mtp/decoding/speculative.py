@@ -462,24 +462,34 @@ _CACHE_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def dynamic_cache_problem(model: PreTrainedModel) -> str | None:
     """Why the backbone cannot decode through the decoder's cache (transformers' ``DynamicCache``), or None.
 
-    Probed once per model, as plain decoding runs: three tokens, then one and one more, through a new cache, against
-    the five in one forward. A model with a cache class of its own refuses a ``DynamicCache`` (or breaks on
+    Probed once per model, as plain decoding runs: three tokens, then one at a time, through a new cache, against the
+    same tokens in one forward; five in all, or two past a small sliding window (up to 64 tokens) so that a cache that
+    drops what the window left behind is probed where it does (moshi's one forward attends past its window, its
+    cache does not). A model with a cache class of its own refuses a ``DynamicCache`` (or breaks on
     it) in its own forward: its error is the reason. One whose logits a token at a time differ from one forward's (beyond
     rounding) cannot be decoded losslessly through it either. Both go through :func:`cached_forward` with the
     positions the decoder passes.
     """
     if model not in _CACHE_PROBLEM:
         vocab = model.get_input_embeddings().weight.shape[0]
-        ids = ((torch.arange(5, device=model.device) * 7 + 3) % vocab)[None]  # (1, 5) any valid ids
+        n = _probe_length(model.config)
+        ids = ((torch.arange(n, device=model.device) * 7 + 3) % vocab)[None]  # (1, n) any valid ids
 
         def steps(cache: DynamicCache) -> torch.Tensor:
-            for start, end in ((0, 3), (3, 4), (4, 5)):
-                last, _ = cached_forward(model, ids[:, start:end], cache, None, 1, start=start)
+            last, _ = cached_forward(model, ids[:, :3], cache, None, 1, start=0)
+            for start in range(3, n):
+                last, _ = cached_forward(model, ids[:, start : start + 1], cache, None, 1, start=start)
             return last
 
         _CACHE_PROBLEM[model] = _cache_probe(model, ids, steps, "its forward raised",
                                              "its logits one token at a time differ from one forward's")
     return _CACHE_PROBLEM[model]
+
+
+def _probe_length(config) -> int:
+    """Tokens a cache probe runs: 5, or two past the config's sliding window when that fits in 64."""
+    window = getattr(config, "sliding_window", None)
+    return window + 2 if isinstance(window, int) and not isinstance(window, bool) and 3 < window <= 62 else 5
 
 
 _CROP_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
