@@ -31,6 +31,7 @@ from lightning_mtp.decoding.speculative import (
     needs_row_by_row,
     speculative_generate,
 )
+from lightning_mtp.decoding.tree import TreeShape
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import MethodConfig, MethodContext, MTPMethod, resolve_method
 from lightning_mtp.metrics import AcceptanceRate
@@ -254,6 +255,7 @@ class MTPModule(L.LightningModule):
         attention_mask: torch.Tensor | None = None,
         draft_confidence_threshold: float | None = None,
         draft_schedule: str | None = None,
+        tree: TreeShape | dict | None = None,
         **options: Any,
     ):
         """Decode ``input_ids`` (B, n); returns ``GenerateOutput(sequences, stats)`` like HF generate.
@@ -273,6 +275,10 @@ class MTPModule(L.LightningModule):
         ``draft_schedule``: ``"adaptive"`` (the default) shortens chains, down to none, while drafts miss, so a
         method whose drafts do not fit the prompt costs about what plain decoding costs; ``"constant"`` drafts
         ``num_draft_tokens`` every step (see :mod:`lightning_mtp.decoding.schedule`).
+        ``tree`` (a :class:`~lightning_mtp.decoding.tree.TreeShape` or its mapping, e.g. ``{"kind": "dynamic",
+        "depth": 5, "top_k": 4, "total_tokens": 24}``): the method drafts token trees, each verified in one forward,
+        as deep as the shape (or ``num_draft_tokens`` when given); still lossless. Rows of a batch decode one at a
+        time; every step drafts (``draft_schedule`` applies to chains).
         """
         check_generate_inputs(self.backbone, input_ids, max_new_tokens)
         defaults = dict(self.decoding_defaults)
@@ -280,6 +286,7 @@ class MTPModule(L.LightningModule):
         default_k = defaults.pop("num_draft_tokens", None)
         default_threshold = defaults.pop("draft_confidence_threshold", 0.0)
         default_schedule = defaults.pop("draft_schedule", "adaptive")
+        default_tree = defaults.pop("tree", None)
         if decoding is None:
             decoding, options = default_mode, {**(defaults if default_mode != "speculative" else {}), **options}
         if num_draft_tokens is None:
@@ -292,12 +299,15 @@ class MTPModule(L.LightningModule):
             raise UserInputError(f"draft_schedule applies to speculative decoding, not {decoding!r}")
         if draft_schedule is None:
             draft_schedule = default_schedule
+        if tree is not None and decoding != "speculative":
+            raise UserInputError(f"tree applies to speculative decoding, not {decoding!r}")
+        shape = TreeShape.parse(tree if tree is not None else (default_tree if decoding == "speculative" else None))
         offered = ("speculative",) if self.method is None else self.method.decodings
         if decoding not in offered:
             raise UserInputError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
         if decoding == "speculative" and options:
             raise UserInputError(f"unknown generate option(s) {sorted(options)} for speculative decoding")
-        k = self.num_draft_tokens if num_draft_tokens is None else num_draft_tokens
+        k = num_draft_tokens if num_draft_tokens is not None else (shape.depth if shape else self.num_draft_tokens)
         if k < 0:
             raise UserInputError(f"num_draft_tokens must be >= 0, got {k}")
         modes = {mod: mod.training for mod in self.modules()}  # restore each one: a blanket .train() would
@@ -320,10 +330,12 @@ class MTPModule(L.LightningModule):
                     attention_mask=mask,
                     draft_confidence_threshold=draft_confidence_threshold,
                     draft_schedule=draft_schedule,
+                    tree=shape if drafter is not None else None,
                     **sampling,
                 )
 
-            if input_ids.dim() == 2 and input_ids.shape[0] > 1 and needs_row_by_row(self.base_model):
+            by_row = shape is not None or needs_row_by_row(self.base_model)  # trees verify one sequence at a time
+            if input_ids.dim() == 2 and input_ids.shape[0] > 1 and by_row:
                 return _row_by_row(decode, input_ids, attention_mask, pad_token_id(self.backbone))
             return decode(input_ids, attention_mask)
         finally:

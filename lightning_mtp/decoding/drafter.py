@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.decoding.tree import DraftTree, TreeShape
 
 __all__ = ["AppendedOutputs", "DraftChain", "Drafter"]
 
@@ -60,6 +61,25 @@ class Drafter:
     """A chain ends before a position whose most likely draft has less probability than this (0: never)."""
     appended_at_prefill: bool = True
     """Whether the prefill's forward carries the :meth:`appended_tokens` too (when there are any)."""
+
+    drafts_trees: bool = False
+    """Whether :meth:`draft_tree` proposes token trees (then ``generate(tree=...)`` verifies them)."""
+
+    def draft_tree(
+        self,
+        hidden: torch.Tensor,  # (1, m, H) as for draft(): one sequence
+        next_ids: torch.Tensor,  # (1, m)
+        k: int,  # the deepest the tree may be
+        shape: TreeShape,
+        probs_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        valid: torch.Tensor | None = None,
+        appended: AppendedOutputs | None = None,
+    ) -> DraftTree:
+        """A token tree of ``shape`` (at most ``k`` deep) after the committed positions, grown with
+        :func:`~lightning_mtp.decoding.tree.grow_tree`; an empty tree for no drafts this step. Drafters that set
+        :attr:`drafts_trees` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} drafts chains only")
 
     def appended_tokens(self, k: int) -> torch.Tensor | None:
         """Token ids (a,) to append after the ``k`` drafts of every forward, or None (the default) for none."""

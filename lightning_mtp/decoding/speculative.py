@@ -68,6 +68,7 @@ from lightning_mtp.backbone import (
 from lightning_mtp.decoding.drafter import AppendedOutputs, Drafter
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.decoding.schedule import DraftSchedule
+from lightning_mtp.decoding.tree import DraftTree, TreeShape, keep_slots, tree_attention, walk_tree
 from lightning_mtp.errors import UserInputError
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "new_cache",
     "pad_token_id",
     "speculative_generate",
+    "tree_problem",
     "verifies_several_tokens",
 ]
 
@@ -264,6 +266,7 @@ def speculative_generate(
     draft_confidence_threshold: float = 0.0,
     draft_schedule: str = "constant",
     trust_drafts: bool = False,
+    tree: TreeShape | None = None,
 ) -> GenerateOutput:
     """Decode ``input_ids`` (B, n) with drafts from ``drafter`` verified by ``model``; see the module docstring.
 
@@ -274,7 +277,8 @@ def speculative_generate(
     more drafts than the token budget can use. ``draft_schedule``: ``"constant"`` asks every step for
     ``num_draft_tokens`` drafts, ``"adaptive"`` for fewer, down to none, while they miss (see
     :mod:`~lightning_mtp.decoding.schedule`). ``trust_drafts`` keeps every draft unverified (lossy; see the module
-    docstring).
+    docstring). ``tree``: the drafter proposes token trees of that shape, at most ``num_draft_tokens`` deep, each
+    verified in one forward (:mod:`~lightning_mtp.decoding.tree`; one sequence at a time, every step drafts).
     """
     real = _check_decode_args(model, input_ids, max_new_tokens, num_draft_tokens, attention_mask, streamer,
                               draft_confidence_threshold)
@@ -289,6 +293,9 @@ def speculative_generate(
         raise UserInputError(f"{type(model).__name__} cannot drop tokens from the end of its cache, which the decoder "
                              f"does after every step that drafts (rejected drafts, ride-along tokens): {problem}; "
                              "decode it with num_draft_tokens=0")
+    if K > 0 and tree is not None:
+        _check_tree(model, drafter, B, trust_drafts)
+        draft_schedule = "constant"  # a tree step always drafts: the schedule shortens chains
     schedule = DraftSchedule(draft_schedule, K)  # refuses an unknown name, before any forward
     probs_fn = make_probs_fn(temperature, top_p, top_k) if do_sample else None
     if K > 0 and parts is None:
@@ -297,7 +304,8 @@ def speculative_generate(
         drafter.min_confidence = float(draft_confidence_threshold)  # where chains end (see DraftChain)
     t_start = time.perf_counter()
     with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
-        decoder = _Decoder(model, drafter, schedule, max_new_tokens, probs_fn, generator, streamer, grab, trust_drafts)
+        decoder = _Decoder(model, drafter, schedule, max_new_tokens, probs_fn, generator, streamer, grab, trust_drafts,
+                           tree if K > 0 else None)
         generated, stats = decoder.run(input_ids, real)
     stats.total_seconds = time.perf_counter() - t_start
     longest = max(len(g) for g in generated)
@@ -338,6 +346,20 @@ def _check_decode_args(model, input_ids, max_new_tokens, num_draft_tokens, atten
             "speculative decoding cannot mask; decode its rows one at a time (MTPModule.generate does this for you)"
         )
     return real
+
+
+def _check_tree(model: PreTrainedModel, drafter: Drafter, batch: int, trust: bool) -> None:
+    """Refuse tree drafting where it cannot run, before any forward."""
+    if not drafter.drafts_trees:
+        raise UserInputError(f"{type(drafter).__name__} drafts chains only; decode without tree")
+    if trust:
+        raise UserInputError("trusted drafts are kept unverified: a tree needs verifying; decode without tree")
+    if batch > 1:
+        raise UserInputError(f"tree drafting decodes one sequence at a time, got a batch of {batch} "
+                             "(MTPModule.generate decodes each row alone for you)")
+    problem = tree_problem(model)
+    if problem is not None:
+        raise UserInputError(f"{type(model).__name__} cannot verify a token tree: {problem}; decode without tree")
 
 
 def _is_int(value) -> bool:
@@ -492,6 +514,56 @@ def _probe_length(config) -> int:
     return window + 2 if isinstance(window, int) and not isinstance(window, bool) and 3 < window <= 62 else 5
 
 
+_TREE_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def tree_problem(model: PreTrainedModel) -> str | None:
+    """Why the backbone cannot verify a token tree in one forward and keep one path of it, or None.
+
+    A tree step needs every cache layer to keep every slot (a sliding window or a recurrent state cannot drop a
+    rejected branch from the middle), explicit position ids, and a forward that honours a 4D attention mask. Probed
+    once per model: a prompt of three tokens, then a root with two branches (one two nodes deep) in one forward; each
+    node's logits must equal a plain forward over its path, and after keeping one branch's slots the next token's
+    logits must equal a plain forward over prompt, root, branch and token.
+    """
+    if model not in _TREE_PROBLEM:
+        _TREE_PROBLEM[model] = _tree_probe(model)
+    return _TREE_PROBLEM[model]
+
+
+def _tree_probe(model: PreTrainedModel) -> str | None:
+    kinds = [kind for kind in cache_layer_types(model.config) if kind is not DynamicLayer]
+    if kinds:
+        return (f"its cache layers {sorted({k.__name__ for k in kinds})} keep a window or a running state, from which "
+                "a rejected branch cannot be dropped")
+    if "position_ids" not in forward_params(model):
+        return "its forward takes no position ids, which a tree's branches need"
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = ((torch.arange(7, device=model.device) * 7 + 3) % vocab)[None]  # (1, 7): prompt 0-2, root 3, nodes 4-6
+    tree = DraftTree(ids[0, 4:], [-1, -1, 0], 2)  # node 0 and node 2 below it; node 1 a sibling of node 0
+    paths = {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 5], 2: [0, 1, 2, 3, 4, 6]}
+
+    def plain(cols: list[int]) -> torch.Tensor:
+        return model(ids[:, cols], use_cache=False).logits[0, -1]
+
+    try:
+        cache = new_cache(model)
+        cached_forward(model, ids[:, :3], cache, None, 1)
+        mask, pos = tree_attention(tree, 3, 0, model.dtype, model.device)
+        logits, _ = cached_forward(model, ids[:, 3:], cache, None, None, mask, pos)
+        for node, cols in paths.items():
+            error = _mismatch(logits[0, 1 + node], plain(cols), model)
+            if error is not None:
+                return f"a tree node's logits differ from a forward over its path by {error:.1%}"
+        keep_slots(cache, torch.tensor([0, 1, 2, 3, 5], device=model.device))
+        after, _ = cached_forward(model, ids[:, 6:], cache, None, 1, start=5)
+    except Exception as err:  # the model's own code refused the mask or the positions: that is the finding
+        return f"its forward raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    error = _mismatch(after[0, -1], plain([0, 1, 2, 3, 5, 6]), model)
+    return None if error is None else f"after keeping one branch its logits differ by {error:.1%}"
+
+
 _CROP_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -560,9 +632,10 @@ class _Decoder:
     """
 
     def __init__(self, model, drafter, schedule: DraftSchedule, max_new_tokens, probs_fn, generator, streamer,
-                 grab, trust: bool = False) -> None:
+                 grab, trust: bool = False, shape: TreeShape | None = None) -> None:
         self.model, self.drafter, self.schedule, self.K = model, drafter, schedule, schedule.longest
-        self.trust = trust
+        self.trust, self.shape = trust, shape
+        self.tree: DraftTree | None = None  # the tree the next step verifies (a chain is self.drafts)
         self.max_new_tokens, self.probs_fn, self.generator = max_new_tokens, probs_fn, generator
         self.streamer, self.grab = streamer, grab
         self.eos = eos_ids(model)
@@ -682,6 +755,8 @@ class _Decoder:
 
     def step(self, keep: list[int]) -> None:
         """Verify the drafts of every active row in one forward, accept, commit, emit, and draft the next chain."""
+        if self.tree is not None:
+            return self._tree_step(keep)
         remaining = [self.max_new_tokens - len(self.generated[r]) for r in self.rows.tolist()]
         budget, seen_drafts = self._budgets(remaining)
         k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
@@ -720,6 +795,42 @@ class _Decoder:
             last = verified - (1 + k - logits.shape[1])  # (b,) that slot's column (logits may hold the last one only)
             appended = appended._replace(before=logits[torch.arange(len(last), device=self.device), last])
         self.draft(hidden, next_ids, k_next, cols, appended, complete)
+
+    def _tree_step(self, keep: list[int]) -> None:
+        """Verify the tree in one forward (one sequence), keep the longest path the backbone agrees with and exactly
+        its cache slots, emit it, and draft the next tree after it. The ride-along tokens follow the main chain."""
+        remaining = self.max_new_tokens - len(self.generated[int(self.rows[0])])
+        tree, self.tree, A = self.tree.pruned(remaining - 1), None, self.A
+        t0 = time.perf_counter()
+        ids = torch.cat([self.token[:, None], tree.tokens[None]] + ([self.append[None]] if A else []), dim=1)
+        mask, pos = tree_attention(tree, self.filled, A, self.model.dtype, self.device)  # (1, 1, q, kv), (1, q)
+        logits, hidden = cached_forward(self.model, ids, self.cache, self.grab, None, mask, pos)
+        self.stats.backbone_forwards += 1
+        self.stats.row_forwards += 1
+        logits, hidden, appended = _split_appended(logits, hidden, A)
+        path, nxt = walk_tree(tree, logits[0], self.probs_fn, self.generator)
+        self.stats.count_step(len(path), tree.depth)
+        cols = [1 + i for i in path]  # the path's columns in the step (the root is column 0)
+        keep_slots(self.cache, torch.tensor([*range(self.filled + 1), *(self.filled + c for c in cols)],
+                                            device=self.device))
+        self.filled += 1 + len(path)
+        self.stats.verify_seconds += time.perf_counter() - t0
+        path_ids = tree.tokens[path][None]  # (1, kept)
+        self.token = torch.tensor([nxt], device=self.device)
+        self._emit(keep, path_ids.tolist(), [len(path)], self.token, [remaining])
+        k_next = self.draft_length(self.generated, self.rows, self.done)
+        hidden = hidden[:, [0, *cols]] if hidden is not None else None  # (1, 1 + kept, H)
+        next_ids = torch.cat([path_ids, self.token[:, None]], dim=1)  # (1, 1 + kept) the token after each
+        self.drafts = None
+        if k_next <= 0:
+            self.held.append((hidden, next_ids, None))
+            return
+        hidden, next_ids, held_cols = self._with_held(hidden, next_ids, None)
+        complete = None  # the ride-along tokens followed the main chain: usable when the path is all of it
+        if appended is not None:
+            complete = torch.tensor([path == list(range(tree.chain))], device=self.device)
+            appended = appended._replace(before=logits[:, tree.chain])
+        self.draft(hidden, next_ids, k_next, held_cols, appended, complete)
 
     def _with_held(self, hidden: torch.Tensor, next_ids: torch.Tensor, cols: torch.Tensor | None):
         """This step's committed positions after the ones held since the drafter's last call, in one tensor each:
@@ -852,8 +963,14 @@ class _Decoder:
         """Ask the drafter for the next chain after the committed positions (``cols`` marks them, None: all)."""
         t0 = time.perf_counter()
         extra = {} if appended is None else {"appended": appended._replace(complete=complete)}
-        self.drafts, self.draft_probs = self.drafter.draft(hidden, next_ids, k, self.probs_fn, self.generator, cols,
-                                                           **extra)
+        if self.shape is not None:
+            tree = self.drafter.draft_tree(hidden, next_ids, k, self.shape.within(k), self.probs_fn, self.generator,
+                                           cols, **extra).pruned(k)
+            self.tree = tree if len(tree) else None
+            self.drafts, self.draft_probs = tree.tokens[None, : tree.chain], None  # (1, chain): the main chain
+        else:
+            self.drafts, self.draft_probs = self.drafter.draft(hidden, next_ids, k, self.probs_fn, self.generator,
+                                                               cols, **extra)
         self.stats.draft_seconds += time.perf_counter() - t0
         if self.trust:
             self._emit_trusted(k)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
+from lightning_mtp.decoding.tree import DraftTree, TreeShape, grow_tree
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import (
     DraftChain,
@@ -184,10 +185,61 @@ class FastMTPDrafter(CachedChainDrafter):
     and the slots and positions of a batch with holes).
     """
 
+    drafts_trees = True
+
     def __init__(self, head: FastMTPHead, parts: BackboneParts) -> None:
         super().__init__(num_heads=1)
         self.head, self.parts = head, parts
         self.kv = self.head_caches[0]
+
+    def draft_tree(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, shape: TreeShape,
+                   probs_fn=None, generator=None, valid=None, appended=None) -> DraftTree:
+        """A tree grown with the head: each expanded node is one more application of the head to that node's token
+        after its parent's output, all of a level in one call, each seeing the committed entries and its ancestors'
+        (a tree mask over the head's own cache)."""
+        self.begin(1, next_ids.device, holes=False)
+        h = self._commit(hidden, next_ids, valid)  # (1, 1, H) the head's output at the last committed position
+        states: dict[int, torch.Tensor] = {-1: h[0]}  # node -> (1, H) the head's output after it (-1: the root)
+        slots: dict[int, int] = {}  # node -> its speculative entry in the head's cache
+
+        def expand(tree: DraftTree, nodes: list[int]) -> torch.Tensor:  # (w, V) the logits after each node
+            out = self._expand(tree, nodes, states, slots)  # (1, w, H)
+            for j, node in enumerate(nodes):
+                states[node] = out[:, j]
+            return self._full_vocab(self.head.logits(self.parts, out)[0])
+
+        return grow_tree(self._full_vocab(self.head.logits(self.parts, h)[0])[-1], expand, shape, self.stop_ids)
+
+    def _expand(self, tree: DraftTree, nodes: list[int], states: dict[int, torch.Tensor],
+                slots: dict[int, int]) -> torch.Tensor:
+        """Apply the head to ``nodes`` (w) after their parents' outputs in one call: (1, w, H)."""
+        head, kv = self.head, self.kv
+        device, depths = tree.tokens.device, tree.depths
+        committed, spec, w = kv.committed, kv.speculative, len(nodes)
+        allowed = torch.zeros(w, committed + spec + w, dtype=torch.bool, device=device)  # (w, kv)
+        allowed[:, :committed] = True
+        for j, node in enumerate(nodes):
+            parent = tree.parents[node]
+            while parent >= 0:  # an ancestor's entry (every ancestor was expanded: it has a child)
+                allowed[j, committed + slots[parent]] = True
+                parent = tree.parents[parent]
+            allowed[j, committed + spec + j] = True
+            slots[node] = spec + j
+        prev = torch.cat([states[tree.parents[n]] for n in nodes])[None]  # (1, w, H)
+        mask = torch.zeros(allowed.shape, dtype=prev.dtype, device=device).masked_fill_(~allowed, torch.finfo(prev.dtype).min)
+        pos = torch.tensor([[committed + depths[n] - 1 for n in nodes]], device=device)  # (1, w)
+        out = head.block(self.parts, head.recur(prev), tree.tokens[nodes][None], pos, kv.cache,
+                         attention_mask=mask[None, None])
+        kv.speculative += w
+        return out
+
+    def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """(w, V') draft-vocabulary logits -> (w, V), -inf outside the draft vocabulary."""
+        if self.head.draft_ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.parts.vocab_size), float("-inf"))
+        full[:, self.head.draft_ids] = logits
+        return full
 
     def draft(
         self,

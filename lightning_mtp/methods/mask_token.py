@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from lightning_mtp.backbone import BackboneParts, eos_ids, forward_params, load_backbone
 from lightning_mtp.decoding.conf_adapt import conf_adapt_generate
 from lightning_mtp.decoding.sampling import sample
+from lightning_mtp.decoding.tree import DraftTree, TreeShape, grow_tree
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import (
     AppendedOutputs,
@@ -580,8 +581,28 @@ class MaskTokenDrafter(Drafter):
     nothing but carries fresh masks, whose predictions then continue the sequence).
     """
 
+    drafts_trees = True
+
     def __init__(self, mask_token_id: int) -> None:
         self.mask_token_id = mask_token_id
+
+    def draft_tree(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, shape: TreeShape,
+                   probs_fn=None, generator=None, valid=None, appended=None) -> DraftTree:
+        """A tree over the masks' predictions: mask j's top tokens are the candidates at depth j + 1 whatever
+        their parent (the masks predict each position from the committed sequence alone). Empty where the masks did
+        not follow the committed sequence (the path left the main chain they rode along)."""
+        if appended is None:
+            raise UserInputError("MaskTokenDrafter drafts from the mask tokens a decoder appends (Drafter.appended_tokens); "
+                                 "use it with lightning_mtp.decoding.speculative_generate")
+        if not bool(appended.complete.all()):
+            return DraftTree.empty(next_ids.device)
+        logits = appended.logits[0, :k]  # (k, V): mask j predicts the token j after the next one
+
+        def expand(tree: DraftTree, nodes: list[int]) -> torch.Tensor:  # a node at depth d: mask d's prediction
+            depths = tree.depths
+            return logits[[depths[n] for n in nodes]]
+
+        return grow_tree(logits[0], expand, shape.within(logits.shape[0]), self.stop_ids)
 
     def appended_tokens(self, k: int) -> torch.Tensor:
         return torch.full((k,), self.mask_token_id, dtype=torch.long)
