@@ -43,6 +43,7 @@ from lightning_mtp.data import tiny_world
 from lightning_mtp.data.chat import RecordFormat, prompt_of, render_chat
 from lightning_mtp.data.tiny_math import answer_accuracy, problems
 from lightning_mtp.decoding.speculative import pad_token_id
+from lightning_mtp.decoding.tree import TreeShape
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.module import MTPModule
 from lightning_mtp.progress import progress_bar
@@ -404,9 +405,11 @@ def _load_draft(draft_model: str, base: MTPModule) -> PreTrainedModel:
 
 def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool, draft_model: str | None,
                    prompt_lookup_tokens: int, counter: _CountForwards, sweep: bool = False,
-                   base: MTPModule | None = None, constant_schedule: bool = False) -> list[Decoder]:
+                   base: MTPModule | None = None, constant_schedule: bool = False, trees: bool = False) -> list[Decoder]:
     """Every entry: the baselines and peers on ``base`` (the untouched base model), then each module's own;
-    ``constant_schedule`` adds each method's default decoding with a constant chain (``{name}/constant``)."""
+    ``constant_schedule`` adds each method's default decoding with a constant chain (``{name}/constant``), ``trees``
+    its decoding with the token trees of :func:`bench_trees` (``{name}/tree-dynamic-d4k4t16``) where it drafts
+    trees."""
     base = base if base is not None else _untouched(modules)
     backbone = base.backbone
     eos, pad = eos_ids(backbone), pad_token_id(backbone)
@@ -429,6 +432,9 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
             method_entries.append((name, i, module, options))
             if constant_schedule and options == {"decoding": "speculative"}:  # the default, with a constant chain
                 method_entries.append((f"{name}/constant", i, module, {**options, "draft_schedule": "constant"}))
+            if trees and options == {"decoding": "speculative"} and module.method.drafter(module.parts).drafts_trees:
+                method_entries += [(f"{name}/tree-{shape.label}", i, module, {**options, "tree": shape.as_dict()})
+                                   for shape in bench_trees(module.num_draft_tokens, sweep)]
     names = [e[0] for e in method_entries]
     for name, i, module, options in method_entries:
         label = name if names.count(name) == 1 else f"{name}[{i}]"  # two models of one method: say which
@@ -437,16 +443,26 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
         at = f"@b{batch_size}"
         decoders.append(Decoder("hf_greedy" + at, batch_size, hf(), BASE, "baseline"))
         decoders.append(Decoder("ntp" + at, batch_size, ntp, BASE, "baseline"))
-        for d in [d for d in decoders if d.kind == "method" and d.batch_size == 1]:
+        for d in [d for d in decoders if d.kind == "method" and d.batch_size == 1 and "/tree-" not in d.name]:
             decoders.append(Decoder(d.name + at, batch_size, d.run, d.reference, "method"))
     return decoders
+
+
+def bench_trees(k: int, sweep: bool = False) -> list[TreeShape]:
+    """The token trees ``--trees`` benches for a method of chain length ``k``: EAGLE-2 dynamic trees of ``k`` levels
+    (the chain's drafting depth) and ``k + 1``, 16 nodes each, and the default static tree; ``sweep`` adds a wide
+    (32 nodes, top 8) and a narrow (8 nodes, top 2) one."""
+    shapes = [TreeShape("dynamic", k, 4, 16), TreeShape("dynamic", k + 1, 4, 16), TreeShape("static")]
+    if sweep:
+        shapes += [TreeShape("dynamic", k + 1, 8, 32), TreeShape("dynamic", k, 2, 8)]
+    return shapes
 
 
 def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, max_new_tokens: int = 128,
               repeats: int = 1, warmup: int = 2, batch_size: int = 8, peers: bool | None = None,
               draft_model: str | None = None, prompt_lookup_tokens: int = 10, sweep: bool = False,
               progress: bool = True, model_names: list[str] | None = None, base: MTPModule | None = None,
-              constant_schedule: bool = False) -> list[dict]:
+              constant_schedule: bool = False, trees: bool = False) -> list[dict]:
     """Time every decoder on ``prompts`` in one process, interleaved; return one JSON-ready row per entry.
 
     ``modules`` are MTPModules (or a single one). ``base`` is the untouched base model they were trained on (see
@@ -454,7 +470,7 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     module whose backbone is that base (a frozen backbone without LoRA), and refuses when there is none. ``peers``
     (HF prompt lookup and assisted generation) default to on for the shipped worlds' models, whose draft model is in the
     zoo; ``batch_size`` > 1 adds batched entries. ``model_names`` (one per module, e.g. the ``--model``
-    arguments) fill each method row's ``model`` field. ``constant_schedule``: see :func:`build_decoders`.
+    arguments) fill each method row's ``model`` field. ``constant_schedule``, ``trees``: see :func:`build_decoders`.
     """
     modules = modules if isinstance(modules, (list, tuple)) else [modules]
     base = base if base is not None else _untouched(modules)
@@ -473,7 +489,7 @@ def run_bench(modules, prompts: list[str], answers: list[int] | None = None, *, 
     try:
         decoders = build_decoders(modules, max_new_tokens=max_new_tokens, batch_size=batch_size, peers=peers,
                                   draft_model=draft_model, prompt_lookup_tokens=prompt_lookup_tokens, counter=counter,
-                                  sweep=sweep, base=base, constant_schedule=constant_schedule)
+                                  sweep=sweep, base=base, constant_schedule=constant_schedule, trees=trees)
         _time(decoders, base, tok, prompts, batch_size, repeats, warmup, progress)
         references = _reference_outputs(modules, base, decoders, max_new_tokens, tok, prompts)
     finally:
@@ -845,6 +861,9 @@ def _parser() -> CommandParser:
     parser.add_argument("--constant-schedule", action="store_true",
                         help="also run each method's default decoding with a constant chain length ({name}/constant), "
                              "beside the adaptive default")
+    parser.add_argument("--trees", action="store_true",
+                        help="also run each tree-drafting method with token trees (dynamic at its K and K + 1 levels, "
+                             "the default static tree; --sweep adds wider and narrower ones), one sequence at a time")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file")
     parser.add_argument("--markdown", default=None, help="write the table to this Markdown file")
@@ -869,7 +888,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup,
                                 batch_size=args.batch_size, peers=args.peers, draft_model=args.draft_model,
                                 prompt_lookup_tokens=args.prompt_lookup_tokens, sweep=args.sweep,
-                                model_names=args.model, constant_schedule=args.constant_schedule)
+                                model_names=args.model, constant_schedule=args.constant_schedule, trees=args.trees)
         rows += [{**row, "domain": domain} for row in domain_rows]
         print_table(domain_rows, title="lightning-mtp bench" + (f": {domain}" if len(sets) > 1 else ""))
     if len(sets) > 1:

@@ -158,6 +158,8 @@ def generate(argv: list[str]) -> None:
                         help="end a draft chain where the most likely draft has less probability (0 to 1)")
     parser.add_argument("--draft-schedule", choices=DRAFT_SCHEDULES, default=None,
                         help="adaptive (default): shorter chains, down to none, while drafts miss; constant: always K")
+    parser.add_argument("--tree", default=None, help="draft token trees: static (Medusa-style), dynamic (EAGLE-2) or "
+                        "dynamic:depth=4,top_k=4,total_tokens=16; lossless like chains")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         raise UserInputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -177,6 +179,7 @@ def generate(argv: list[str]) -> None:
         num_draft_tokens=args.num_draft_tokens,
         draft_confidence_threshold=args.draft_confidence_threshold,
         draft_schedule=args.draft_schedule,
+        tree=args.tree,
         streamer=streamer,
     )
     print(file=sys.stderr)

@@ -289,8 +289,7 @@ class MTPModule(L.LightningModule):
         default_tree = defaults.pop("tree", None)
         if decoding is None:
             decoding, options = default_mode, {**(defaults if default_mode != "speculative" else {}), **options}
-        if num_draft_tokens is None:
-            num_draft_tokens = default_k
+        explicit_k = num_draft_tokens is not None  # a tree is as deep as its shape unless K is passed
         if draft_confidence_threshold is not None and decoding != "speculative":
             raise UserInputError(f"draft_confidence_threshold applies to speculative decoding, not {decoding!r}")
         if draft_confidence_threshold is None:
@@ -307,7 +306,10 @@ class MTPModule(L.LightningModule):
             raise UserInputError(f"unknown decoding {decoding!r}; this model offers {list(offered)}")
         if decoding == "speculative" and options:
             raise UserInputError(f"unknown generate option(s) {sorted(options)} for speculative decoding")
-        k = num_draft_tokens if num_draft_tokens is not None else (shape.depth if shape else self.num_draft_tokens)
+        if explicit_k:
+            k = num_draft_tokens
+        else:
+            k = shape.depth if shape else (default_k if default_k is not None else self.num_draft_tokens)
         if k < 0:
             raise UserInputError(f"num_draft_tokens must be >= 0, got {k}")
         modes = {mod: mod.training for mod in self.modules()}  # restore each one: a blanket .train() would

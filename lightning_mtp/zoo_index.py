@@ -179,7 +179,7 @@ _WEIGHTS = {"format": (_STR, True), "path": (_STR, False), "repo_id": (_STR, Fal
             "revision": ((str, type(None)), False), "layout": (_STR, False)}
 _DECODING = {"decoding": (_STR, False), "num_draft_tokens": ((int,), False), "do_sample": ((bool,), False),
              "temperature": ((int, float), False), "top_p": ((int, float), False), "top_k": ((int,), False),
-             "tau": ((int, float), False), "k": ((int,), False)}
+             "tau": ((int, float), False), "k": ((int,), False), "tree": (dict, False)}
 _METRICS = {"values": (dict, False), "rows": (builtins.list, False), "command": (_STR, False), "source": (_STR, False)}
 _SOURCE = {"paper": (_STR, False), "recipe": (_STR, False), "url": (_STR, False), "trained_from": (_STR, False),
            "notes": (_STR, False)}

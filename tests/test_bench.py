@@ -260,3 +260,14 @@ def test_token_agreement_counts_positions_of_the_reference():
     assert token_agreement([[1, 2, 3], [4]], [[1, 2, 3], [4]]) == 1.0
     assert token_agreement([[1, 9, 3], [4, 5]], [[1, 2, 3], [4]]) == 3 / 4  # a longer output costs nothing extra
     assert token_agreement([[1]], [[1, 2, 3, 4]]) == 1 / 4  # a shorter one misses the rest
+
+
+def test_trees_add_token_tree_entries_for_methods_that_draft_trees(chat_model, tmp_path):
+    art, _ = chat_model
+    f = tmp_path / "chats.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
+    rows = bench_main(["--model", str(art), "--prompts", str(f), "--max-new-tokens", "6", "--batch-size", "1",
+                       "--trees"])
+    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp", "fast_mtp/tree-dynamic-d3k4t16",
+                                         "fast_mtp/tree-dynamic-d4k4t16", "fast_mtp/tree-static-14", "fast_mtp/k64@0.4"]
+    assert all(r["identical_to_ntp"] == 1.0 for r in rows)

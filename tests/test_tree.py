@@ -86,7 +86,8 @@ def test_the_greedy_walk_descends_where_the_backbone_agrees():
     ({"kind": "dynamic", "total_tokens": 0}, "tree total_tokens must be an integer >= 1, got 0"),
     ({"kind": "static", "choices": [[0, 1]]}, r"needs its parent \[0\] listed too"),
     ({"kind": "dynamic", "width": 3}, r"unknown tree option\(s\) \['width'\]"),
-    ("wide", "tree must be a mapping"),
+    (42, "tree must be a mapping"),
+    ("wide", "unknown tree kind .wide."),
 ])
 def test_a_bad_tree_shape_is_one_clear_error(bad, match):
     with pytest.raises(UserInputError, match=match):
@@ -227,3 +228,21 @@ def test_tree_sampling_matches_the_backbone_distribution():
         accepted, reached = accepted + out.stats.accepted[0], reached + out.stats.reached[0]
     assert 0.1 * reached < accepted < 0.9 * reached  # both the accept and the reject paths ran
     assert_frequencies_match(counts.flatten(), exact_two_token_distribution(model, ids, temperature).flatten())
+
+
+def test_the_command_line_spelling_of_a_shape():
+    assert TreeShape.parse("dynamic:depth=4,top_k=2,total_tokens=9") == TreeShape("dynamic", 4, 2, 9)
+    assert TreeShape.parse("static") == TreeShape("static")
+    with pytest.raises(UserInputError, match="tree option 'depth=four' must read name=integer"):
+        TreeShape.parse("dynamic:depth=four")
+
+
+def test_an_artefact_decodes_with_the_tree_its_decoding_config_names(tmp_path):
+    model = make_backbone("llama")
+    module = MTPModule(model, method="fast_mtp")
+    module.decoding_defaults = {"decoding": "speculative", "tree": {"kind": "dynamic", "depth": 2, "top_k": 2,
+                                                                    "total_tokens": 4}}
+    ids = torch.tensor([PROMPTS[2]])
+    out = module.generate(ids, max_new_tokens=MAX_NEW)
+    assert torch.equal(out.sequences, model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW))
+    assert len(out.stats.reached) == 2  # two levels: the tree's depth, not the method's K (3)

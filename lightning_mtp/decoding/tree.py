@@ -83,9 +83,12 @@ class TreeShape:
 
     @classmethod
     def parse(cls, value) -> TreeShape | None:
-        """A shape from the decoding config's ``tree`` (a mapping, a shape, or None for chain drafting)."""
+        """A shape from the decoding config's ``tree`` (a mapping, a shape, or None for chain drafting) or the
+        command line's ``--tree`` (``static``, ``dynamic`` or ``dynamic:depth=4,top_k=4,total_tokens=16``)."""
         if value is None or isinstance(value, TreeShape):
             return value
+        if isinstance(value, str):
+            value = _from_text(value)
         if not isinstance(value, dict):
             raise UserInputError(f"tree must be a mapping like {{kind: dynamic, depth: 5, top_k: 4, total_tokens: 24}}, "
                                  f"got {value!r}")
@@ -112,10 +115,22 @@ class TreeShape:
 
     @property
     def label(self) -> str:
-        """A short name for bench rows: ``dynamic-d5k4t24`` or ``static-14``."""
+        """A short name for bench rows: ``dynamic-d5k4t24`` or ``static-14`` (nodes)."""
         if self.kind == "static":
             return f"static-{len(self.choices)}"
         return f"dynamic-d{self.depth}k{self.top_k}t{self.total_tokens}"
+
+
+def _from_text(text: str) -> dict:
+    """``kind[:name=int,...]`` -> the mapping :meth:`TreeShape.parse` reads."""
+    kind, _, rest = text.partition(":")
+    options: dict = {"kind": kind.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        name, eq, number = item.partition("=")
+        if not eq or not number.strip().isdigit():
+            raise UserInputError(f"tree option {item!r} must read name=integer, e.g. dynamic:depth=4,top_k=4,total_tokens=16")
+        options[name.strip()] = int(number)
+    return options
 
 
 @dataclass
