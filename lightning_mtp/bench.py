@@ -433,8 +433,10 @@ def build_decoders(modules, *, max_new_tokens: int, batch_size: int, peers: bool
             if constant_schedule and options == {"decoding": "speculative"}:  # the default, with a constant chain
                 method_entries.append((f"{name}/constant", i, module, {**options, "draft_schedule": "constant"}))
             if trees and options == {"decoding": "speculative"} and module.method.drafter(module.parts).drafts_trees:
+                named = [o.get("tree") for _, o in module.method.bench_entries(sweep=sweep)]  # a method's own trees
                 method_entries += [(f"{name}/tree-{shape.label}", i, module, {**options, "tree": shape.as_dict()})
-                                   for shape in bench_trees(module.num_draft_tokens, sweep)]
+                                   for shape in bench_trees(module.num_draft_tokens, sweep)
+                                   if shape.as_dict() not in named]
     names = [e[0] for e in method_entries]
     for name, i, module, options in method_entries:
         label = name if names.count(name) == 1 else f"{name}[{i}]"  # two models of one method: say which

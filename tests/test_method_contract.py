@@ -52,6 +52,27 @@ def test_greedy_decoding_is_lossless(name, trained):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+def test_tree_decoding_is_lossless_or_refused_by_name(name, trained):
+    """Every method that drafts trees is lossless with a static and a dynamic tree (drafts accepted: trained heads);
+    one that drafts chains only says so."""
+    module = trained(name)
+    trees = [{"kind": "static"}, {"kind": "dynamic", "depth": 4, "top_k": 3, "total_tokens": 12}]
+    if not module.method.drafter(module.parts).drafts_trees:
+        with pytest.raises(ValueError, match="drafts chains only; decode without tree"):
+            module.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=4, tree=trees[0])
+        return
+    accepted = 0
+    for prompt in [p[0].tolist() for p in training_prompts()[:2]] + PROMPTS:
+        ids = torch.tensor([prompt])
+        want = module.backbone.generate(ids, do_sample=False, max_new_tokens=MAX_NEW)
+        for tree in trees:
+            got = module.generate(ids, max_new_tokens=MAX_NEW, tree=tree)
+            assert got.sequences.tolist() == want.tolist(), (prompt, tree)
+            accepted += sum(got.stats.accepted)
+    assert accepted > 0  # the walk descended through trees, not only past them
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_batch_decodes_each_row_as_alone(name, trained):
     module = trained(name)
     prompts = [p[0].tolist() for p in training_prompts()[:2]] + PROMPTS

@@ -18,7 +18,7 @@ from lightning_mtp.errors import UserInputError
 
 TREE_ARCHS = ["llama", "qwen3", "gpt2"]
 SHAPES = [{"kind": "static"}, {"kind": "dynamic", "depth": 4, "top_k": 3, "total_tokens": 12}]
-METHODS = [{"name": "fast_mtp"}, {"name": "mask_token", "mask_token_id": 3}]
+METHODS = [{"name": "fast_mtp"}, {"name": "mask_token", "mask_token_id": 3}, {"name": "medusa"}]
 MAX_NEW = 20
 
 

@@ -13,7 +13,7 @@ import torch
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.decoding.tree import DraftTree, TreeShape
 
-__all__ = ["AppendedOutputs", "DraftChain", "Drafter"]
+__all__ = ["AppendedOutputs", "DraftChain", "Drafter", "chain_over_positions"]
 
 
 class AppendedOutputs(NamedTuple):
@@ -172,3 +172,27 @@ class DraftChain:
         if not self.tokens:
             return self.open.new_zeros(len(self.open), 0, dtype=torch.long), None
         return torch.stack(self.tokens, dim=1), (torch.stack(self.probs, dim=1) if self.sampling else None)
+
+
+def chain_over_positions(
+    drafter: Drafter,
+    logits: torch.Tensor,  # (B, k, V) draft j's logits, each from the committed sequence alone
+    probs_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chain from drafts predicted position by position (Medusa's heads, mask-token's masks): each position's
+    argmax, or a sample of its distribution when sampling (a valid proposal for rejection sampling: it need not
+    depend on the drafts before it), ended where :class:`DraftChain` ends a chain. ``(drafts (B, k'), probs)``."""
+    if probs_fn is None:
+        drafts, probs = logits.argmax(-1), None  # (B, k)
+    else:
+        probs = probs_fn(logits)  # (B, k, V)
+        drafts = sample(probs, generator)  # (B, k)
+    chain = DraftChain(drafter, drafts.shape[0], drafts.device, sampling=probs is not None)
+    if not chain.checks:
+        return drafts, probs
+    scores = probs if probs is not None else (logits.softmax(-1) if chain.needs_probs else None)
+    for j in range(drafts.shape[1]):  # end each row's chain after EOS / before an unconfident position
+        if not chain.add(drafts[:, j], None if scores is None else scores[:, j]):
+            break
+    return chain.result()

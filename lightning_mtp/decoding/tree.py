@@ -35,7 +35,8 @@ from transformers.cache_utils import DynamicLayer
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.errors import UserInputError
 
-__all__ = ["DraftTree", "TREE_KINDS", "TreeShape", "grow_tree", "keep_slots", "tree_attention", "walk_tree"]
+__all__ = ["DraftTree", "TREE_KINDS", "TreeShape", "grow_tree", "keep_slots", "tree_attention", "tree_over_positions",
+           "walk_tree"]
 
 TREE_KINDS = ("static", "dynamic")
 
@@ -231,6 +232,17 @@ def grow_tree(root_logits: torch.Tensor, expand: Expand, shape: TreeShape,
     return _ordered(pool, selected)
 
 
+def tree_over_positions(logits: torch.Tensor, shape: TreeShape, stop_ids: torch.Tensor | None = None) -> DraftTree:
+    """A tree from drafts predicted position by position, each from the committed sequence alone (Medusa's heads,
+    mask-token's masks): ``logits`` (k, V) row j gives the candidates at depth j + 1 whatever their parent."""
+
+    def expand(tree: DraftTree, nodes: list[int]) -> torch.Tensor:  # a node at depth d: row d's candidates
+        depths = tree.depths
+        return logits[[depths[n] for n in nodes]]
+
+    return grow_tree(logits[0], expand, shape.within(logits.shape[0]), stop_ids)
+
+
 def _grow_dynamic(pool: _Pool, root_logits: torch.Tensor, expand: Expand, shape: TreeShape, stops: set) -> list[int]:
     """EAGLE-2: expand the ``top_k`` best nodes of each depth; keep the ``total_tokens`` best of every node proposed."""
     scores, tokens = pool.children_of(root_logits, [-1], shape.top_k)
@@ -348,10 +360,17 @@ def _sample_child(p: torch.Tensor, children: list[int], tokens: list[int],
 
 
 def keep_slots(cache: DynamicCache, index: torch.Tensor) -> None:
-    """Keep only the cache slots ``index`` (S',) of every layer, in that order (a tree's accepted path)."""
+    """Keep only the cache slots ``index`` (S',) of every layer, in that order (a tree's accepted path), where
+    ``index`` keeps a leading run of slots as they are (the committed ones) and then some later ones: those are
+    moved down in place and the rest is cut off (a view), so the committed slots are never copied."""
+    run = int((index == torch.arange(len(index), device=index.device)).long().cumprod(0).sum())  # slots kept as they are
+    moved = index[run:]
     for layer in cache.layers:
         if type(layer) is not DynamicLayer:
             raise TypeError(f"keep_slots needs DynamicLayer cache layers, got {type(layer).__name__}")
-        if layer.is_initialized and layer.keys.numel():
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
+        if not layer.is_initialized or not layer.keys.numel():
+            continue
+        if len(moved):
+            layer.keys[..., run : len(index), :] = layer.keys.index_select(-2, moved)
+            layer.values[..., run : len(index), :] = layer.values.index_select(-2, moved)
+        layer.keys, layer.values = layer.keys[..., : len(index), :], layer.values[..., : len(index), :]

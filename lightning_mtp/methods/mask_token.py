@@ -62,12 +62,11 @@ import torch.nn.functional as F
 
 from lightning_mtp.backbone import BackboneParts, eos_ids, forward_params, load_backbone
 from lightning_mtp.decoding.conf_adapt import conf_adapt_generate
-from lightning_mtp.decoding.sampling import sample
-from lightning_mtp.decoding.tree import DraftTree, TreeShape, grow_tree
+from lightning_mtp.decoding.drafter import chain_over_positions
+from lightning_mtp.decoding.tree import DraftTree, TreeShape, tree_over_positions
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.base import (
     AppendedOutputs,
-    DraftChain,
     Drafter,
     MethodConfig,
     MethodContext,
@@ -596,13 +595,7 @@ class MaskTokenDrafter(Drafter):
                                  "use it with lightning_mtp.decoding.speculative_generate")
         if not bool(appended.complete.all()):
             return DraftTree.empty(next_ids.device)
-        logits = appended.logits[0, :k]  # (k, V): mask j predicts the token j after the next one
-
-        def expand(tree: DraftTree, nodes: list[int]) -> torch.Tensor:  # a node at depth d: mask d's prediction
-            depths = tree.depths
-            return logits[[depths[n] for n in nodes]]
-
-        return grow_tree(logits[0], expand, shape.within(logits.shape[0]), self.stop_ids)
+        return tree_over_positions(appended.logits[0, :k], shape, self.stop_ids)  # mask j: the token j after the next
 
     def appended_tokens(self, k: int) -> torch.Tensor:
         return torch.full((k,), self.mask_token_id, dtype=torch.long)
@@ -620,19 +613,8 @@ class MaskTokenDrafter(Drafter):
         if appended is None:
             raise UserInputError("MaskTokenDrafter drafts from the mask tokens a decoder appends (Drafter.appended_tokens); "
                              "use it with lightning_mtp.decoding.speculative_generate")
-        logits = appended.logits[:, :k]  # (B, k, V): mask j predicts the token j after the next one
-        if probs_fn is None:
-            drafts, probs = logits.argmax(-1), None  # (B, k)
-        else:
-            probs = probs_fn(logits)  # (B, k, V)
-            drafts = sample(probs, generator)  # (B, k)
-        chain = DraftChain(self, drafts.shape[0], drafts.device, sampling=probs is not None)
-        if chain.checks:  # end each row's chain after EOS / before an unconfident position
-            scores = probs if probs is not None else (logits.softmax(-1) if chain.needs_probs else None)
-            for j in range(drafts.shape[1]):
-                if not chain.add(drafts[:, j], None if scores is None else scores[:, j]):
-                    break
-            drafts, probs = chain.result()
+        # (B, k, V): mask j predicts the token j after the next one
+        drafts, probs = chain_over_positions(self, appended.logits[:, :k], probs_fn, generator)
         complete = appended.complete  # (B,)
         if bool(complete.all()):
             return drafts, probs
