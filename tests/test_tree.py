@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from arch_sweep import build
 from conftest import VOCAB, make_backbone
 from test_decoding import PROMPTS, assert_frequencies_match, exact_two_token_distribution
 
@@ -16,7 +17,7 @@ from lightning_mtp.decoding.speculative import new_cache, speculative_generate, 
 from lightning_mtp.decoding.tree import DraftTree, TreeShape, grow_tree, keep_slots, tree_attention, walk_tree
 from lightning_mtp.errors import UserInputError
 
-TREE_ARCHS = ["llama", "qwen3", "gpt2"]
+TREE_ARCHS = ["llama", "qwen3", "mistral", "gpt2"]  # mistral: a sliding window (8) the decodes pass
 SHAPES = [{"kind": "static"}, {"kind": "dynamic", "depth": 4, "top_k": 3, "total_tokens": 12}]
 METHODS = [{"name": "fast_mtp"}, {"name": "mask_token", "mask_token_id": 3}, {"name": "medusa"}]
 MAX_NEW = 20
@@ -113,16 +114,28 @@ def test_the_cache_after_a_tree_step_equals_a_forward_over_the_kept_path(arch):
     mask, pos = tree_attention(tree, 4, 0, model.dtype, model.device)
     with torch.no_grad():
         cached_forward(model, torch.tensor([[9, 20, 21, 22, 23, 24]]), cache, None, None, mask, pos)
-        keep_slots(cache, torch.tensor([0, 1, 2, 3, 4, 7, 8, 9]))  # prompt, root 9, then nodes 2, 3, 4
+        keep_slots(cache, [0, 3, 4, 5], 6)  # root 9, then nodes 2, 3, 4
         after, _ = cached_forward(model, torch.tensor([[30]]), cache, None, 1, start=8)
         want = model(torch.tensor([[5, 6, 7, 8, 9, 22, 23, 24, 30]])).logits[0, -1]
     torch.testing.assert_close(after[0, -1], want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_sliding_window_backbone_is_refused_by_what_the_probe_found():
-    model = make_backbone("mistral")
+def test_a_backbone_with_both_full_and_sliding_layers_decodes_trees_losslessly():
+    """Qwen3 with its second layer sliding (window 8): the tree mask goes to each layer type as a mapping."""
+    model = make_backbone("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert sorted(set(model.config.layer_types)) == ["full_attention", "sliding_attention"]
+    assert tree_problem(model) is None
     module = MTPModule(model, method="fast_mtp")
-    with pytest.raises(UserInputError, match="MistralForCausalLM cannot verify a token tree: its cache layers"):
+    for prompt in PROMPTS[3:]:  # longer than the window
+        ids = torch.tensor([prompt])
+        out = module.generate(ids, max_new_tokens=MAX_NEW, tree=SHAPES[1])
+        assert torch.equal(out.sequences, model.generate(ids, do_sample=False, max_new_tokens=MAX_NEW)), prompt
+
+
+def test_a_recurrent_backbone_is_refused_by_what_the_probe_found():
+    model = build("qwen3_next")  # linear-attention layers between the full ones
+    module = MTPModule(model, method={"name": "mask_token", "mask_token_id": 3})
+    with pytest.raises(UserInputError, match="cannot verify a token tree: its cache layers .* keep a running state"):
         module.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, tree={"kind": "static"})
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
 
 from lightning_mtp.backbone import (
     BackboneParts,
@@ -68,7 +68,7 @@ from lightning_mtp.backbone import (
 from lightning_mtp.decoding.drafter import AppendedOutputs, Drafter
 from lightning_mtp.decoding.sampling import make_probs_fn, rejection_accept, sample
 from lightning_mtp.decoding.schedule import DraftSchedule
-from lightning_mtp.decoding.tree import DraftTree, TreeShape, keep_slots, tree_attention, walk_tree
+from lightning_mtp.decoding.tree import DraftTree, TreeShape, keep_slots, tree_masks, walk_tree
 from lightning_mtp.errors import UserInputError
 
 __all__ = [
@@ -521,11 +521,12 @@ _TREE_PROBLEM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def tree_problem(model: PreTrainedModel) -> str | None:
     """Why the backbone cannot verify a token tree in one forward and keep one path of it, or None.
 
-    A tree step needs every cache layer to keep every slot (a sliding window or a recurrent state cannot drop a
-    rejected branch from the middle), explicit position ids, and a forward that honours a 4D attention mask. Probed
-    once per model: a prompt of three tokens, then a root with two branches (one two nodes deep) in one forward; each
-    node's logits must equal a plain forward over its path, and after keeping one branch's slots the next token's
-    logits must equal a plain forward over prompt, root, branch and token.
+    A tree step needs cache layers that keep keys per slot (full or sliding-window attention: a recurrent state cannot
+    drop a rejected branch from the middle), explicit position ids, and a forward that honours a 4D attention mask (or
+    a mapping of them by layer type). Probed once per model: a prompt of three tokens (or one past a small sliding
+    window), then a root with two branches (one two nodes deep) in one forward; each node's logits must equal a plain
+    forward over its path, and after keeping one branch's slots the next token's logits must equal a plain forward
+    over prompt, root, branch and token.
     """
     if model not in _TREE_PROBLEM:
         _TREE_PROBLEM[model] = _tree_probe(model)
@@ -533,34 +534,36 @@ def tree_problem(model: PreTrainedModel) -> str | None:
 
 
 def _tree_probe(model: PreTrainedModel) -> str | None:
-    kinds = [kind for kind in cache_layer_types(model.config) if kind is not DynamicLayer]
+    kinds = [kind for kind in cache_layer_types(model.config) if kind not in (DynamicLayer, DynamicSlidingWindowLayer)]
     if kinds:
-        return (f"its cache layers {sorted({k.__name__ for k in kinds})} keep a window or a running state, from which "
-                "a rejected branch cannot be dropped")
+        return (f"its cache layers {sorted({k.__name__ for k in kinds})} keep a running state, from which a rejected "
+                "branch cannot be dropped")
     if "position_ids" not in forward_params(model):
         return "its forward takes no position ids, which a tree's branches need"
     vocab = model.get_input_embeddings().weight.shape[0]
-    ids = ((torch.arange(7, device=model.device) * 7 + 3) % vocab)[None]  # (1, 7): prompt 0-2, root 3, nodes 4-6
-    tree = DraftTree(ids[0, 4:], [-1, -1, 0], 2)  # node 0 and node 2 below it; node 1 a sibling of node 0
-    paths = {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 5], 2: [0, 1, 2, 3, 4, 6]}
+    n = _probe_length(model.config) - 2  # a prompt past a small sliding window, then a root and three nodes
+    ids = ((torch.arange(n + 5, device=model.device) * 7 + 3) % vocab)[None]  # (1, n + 5)
+    tree = DraftTree(ids[0, n + 1 : n + 4], [-1, -1, 0], 2)  # node 0 and node 2 below it; node 1 a sibling of node 0
+    prompt = list(range(n + 1))  # the prompt and the root
+    paths = {0: [*prompt, n + 1], 1: [*prompt, n + 2], 2: [*prompt, n + 1, n + 3]}
 
     def plain(cols: list[int]) -> torch.Tensor:
         return model(ids[:, cols], use_cache=False).logits[0, -1]
 
     try:
         cache = new_cache(model)
-        cached_forward(model, ids[:, :3], cache, None, 1)
-        mask, pos = tree_attention(tree, 3, 0, model.dtype, model.device)
-        logits, _ = cached_forward(model, ids[:, 3:], cache, None, None, mask, pos)
+        cached_forward(model, ids[:, :n], cache, None, 1)
+        mask, pos = tree_masks(cache, tree, n, 0, model.dtype, model.device)
+        logits, _ = cached_forward(model, ids[:, n : n + 4], cache, None, None, mask, pos)
         for node, cols in paths.items():
             error = _mismatch(logits[0, 1 + node], plain(cols), model)
             if error is not None:
                 return f"a tree node's logits differ from a forward over its path by {error:.1%}"
-        keep_slots(cache, torch.tensor([0, 1, 2, 3, 5], device=model.device))
-        after, _ = cached_forward(model, ids[:, 6:], cache, None, 1, start=5)
+        keep_slots(cache, [0, 2], 4)  # the root and node 1
+        after, _ = cached_forward(model, ids[:, n + 4 :], cache, None, 1, start=n + 2)
     except Exception as err:  # the model's own code refused the mask or the positions: that is the finding
         return f"its forward raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    error = _mismatch(after[0, -1], plain([0, 1, 2, 3, 5, 6]), model)
+    error = _mismatch(after[0, -1], plain([*paths[1], n + 4]), model)
     return None if error is None else f"after keeping one branch its logits differ by {error:.1%}"
 
 
@@ -803,7 +806,7 @@ class _Decoder:
         tree, self.tree, A = self.tree.pruned(remaining - 1), None, self.A
         t0 = time.perf_counter()
         ids = torch.cat([self.token[:, None], tree.tokens[None]] + ([self.append[None]] if A else []), dim=1)
-        mask, pos = tree_attention(tree, self.filled, A, self.model.dtype, self.device)  # (1, 1, q, kv), (1, q)
+        mask, pos = tree_masks(self.cache, tree, self.filled, A, self.model.dtype, self.device)  # (1, 1, q, kv), (1, q)
         logits, hidden = cached_forward(self.model, ids, self.cache, self.grab, None, mask, pos)
         self.stats.backbone_forwards += 1
         self.stats.row_forwards += 1
@@ -811,8 +814,7 @@ class _Decoder:
         path, nxt = walk_tree(tree, logits[0], self.probs_fn, self.generator)
         self.stats.count_step(len(path), tree.depth)
         cols = [1 + i for i in path]  # the path's columns in the step (the root is column 0)
-        keep_slots(self.cache, torch.tensor([*range(self.filled + 1), *(self.filled + c for c in cols)],
-                                            device=self.device))
+        keep_slots(self.cache, [0, *cols], ids.shape[1])
         self.filled += 1 + len(path)
         self.stats.verify_seconds += time.perf_counter() - t0
         path_ids = tree.tokens[path][None]  # (1, kept)

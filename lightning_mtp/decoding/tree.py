@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from lightning_mtp.decoding.sampling import sample
 from lightning_mtp.errors import UserInputError
 
-__all__ = ["DraftTree", "TREE_KINDS", "TreeShape", "grow_tree", "keep_slots", "tree_attention", "tree_over_positions",
-           "walk_tree"]
+__all__ = ["DraftTree", "TREE_KINDS", "TreeShape", "grow_tree", "keep_slots", "tree_attention", "tree_masks",
+           "tree_over_positions", "walk_tree"]
 
 TREE_KINDS = ("static", "dynamic")
 
@@ -301,11 +301,13 @@ def _ordered(pool: _Pool, selected: list[int]) -> DraftTree:
 
 
 # ---------------------------------------------------------------------------------------------------- verifying
-def tree_attention(tree: DraftTree, past: int, appended: int, dtype: torch.dtype, device: torch.device):
-    """The verify forward's mask and positions for ``[root, nodes, appended tokens]`` after ``past`` cache slots:
-    an additive mask (1, 1, q, past + q) and position ids (1, q), q = 1 + n + appended. A node sees the cache, the
-    root and its ancestors; an appended token sees the cache, the root, the main chain and the appended ones before
-    it, at the positions after the chain's end."""
+def tree_attention(tree: DraftTree, past: int, appended: int, dtype: torch.dtype, device: torch.device,
+                   window: int | None = None, stored: int | None = None):
+    """The verify forward's mask and positions for ``[root, nodes, appended tokens]`` after ``past`` positions: an
+    additive mask (1, 1, q, kv) and position ids (1, q), q = 1 + n + appended. A node sees the cache, the root and its
+    ancestors; an appended token sees the cache, the root, the main chain and the appended ones before it, at the
+    positions after the chain's end. With a sliding ``window``, the cache holds its last ``stored`` positions only
+    (kv = stored + q) and a token sees no position ``window`` or more before its own (transformers' rule)."""
     n, c = len(tree), tree.chain
     q = 1 + n + appended
     allowed = torch.zeros(q, q, dtype=torch.bool)
@@ -314,10 +316,32 @@ def tree_attention(tree: DraftTree, past: int, appended: int, dtype: torch.dtype
     if appended:
         allowed[1 + n :, 1 : 1 + c] = True
         allowed[1 + n :, 1 + n :] = torch.ones(appended, appended, dtype=torch.bool).tril()
-    mask = torch.zeros(1, 1, q, past + q, dtype=dtype, device=device)
-    mask[0, 0, :, past:].masked_fill_(~allowed.to(device), torch.finfo(dtype).min)
-    offsets = [0, *tree.depths, *range(c + 1, c + 1 + appended)]
-    return mask, torch.tensor([offsets], device=device) + past
+    offsets = torch.tensor([0, *tree.depths, *range(c + 1, c + 1 + appended)])  # (q,) positions after past
+    held = past if window is None else stored  # cache slots the forward attends to, before the step's own
+    seen = torch.cat([torch.ones(q, held, dtype=torch.bool), allowed], dim=1)  # (q, held + q)
+    if window is not None:
+        key_pos = torch.cat([torch.arange(past - held, past), past + offsets])  # (held + q,)
+        seen &= (past + offsets)[:, None] - key_pos[None] < window
+    mask = torch.zeros(1, 1, q, held + q, dtype=dtype, device=device)
+    mask[0, 0].masked_fill_(~seen.to(device), torch.finfo(dtype).min)
+    return mask, (past + offsets)[None].to(device)
+
+
+def tree_masks(cache: DynamicCache, tree: DraftTree, past: int, appended: int, dtype: torch.dtype,
+               device: torch.device):
+    """:func:`tree_attention` for the layers of ``cache``: ``(mask, positions)``, the mask one tensor where every
+    layer attends alike, else a mapping by layer type (``full_attention``, ``sliding_attention``) as transformers'
+    models with both kinds of layers take it."""
+    sliding = [layer for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer)]
+    full, pos = tree_attention(tree, past, appended, dtype, device)
+    if not sliding:
+        return full, pos
+    window = sliding[0].sliding_window
+    stored = min(sliding[0].keys.shape[-2] if sliding[0].is_initialized else 0, window - 1)
+    windowed, _ = tree_attention(tree, past, appended, dtype, device, window, stored)
+    if len(sliding) == len(cache.layers):
+        return windowed, pos
+    return {"full_attention": full, "sliding_attention": windowed}, pos
 
 
 def walk_tree(tree: DraftTree, logits: torch.Tensor, probs_fn: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -359,18 +383,23 @@ def _sample_child(p: torch.Tensor, children: list[int], tokens: list[int],
     return None, int(sample((p / p.sum())[None], generator)[0])
 
 
-def keep_slots(cache: DynamicCache, index: torch.Tensor) -> None:
-    """Keep only the cache slots ``index`` (S',) of every layer, in that order (a tree's accepted path), where
-    ``index`` keeps a leading run of slots as they are (the committed ones) and then some later ones: those are
-    moved down in place and the rest is cut off (a view), so the committed slots are never copied."""
-    run = int((index == torch.arange(len(index), device=index.device)).long().cumprod(0).sum())  # slots kept as they are
-    moved = index[run:]
+def keep_slots(cache: DynamicCache, kept: list[int], q: int) -> None:
+    """After a forward of ``q`` tokens, keep of them only those at offsets ``kept`` (ascending; the root 0 and a
+    tree's accepted path) in every layer: the path's slots move down in place and the rest is cut off (a view), so
+    the committed slots are never copied. A sliding-window layer then trims itself to its window."""
+    run = next((j for j, offset in enumerate(kept) if offset != j), len(kept))  # offsets kept where they are
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
-            raise TypeError(f"keep_slots needs DynamicLayer cache layers, got {type(layer).__name__}")
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise TypeError(f"keep_slots needs DynamicLayer or DynamicSlidingWindowLayer layers, got {type(layer).__name__}")
         if not layer.is_initialized or not layer.keys.numel():
             continue
-        if len(moved):
-            layer.keys[..., run : len(index), :] = layer.keys.index_select(-2, moved)
-            layer.values[..., run : len(index), :] = layer.values.index_select(-2, moved)
-        layer.keys, layer.values = layer.keys[..., : len(index), :], layer.values[..., : len(index), :]
+        base = layer.keys.shape[-2] - q  # the layer's slots before the step's own
+        if run < len(kept):
+            moved = torch.tensor(kept[run:], device=layer.keys.device) + base
+            layer.keys[..., base + run : base + len(kept), :] = layer.keys.index_select(-2, moved)
+            layer.values[..., base + run : base + len(kept), :] = layer.values.index_select(-2, moved)
+        end = base + len(kept)
+        start = max(0, end - (layer.sliding_window - 1)) if isinstance(layer, DynamicSlidingWindowLayer) else 0
+        layer.keys, layer.values = layer.keys[..., start:end, :], layer.values[..., start:end, :]
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            layer.cumulative_length -= q - len(kept)
