@@ -54,10 +54,11 @@ world-base: install
 	$(BIN)/python -m lightning_mtp.data.tiny_world init recipes/tiny-world/base-init
 	$(BIN)/lightning-mtp fit --config recipes/tiny-world/base.yaml
 
-# Re-create the tiny-math base's self-distilled answers that recipes/tiny-math/fast_mtp.yaml trains on (shipped in
-# zoo/tiny-math-base/; generated into ~/.cache/lightning-mtp/distill first, unless a fit already did).
+# Re-create the self-distilled answers the head recipes train on, shipped beside each base: tiny-math's for
+# recipes/tiny-math/fast_mtp.yaml (zoo/tiny-math-base/), tiny-world's for every tiny-world head recipe
+# (zoo/tiny-world-base/); generated into ~/.cache/lightning-mtp/distill first, unless a fit already did.
 self-distill: install
-	$(BIN)/python -m lightning_mtp.data.datamodule recipes/tiny-math/fast_mtp.yaml
+	$(BIN)/python -m lightning_mtp.data.datamodule recipes/tiny-math/fast_mtp.yaml recipes/tiny-world/fast_mtp.yaml
 
 # Both worlds: tiny-math (every shipped method, peers) and tiny-world (per domain, plus off-distribution prompts).
 bench: install

@@ -208,13 +208,16 @@ def test_a_prompt_file_of_chats_is_rendered_with_the_chat_template(chat_model, t
     assert all(r["identical_to_ntp"] == 1.0 for r in rows)
 
 
-def test_constant_schedule_adds_a_constant_chain_beside_each_default_decoding(chat_model, tmp_path):
+@pytest.mark.parametrize(("flag", "added"), [
+    ("--constant-schedule", ["fast_mtp/constant"]),  # a constant chain beside each default decoding
+    ("--trees", ["fast_mtp/tree-dynamic-d3k4t16", "fast_mtp/tree-dynamic-d4k4t16", "fast_mtp/tree-static-14"]),
+])
+def test_a_flag_adds_entries_beside_each_default_decoding(flag, added, chat_model, tmp_path):
     art, _ = chat_model
     f = tmp_path / "chats.jsonl"
     f.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
-    rows = bench_main(["--model", str(art), "--prompts", str(f), "--max-new-tokens", "6", "--batch-size", "1",
-                       "--constant-schedule"])
-    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp", "fast_mtp/constant", "fast_mtp/k64@0.4"]
+    rows = bench_main(["--model", str(art), "--prompts", str(f), "--max-new-tokens", "6", "--batch-size", "1", flag])
+    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp", *added, "fast_mtp/k64@0.4"]
     assert all(r["identical_to_ntp"] == 1.0 for r in rows)
 
 
@@ -261,13 +264,3 @@ def test_token_agreement_counts_positions_of_the_reference():
     assert token_agreement([[1, 9, 3], [4, 5]], [[1, 2, 3], [4]]) == 3 / 4  # a longer output costs nothing extra
     assert token_agreement([[1]], [[1, 2, 3, 4]]) == 1 / 4  # a shorter one misses the rest
 
-
-def test_trees_add_token_tree_entries_for_methods_that_draft_trees(chat_model, tmp_path):
-    art, _ = chat_model
-    f = tmp_path / "chats.jsonl"
-    f.write_text("".join(json.dumps(c) + "\n" for c in CHATS))
-    rows = bench_main(["--model", str(art), "--prompts", str(f), "--max-new-tokens", "6", "--batch-size", "1",
-                       "--trees"])
-    assert [r["name"] for r in rows] == ["hf_greedy", "ntp", "fast_mtp", "fast_mtp/tree-dynamic-d3k4t16",
-                                         "fast_mtp/tree-dynamic-d4k4t16", "fast_mtp/tree-static-14", "fast_mtp/k64@0.4"]
-    assert all(r["identical_to_ntp"] == 1.0 for r in rows)

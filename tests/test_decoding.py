@@ -538,24 +538,30 @@ def exact_two_token_distribution(model, ids: torch.Tensor, temperature: float) -
     return p1[:, None] * p2
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.3])
-def test_sampling_with_drafts_matches_the_backbone_distribution(threshold):
+def check_sampling_matches_the_backbone(**options) -> None:
+    """Decode two tokens 1000 times with ``options`` (and a random FastMTP head, K = 2, whose drafts are often
+    rejected): the pairs' frequencies must fit the backbone's own two-token distribution, with both the accept and
+    the reject paths taken."""
     V, temperature, n = 6, 1.3, 1000
     model = make_backbone("llama", seed=2, vocab_size=V)
     model.config.eos_token_id = model.generation_config.eos_token_id = None  # every run emits two tokens
-    module = MTPModule(model, method=FastMTP(num_steps=2))  # random head: its drafts are often rejected
+    module = MTPModule(model, method=FastMTP(num_steps=2))
     ids = torch.tensor([[4, 5, 4]])
     counts = torch.zeros(V, V, dtype=torch.long)
     accepted = reached = 0
     g = torch.Generator().manual_seed(0)
     for _ in range(n):
-        out = module.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, generator=g,
-                              draft_confidence_threshold=threshold)
+        out = module.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, generator=g, **options)
         t1, t2 = out.sequences[0, 3:5].tolist()
         counts[t1, t2] += 1
         accepted, reached = accepted + out.stats.accepted[0], reached + out.stats.reached[0]
     assert 0.1 * reached < accepted < 0.9 * reached  # both the accept and the reject paths ran
     assert_frequencies_match(counts.flatten(), exact_two_token_distribution(model, ids, temperature).flatten())
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+def test_sampling_with_drafts_matches_the_backbone_distribution(threshold):
+    check_sampling_matches_the_backbone(draft_confidence_threshold=threshold)
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():

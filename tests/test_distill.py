@@ -19,7 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lightning_mtp import MTPModule, cli
 from lightning_mtp.backbone import load_backbone
 from lightning_mtp.data import tiny_math
-from lightning_mtp.data.datamodule import SelfDistill, SFTDataModule, TinyMathDataModule, ship_self_distill
+from lightning_mtp.data.datamodule import (
+    SelfDistill,
+    SFTDataModule,
+    TinyMathDataModule,
+    TinyWorldDataModule,
+    find_shipped,
+    ship_self_distill,
+)
 from lightning_mtp.data.distill import (
     cached_self_distill,
     distill,
@@ -201,14 +208,29 @@ def test_the_fast_mtp_recipe_trains_on_the_answers_shipped_with_its_base(tmp_pat
     assert records is not None and [r["prompt"] for r in records] == prompts
 
 
+@pytest.mark.parametrize("recipe", ["fast_mtp", "mtp_d", "mtp_d_loop8", "medusa"])
+def test_the_tiny_world_head_recipes_train_on_the_continuations_shipped_with_their_base(recipe, tmp_path, monkeypatch):
+    """One file serves every tiny-world head recipe: the same backbone, passages and sampling (one fingerprint)."""
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load((REPO / f"recipes/tiny-world/{recipe}.yaml").read_text())
+    init = config["data"]["init_args"]
+    dm = TinyWorldDataModule(**{**init, "self_distill": SelfDistill(**init["self_distill"])})
+    path = find_shipped(dm.self_distill_file)
+    assert path == REPO / "zoo/tiny-world-base/self_distill.jsonl.gz" and path.stat().st_size < 2 * 2**20
+    module = MTPModule(**{**config["model"], "method": None})
+    prompts = dm.distill_prompts(module.tokenizer)
+    records = read_self_distill_file(path, self_distill_fingerprint(module.backbone, prompts, dm.self_distill))
+    assert records is not None and [r["prompt"] for r in records] == prompts
+
+
 def test_a_missing_shipped_file_and_a_recipe_without_one_are_named(tmp_path):
     dm = TinyMathDataModule(self_distill=SelfDistill(), self_distill_file="no/such/answers.jsonl.gz")
     with pytest.raises(ValueError, match=r"self_distill_file 'no/such/answers.jsonl.gz' does not exist \(looked in "
                                          r"the working directory and in .*\); regenerate it with python -m "
                                          r"lightning_mtp.data.datamodule RECIPE"):
         dm.shipped_file()
-    with pytest.raises(ValueError, match=r"recipe '.*base.yaml' does not train a TinyMathDataModule with "
-                                         r"self_distill and a self_distill_file"):
+    with pytest.raises(ValueError, match=r"recipe '.*base.yaml' does not train a TinyMathDataModule or "
+                                         r"TinyWorldDataModule with self_distill and a self_distill_file"):
         ship_self_distill(REPO / "recipes/tiny-math/base.yaml")
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from arch_sweep import build
 from conftest import VOCAB, make_backbone
-from test_decoding import PROMPTS, assert_frequencies_match, exact_two_token_distribution
+from test_decoding import PROMPTS, assert_frequencies_match, check_sampling_matches_the_backbone
 
-from lightning_mtp import FastMTP, MTPModule
+from lightning_mtp import MTPModule
 from lightning_mtp.backbone import cached_forward
 from lightning_mtp.decoding.drafter import Drafter
 from lightning_mtp.decoding.sampling import make_probs_fn
@@ -225,22 +225,7 @@ def test_the_point_proposal_walk_samples_the_backbone_distribution():
 
 
 def test_tree_sampling_matches_the_backbone_distribution():
-    V, temperature, n = 6, 1.3, 1000
-    model = make_backbone("llama", seed=2, vocab_size=V)
-    model.config.eos_token_id = model.generation_config.eos_token_id = None  # every run emits two tokens
-    module = MTPModule(model, method=FastMTP(num_steps=2))
-    ids = torch.tensor([[4, 5, 4]])
-    counts = torch.zeros(V, V, dtype=torch.long)
-    accepted = reached = 0
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        out = module.generate(ids, max_new_tokens=3, do_sample=True, temperature=temperature, generator=g,
-                              tree={"kind": "dynamic", "depth": 2, "top_k": 2, "total_tokens": 4})
-        t1, t2 = out.sequences[0, 3:5].tolist()
-        counts[t1, t2] += 1
-        accepted, reached = accepted + out.stats.accepted[0], reached + out.stats.reached[0]
-    assert 0.1 * reached < accepted < 0.9 * reached  # both the accept and the reject paths ran
-    assert_frequencies_match(counts.flatten(), exact_two_token_distribution(model, ids, temperature).flatten())
+    check_sampling_matches_the_backbone(tree={"kind": "dynamic", "depth": 2, "top_k": 2, "total_tokens": 4})
 
 
 def test_the_command_line_spelling_of_a_shape():

@@ -30,6 +30,7 @@ import lightning as L
 import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from transformers import AutoTokenizer
 
 from lightning_mtp.data import tiny_math, tiny_world
 from lightning_mtp.data.chat import (
@@ -95,6 +96,19 @@ def collate_right_padded(batch: list[dict[str, torch.Tensor]], pad_id: int) -> d
     return out
 
 
+def find_shipped(self_distill_file: str | None) -> Path | None:
+    """A datamodule's ``self_distill_file``: as given, else relative to the lightning-mtp checkout; None for none."""
+    if self_distill_file is None:
+        return None
+    path = Path(self_distill_file).expanduser()
+    for candidate in (path, CHECKOUT / path):
+        if candidate.is_file():
+            return candidate
+    raise UserInputError(f"self_distill_file {self_distill_file!r} does not exist (looked in the working directory and "
+                         f"in {CHECKOUT}); regenerate it with python -m lightning_mtp.data.datamodule RECIPE (make "
+                         "self-distill), or set it to null to generate the answers at fit time")
+
+
 class TinyMathDataModule(L.LightningDataModule):
     """The tiny-math world as training data: ground-truth solutions, or the backbone's own (self-distilled).
 
@@ -145,8 +159,6 @@ class TinyMathDataModule(L.LightningDataModule):
         if self.tokenizer is not None:
             return self.tokenizer
         if self.tokenizer_path is not None:
-            from transformers import AutoTokenizer
-
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         elif self.trainer is not None and getattr(self.trainer.lightning_module, "tokenizer", None) is not None:
             self.tokenizer = self.trainer.lightning_module.tokenizer
@@ -160,7 +172,7 @@ class TinyMathDataModule(L.LightningDataModule):
         tok = self._resolve_tokenizer()
         train = tiny_math.problems("train", self.num_train)
         val = tiny_math.problems("validation", self.num_val)
-        prompts = [p.prompt for p in train]
+        prompts = self.distill_prompts(tok) if self.self_distill is not None else [p.prompt for p in train]
         responses = [p.response for p in train]
         if self.self_distill is not None:
             module = self.trainer.lightning_module if self.trainer is not None else None
@@ -173,15 +185,11 @@ class TinyMathDataModule(L.LightningDataModule):
 
     def shipped_file(self) -> Path | None:
         """The ``self_distill_file``, found (see its argument); None when there is none."""
-        if self.self_distill_file is None:
-            return None
-        path = Path(self.self_distill_file).expanduser()
-        for candidate in (path, CHECKOUT / path):
-            if candidate.is_file():
-                return candidate
-        raise UserInputError(f"self_distill_file {self.self_distill_file!r} does not exist (looked in the working "
-                             f"directory and in {CHECKOUT}); regenerate it with python -m lightning_mtp.data.datamodule "
-                             "RECIPE (make self-distill), or set it to null to generate the answers at fit time")
+        return find_shipped(self.self_distill_file)
+
+    def distill_prompts(self, tokenizer) -> list[str]:
+        """The prompts self-distillation answers (the first ``num_train`` train problems)."""
+        return [p.prompt for p in tiny_math.problems("train", self.num_train)]
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -266,12 +274,13 @@ class TinyWorldDataModule(L.LightningDataModule):
         num_prompts: self-distillation prompts, over all domains.
         prompt_tokens: tokens per code or prose prompt.
         cache_dir: where self-distilled continuations are cached (default ``~/.cache/lightning-mtp/distill``).
+        self_distill_file: shipped self-distilled continuations, as :class:`TinyMathDataModule`'s.
     """
 
     def __init__(self, block_size: int = 512, batch_size: int = 16, val_blocks: int = 32,
                  domains: tuple[str, ...] = tiny_world.DOMAINS, tokenizer: str | None = None, num_workers: int = 0,
                  self_distill: SelfDistill | None = None, num_prompts: int = 4000, prompt_tokens: int = 192,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, self_distill_file: str | None = None) -> None:
         super().__init__()
         for name, value, low in (("block_size", block_size, 8), ("batch_size", batch_size, 1),
                                  ("val_blocks", val_blocks, 0), ("num_prompts", num_prompts, 1),
@@ -286,10 +295,14 @@ class TinyWorldDataModule(L.LightningDataModule):
         self.tokenizer_path = tokenizer
         self.num_workers = num_workers
         self.self_distill, self.num_prompts, self.prompt_tokens = self_distill, num_prompts, prompt_tokens
-        self.cache_dir = cache_dir
+        self.cache_dir, self.self_distill_file = cache_dir, self_distill_file
         self.tokenizer = None
         self.train_set: Dataset | None = None
         self.val_set: BlockDataset | None = None
+
+    def distill_prompts(self, tokenizer) -> list[str]:
+        """The prompts self-distillation continues (passages and questions, evenly over the domains)."""
+        return tiny_world.passages(self.domains, self.num_prompts, self.prompt_tokens, tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -304,9 +317,9 @@ class TinyWorldDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None:
             raise UserInputError("self_distill needs the model: use the datamodule with a Trainer")
-        prompts = tiny_world.passages(self.domains, self.num_prompts, self.prompt_tokens, tok)
-        prompts, responses = cached_self_distill(module.backbone, tok, prompts, self.self_distill,
-                                                 cache_dir=self.cache_dir, keep_unfinished=True)
+        prompts, responses = cached_self_distill(module.backbone, tok, self.distill_prompts(tok), self.self_distill,
+                                                 cache_dir=self.cache_dir, shipped=find_shipped(self.self_distill_file),
+                                                 keep_unfinished=True)
         self.train_set = PromptResponseDataset(prompts, responses, tok, self.block_size)
 
     def train_dataloader(self) -> DataLoader:
@@ -333,8 +346,6 @@ class TinyWorldDataModule(L.LightningDataModule):
 def _resolve_tokenizer(datamodule: L.LightningDataModule, path: str | None):
     """The tokenizer at ``path``, else the one of the model being trained (``trainer.lightning_module.tokenizer``)."""
     if path is not None:
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(path)
     module = datamodule.trainer.lightning_module if datamodule.trainer is not None else None
     if getattr(module, "tokenizer", None) is not None:
@@ -608,24 +619,29 @@ def _compute_dtype(trainer: L.Trainer) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- shipped answers
-def _recipe_sections(recipe: str | os.PathLike) -> tuple[dict, dict]:
-    """``(model section, TinyMathDataModule init_args)`` of a recipe that self-distils into a self_distill_file."""
+_SHIPPING = {"TinyMathDataModule": TinyMathDataModule, "TinyWorldDataModule": TinyWorldDataModule}
+
+
+def _recipe_sections(recipe: str | os.PathLike) -> tuple[dict, dict, type]:
+    """``(model section, datamodule init_args, datamodule class)`` of a recipe that self-distils into a
+    self_distill_file."""
     path = Path(recipe)
     if not path.is_file():
         raise UserInputError(f"recipe {str(recipe)!r} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
     data = config.get("data") or {}
     init = data.get("init_args") or {}
-    if not str(data.get("class_path", "")).endswith("TinyMathDataModule") or not init.get("self_distill_file") \
-            or init.get("self_distill") is None:
-        raise UserInputError(f"recipe {str(recipe)!r} does not train a TinyMathDataModule with self_distill and a "
-                             "self_distill_file; those are the recipes whose answers ship (e.g. "
+    cls = _SHIPPING.get(str(data.get("class_path", "")).rsplit(".", 1)[-1])
+    if cls is None or not init.get("self_distill_file") or init.get("self_distill") is None:
+        raise UserInputError(f"recipe {str(recipe)!r} does not train a {' or '.join(_SHIPPING)} with self_distill and "
+                             "a self_distill_file; those are the recipes whose answers ship (e.g. "
                              "recipes/tiny-math/fast_mtp.yaml)")
-    return config.get("model") or {}, init
+    return config.get("model") or {}, init, cls
 
 
 def ship_self_distill(recipe: str | os.PathLike, cache_dir: str | None = None) -> Path:
-    """Write the self-distilled answers a tiny-math recipe trains on to the file its ``self_distill_file`` names.
+    """Write the self-distilled answers a tiny-math or tiny-world recipe trains on to the file its
+    ``self_distill_file`` names.
 
     The model is built from the recipe's ``model`` section as ``lightning-mtp fit`` builds it; the prompts and the
     sampling are its ``data`` section's. The answers come from the cache (``cache_dir``, default
@@ -633,27 +649,27 @@ def ship_self_distill(recipe: str | os.PathLike, cache_dir: str | None = None) -
     would generate and train on. A relative ``self_distill_file`` is written relative to the working directory
     (run it from the checkout). Returns the file's path.
     """
-    model_args, init = _recipe_sections(recipe)
+    model_args, init, cls = _recipe_sections(recipe)
     module = MTPModule(**model_args)
-    datamodule = TinyMathDataModule(**{**init, "self_distill": SelfDistill(**init["self_distill"])})
-    if datamodule.tokenizer_path is None:
-        datamodule.tokenizer = module.tokenizer
-    prompts = [p.prompt for p in tiny_math.problems("train", datamodule.num_train)]
+    datamodule = cls(**{**init, "self_distill": SelfDistill(**init["self_distill"])})
+    tokenizer = AutoTokenizer.from_pretrained(datamodule.tokenizer_path) if datamodule.tokenizer_path else \
+        module.tokenizer
+    prompts = datamodule.distill_prompts(tokenizer)
     about = {
         "recipe": Path(recipe).as_posix(),
         "backbone": str(model_args.get("backbone")),
-        "prompts": f"tiny-math train problems, the first {datamodule.num_train}",
+        "prompts": f"{cls.__name__}.distill_prompts: {len(prompts)}",
         "settings": dataclasses.asdict(datamodule.self_distill),
         "regenerate": f"python -m lightning_mtp.data.datamodule {Path(recipe).as_posix()}",
     }
-    return export_self_distill(module.backbone, datamodule._resolve_tokenizer(), prompts, datamodule.self_distill,
+    return export_self_distill(module.backbone, tokenizer, prompts, datamodule.self_distill,
                                Path(datamodule.self_distill_file).expanduser(), cache_dir=cache_dir, about=about)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m lightning_mtp.data.datamodule RECIPE...``: regenerate the shipped self-distilled answers."""
     parser = argparse.ArgumentParser(prog="python -m lightning_mtp.data.datamodule",
-                                     description="Write the self-distilled answers of tiny-math recipes to the "
+                                     description="Write the self-distilled answers of tiny-math and tiny-world recipes to the "
                                                  "self_distill_file each one names (see ship_self_distill).")
     parser.add_argument("recipes", nargs="+", help="recipe YAML files, e.g. recipes/tiny-math/fast_mtp.yaml")
     parser.add_argument("--cache-dir", default=None, help="the self-distillation cache (default: "

@@ -101,17 +101,20 @@ class MedusaHeads(MTPMethod):
     def loss(self, parts, input_ids, labels, hidden, backbone_logits, *, attention_mask=None, position_ids=None):
         K = self.config.num_heads
         backbone_pred = backbone_logits.argmax(-1)  # (B, T) the backbone's greedy next token
-        chain_valid = future_labels(labels, K + 1, position_ids) != -100  # (B, T) where every head has a target
+        targets = [future_labels(labels, k + 2, position_ids) for k in range(K)]  # (B, T) each: the token k + 2 ahead
+        chain_valid = torch.stack([t != -100 for t in targets]).all(0)  # (B, T) where every head has a target
         total = hidden.new_zeros((), dtype=torch.float32)
         logs: dict[str, torch.Tensor] = {}
         correct = []
         for k in range(K):
-            logits = self.logits(parts, k, hidden).float()  # (B, T, V)
-            target = future_labels(labels, k + 2, position_ids)  # (B, T) the token k + 2 ahead
-            ce = torch.nan_to_num(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100))
+            target = targets[k]
+            has = target != -100  # (B, T): only these positions reach the output layer (the costly part)
+            logits = self.logits(parts, k, hidden[has]).float()  # (M, V)
+            ce = torch.nan_to_num(F.cross_entropy(logits, target[has]))  # a batch with no target at this depth
             total = total + self.config.decay**k * ce
             logs[f"ce_{k + 1}"] = ce.detach()
-            correct.append((logits.argmax(-1) == future_tokens(backbone_pred, k + 1, -1))[chain_valid])  # (N,)
+            draft = logits.argmax(-1)[chain_valid[has]]  # (N,): chain_valid positions have every head's target
+            correct.append(draft == future_tokens(backbone_pred, k + 1, -1)[chain_valid])  # (N,)
         logs["draft_correct"] = torch.stack(correct)  # (K, N)
         return total, logs
 
