@@ -369,12 +369,18 @@ def header() -> list[str]:
     ]
 
 
+def _fails(result: ArchResult) -> bool:
+    """Whether the tiny model could not be built or some method failed a check on it."""
+    return result.build_error is not None or any(m.failures for m in result.methods.values())
+
+
 def render(results: list[ArchResult]) -> str:
     """The support matrix as Markdown (docs/architectures.md)."""
-    passed = sum(r.skipped is None and r.arch not in KNOWN_FAILURES for r in results)
     known = sum(r.arch in KNOWN_FAILURES for r in results)
-    footer = ["", f"{passed} architectures supported, {known} known failures, "
-                  f"{len(results) - passed - known} skipped."]
+    failing = sum(r.skipped is None and r.arch not in KNOWN_FAILURES and _fails(r) for r in results)
+    skipped = sum(r.skipped is not None for r in results)
+    passed = len(results) - known - failing - skipped
+    footer = ["", f"{passed} architectures supported, {failing} failing, {known} known failures, {skipped} skipped."]
     return "\n".join(header() + [render_row(r) for r in results] + footer) + "\n"
 
 

@@ -85,6 +85,10 @@ class MedusaHeads(MTPMethod):
     def __init__(self, config: Medusa, parts: BackboneParts) -> None:
         super().__init__(config)
         H, dtype = parts.hidden_size, parts.lm_head.weight.dtype
+        if parts.lm_head.weight.shape[1] != H:  # the heads feed the final hidden state straight to the output layer
+            raise UserInputError(f"the backbone's output layer reads {parts.lm_head.weight.shape[1]} dimensions but its "
+                                 f"hidden states have {H} (a projection between them); Medusa heads cannot be built on it, "
+                                 "use a method without heads, e.g. mask_token")
         self.heads = nn.ModuleList(
             nn.Sequential(*(ResBlock(H, dtype) for _ in range(config.num_layers))) for _ in range(config.num_heads)
         )
