@@ -4,6 +4,7 @@ from lightning_mtp import zoo
 from lightning_mtp.methods import (
     METHODS,
     MTPD,
+    Eagle3,
     FastMTP,
     MaskToken,
     Medusa,
@@ -17,6 +18,7 @@ from lightning_mtp.version import __version__
 __all__ = [
     "METHODS",
     "MTPD",
+    "Eagle3",
     "FastMTP",
     "MaskToken",
     "Medusa",

@@ -23,6 +23,8 @@ from lightning_mtp.resolve import resolve_model_path
 __all__ = [
     "BackboneParts",
     "LastHiddenState",
+    "LayerOutputs",
+    "hidden_grab",
     "backbone_parts",
     "build_decoder_layer",
     "cache_layer_types",
@@ -465,7 +467,54 @@ class LastHiddenState:
         return value
 
 
-def cached_forward(model, ids, cache, grab: LastHiddenState | None, keep_last: int | None, attention_mask=None,
+class LayerOutputs:
+    """Capture the outputs of some decoder layers (EAGLE-3's low, mid and high features), joined along the hidden
+    dimension: ``get`` returns (B, T, n * H). ``layers`` are ids as vLLM and speculators number them
+    (``eagle_aux_hidden_state_layer_ids``): id k is the input of decoder layer k, i.e. the output of layer k - 1
+    (``hidden_states[k]`` of ``output_hidden_states``), 1 <= k <= the number of layers. Used like
+    :class:`LastHiddenState`, whose interface it shares."""
+
+    def __init__(self, parts: BackboneParts, layers: tuple[int, ...]) -> None:
+        if parts.layers is None:
+            raise UserInputError("the backbone's decoder layers cannot be found, so their hidden states cannot be read; "
+                                 "use a method that reads the final hidden state, e.g. fast_mtp or mask_token")
+        bad = [k for k in layers if not 1 <= k <= len(parts.layers)]
+        if bad:
+            raise UserInputError(f"hidden-state layer ids {bad} are out of range: the backbone has {len(parts.layers)} "
+                                 f"decoder layers, so ids run from 1 to {len(parts.layers)}")
+        self.modules = [parts.layers[k - 1] for k in layers]
+        self.values: list[torch.Tensor | None] = [None] * len(layers)
+        self.handles: list = []
+
+    @property
+    def kwargs(self) -> dict:
+        return {}  # hooks on the layers: no forward argument needed
+
+    def _hook(self, slot: int):
+        def hook(module, inputs, output) -> None:
+            self.values[slot] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def __enter__(self) -> LayerOutputs:
+        self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def get(self, outputs) -> torch.Tensor:
+        values, self.values = self.values, [None] * len(self.modules)
+        return torch.cat(values, dim=-1)  # (B, T, n * H)
+
+
+def hidden_grab(parts: BackboneParts, layers: tuple[int, ...] | None) -> LastHiddenState | LayerOutputs:
+    """What captures the hidden states a method reads: the final one (``layers`` None) or those layers' outputs."""
+    return LastHiddenState(parts) if layers is None else LayerOutputs(parts, tuple(layers))
+
+
+def cached_forward(model, ids, cache, grab: LastHiddenState | LayerOutputs | None, keep_last: int | None, attention_mask=None,
                    position_ids=None, start: int = 0):
     """One backbone forward with the cache: logits (of the last ``keep_last`` positions, or all for None), and
     the final hidden states when ``grab`` is given. Without ``position_ids`` the tokens sit at ``start``, ``start``

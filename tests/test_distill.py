@@ -208,7 +208,7 @@ def test_the_fast_mtp_recipe_trains_on_the_answers_shipped_with_its_base(tmp_pat
     assert records is not None and [r["prompt"] for r in records] == prompts
 
 
-@pytest.mark.parametrize("recipe", ["fast_mtp", "mtp_d", "mtp_d_loop8", "medusa"])
+@pytest.mark.parametrize("recipe", ["fast_mtp", "mtp_d", "mtp_d_loop8", "medusa", "eagle3"])
 def test_the_tiny_world_head_recipes_train_on_the_continuations_shipped_with_their_base(recipe, tmp_path, monkeypatch):
     """One file serves every tiny-world head recipe: the same backbone, passages and sampling (one fingerprint)."""
     monkeypatch.chdir(tmp_path)

@@ -44,6 +44,8 @@ def test_recipe_parses_and_instantiates(recipe, tiny_dir, tmp_path, monkeypatch)
     args = ["--config", str(recipe), "--model.backbone", str(tiny_dir)]
     if "init_from:" in recipe.read_text():  # heads trained on the real base do not fit the tiny one
         args += ["--model.method.init_from", "null"]
+    if "draft_vocab_size: 2048" in recipe.read_text():  # a quarter of the tiny-world vocabulary, larger than the tiny one
+        args += ["--model.method.draft_vocab_size", "null"]
     cli = LightningCLI(MTPModule, run=False, args=args, trainer_class=CPUTrainer)
     assert isinstance(cli.model, MTPModule)
     assert cli.datamodule is not None

@@ -62,6 +62,10 @@ class Drafter:
     appended_at_prefill: bool = True
     """Whether the prefill's forward carries the :meth:`appended_tokens` too (when there are any)."""
 
+    hidden_layers: tuple[int, ...] | None = None
+    """The backbone hidden states :meth:`draft` receives: None for the final ones (B, m, H), or decoder-layer ids
+    whose outputs the decoder joins, (B, m, n * H) (:class:`~lightning_mtp.backbone.LayerOutputs`)."""
+
     drafts_trees: bool = False
     """Whether :meth:`draft_tree` proposes token trees (then ``generate(tree=...)`` verifies them)."""
 

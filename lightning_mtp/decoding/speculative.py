@@ -54,7 +54,6 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, Li
 
 from lightning_mtp.backbone import (
     BackboneParts,
-    LastHiddenState,
     backbone_parts,
     cache_kwarg,
     cache_layer_types,
@@ -62,6 +61,7 @@ from lightning_mtp.backbone import (
     context_length,
     eos_ids,
     forward_params,
+    hidden_grab,
     pad_token_id,
     takes_cache,
 )
@@ -303,7 +303,7 @@ def speculative_generate(
     if K > 0:
         drafter.min_confidence = float(draft_confidence_threshold)  # where chains end (see DraftChain)
     t_start = time.perf_counter()
-    with LastHiddenState(parts) if K > 0 else contextlib.nullcontext() as grab:
+    with hidden_grab(parts, drafter.hidden_layers) if K > 0 else contextlib.nullcontext() as grab:
         decoder = _Decoder(model, drafter, schedule, max_new_tokens, probs_fn, generator, streamer, grab, trust_drafts,
                            tree if K > 0 else None)
         generated, stats = decoder.run(input_ids, real)

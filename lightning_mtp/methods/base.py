@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from lightning_mtp.backbone import BackboneParts, LastHiddenState
+from lightning_mtp.backbone import BackboneParts, hidden_grab
 from lightning_mtp.decoding.drafter import AppendedOutputs, DraftChain, Drafter
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.methods.registry import METHODS, MethodConfig, register_method, resolve_method
@@ -137,6 +137,10 @@ class MTPMethod(nn.Module):
 
     config: MethodConfig
     needs_token_counts: bool = False
+    hidden_layers: tuple[int, ...] | None = None
+    """The backbone hidden states :meth:`loss` reads: None for the final one (after the final norm), or decoder-layer
+    ids whose outputs are joined (:class:`~lightning_mtp.backbone.LayerOutputs`; EAGLE-3's low, mid and high features).
+    Its drafter sets :attr:`Drafter.hidden_layers` alike, so decoding reads the same states."""
     decodings: tuple[str, ...] = ("speculative",)
     """Decoding modes :meth:`MTPModule.generate` accepts for this method (``decoding=...``)."""
 
@@ -164,7 +168,7 @@ class MTPMethod(nn.Module):
         input_ids, labels = batch["input_ids"], batch["labels"]
         attention_mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
         trains_backbone = context.training and context.backbone_trains
-        with torch.set_grad_enabled(trains_backbone), LastHiddenState(context.parts) as grab:
+        with torch.set_grad_enabled(trains_backbone), hidden_grab(context.parts, self.hidden_layers) as grab:
             out = context.backbone(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -172,7 +176,7 @@ class MTPMethod(nn.Module):
                 labels=labels if trains_backbone else None,
                 **grab.kwargs,
             )
-            hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm)
+            hidden = grab.get(out)  # (B, T, H) the final hidden state (after the final norm), or the layers' outputs
         loss, logs = self.loss(
             context.parts, input_ids, labels, hidden, out.logits,
             attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None,
