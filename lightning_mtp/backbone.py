@@ -471,7 +471,8 @@ class LayerOutputs:
     """Capture the outputs of some decoder layers (EAGLE-3's low, mid and high features), joined along the hidden
     dimension: ``get`` returns (B, T, n * H). ``layers`` are ids as vLLM and speculators number them
     (``eagle_aux_hidden_state_layer_ids``): id k is the input of decoder layer k, i.e. the output of layer k - 1
-    (``hidden_states[k]`` of ``output_hidden_states``), 1 <= k <= the number of layers. Used like
+    (``hidden_states[k]`` of ``output_hidden_states``), 1 <= k <= L; id L is the last layer's output before the final
+    norm (where ``hidden_states[L]`` is after it). Used like
     :class:`LastHiddenState`, whose interface it shares."""
 
     def __init__(self, parts: BackboneParts, layers: tuple[int, ...]) -> None:

@@ -175,6 +175,9 @@ def _serving_markdown(directory: Path | None, config: Mapping[str, Any], where: 
     if method in ("fast_mtp", "mtp_d") and base.get("model_type") in SPECULATORS_MTP_MODEL_TYPES:
         text += (" Its base is one speculators builds MTP layers for, so it also exports as a speculators `mtp` draft "
                  "(`lightning-mtp export DIR --format speculators --out OUT`; see docs/serving.md).")
+    if method == "eagle3":
+        text += (" It exports as a speculators `eagle3` draft, which `vllm serve` loads "
+                 "(`lightning-mtp export DIR --format speculators --out OUT`; see docs/serving.md).")
     return text
 
 

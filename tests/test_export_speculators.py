@@ -20,9 +20,10 @@ import pytest
 import torch
 from conftest import VOCAB, make_backbone
 from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
 
 from lightning_mtp import MTPModule
-from lightning_mtp.backbone import LastHiddenState
+from lightning_mtp.backbone import LastHiddenState, LayerOutputs, causal_mask
 from lightning_mtp.convert import export
 from lightning_mtp.methods.base import future_tokens
 from lightning_mtp.native import SPECULATORS_VERSION
@@ -125,8 +126,58 @@ def test_a_head_loads_in_speculators_with_equal_draft_logits(tmp_path, speculato
             assert not torch.allclose(step, ours[(s + 1) % steps][:, : step.shape[1]])  # the steps do differ
 
 
+def _eagle3_logits(module: MTPModule, ids: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Our draft model's logits per unrolled step (1, T, V'), tokens teacher-forced, each step on its own outputs,
+    each query seeing the committed positions up to its own and its own position's earlier steps."""
+    method, parts, T = module.method, module.parts, ids.shape[1]
+    base = causal_mask(T, T, torch.float32, ids.device)
+    own = torch.full((T, T), torch.finfo(torch.float32).min).fill_diagonal_(0)[None, None]
+    state, cache, out = method.enter(features), DynamicCache(), []
+    with torch.no_grad():
+        for j in range(steps):
+            state = method.block(parts, state, future_tokens(ids, 1 + j, 0), torch.arange(T)[None] + j, cache,
+                                 torch.cat([base, *([own] * j)], dim=-1))
+            out.append(method.logits(parts, state).float())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_an_eagle3_draft_loads_in_speculators_with_equal_draft_logits(tmp_path, speculators_python, arch):
+    """speculators' Eagle3DraftModel, unrolled as it trains, gives our draft model's logits at every step: the same
+    fused features, layer, attention pattern, norms and draft vocabulary (d2t / t2d)."""
+    module = MTPModule(make_backbone(arch, num_hidden_layers=4),
+                       method={"name": "eagle3", "ttt_steps": 3, "draft_vocab_size": 40}).eval()
+    module.method.prepare(torch.randperm(VOCAB, generator=torch.Generator().manual_seed(2)))  # a scattered subset
+    module = _trained_like(module)
+    verifier = tmp_path / "verifier"
+    module.base_model.save_pretrained(verifier)
+    out = export(module, "speculators", tmp_path / "draft", verifier=str(verifier))
+    config = json.loads((out / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4]
+    assert config["draft_vocab_size"] == 40
+
+    ids = torch.randint(4, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), LayerOutputs(module.parts, module.method.hidden_layers) as grab:
+        features = grab.get(module.backbone(ids))  # (1, T, 3H)
+    # speculators' layout: position i holds the features of i and the token after it
+    save_file({"input_ids": ids[:, 1:].contiguous(), "hidden": features[:, :-1].contiguous(),
+               "ttt_steps": torch.tensor(3)}, str(tmp_path / "in.safetensors"))
+    run = subprocess.run([str(speculators_python), str(CHECK), str(out), str(tmp_path / "in.safetensors"),
+                          str(tmp_path / "out.safetensors")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["unexpected"] == []
+    assert set(report["missing"]) <= {"embed_tokens.weight", "verifier_lm_head.weight", "verifier_norm.weight"}
+    assert report["steps"] == 3
+    theirs, ours = load_file(str(tmp_path / "out.safetensors")), _eagle3_logits(module, ids, features, 3)
+    T = ids.shape[1]
+    for j in range(3):  # step j's tokens run out j positions before the end
+        torch.testing.assert_close(theirs[f"step{j}"][:, : T - 1 - j], ours[j][:, : T - 1 - j], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(theirs["step1"][:, :8], theirs["step0"][:, :8])  # the steps do differ
+
+
 @pytest.mark.parametrize(("method", "arch", "match"), [
-    ({"name": "mask_token"}, "qwen3", "needs a fast_mtp or mtp_d module, got 'mask_token'"),
+    ({"name": "mask_token"}, "qwen3", "needs a fast_mtp, mtp_d or eagle3 module, got 'mask_token'"),
     ({"name": "fast_mtp"}, "llama", r"builds MTP layers for \['qwen3', .*\] only, this backbone is 'llama'"),
     ({"name": "fast_mtp", "num_steps": 3}, "qwen3", "trained with recurse_on_normed=False"),
     ({"name": "fast_mtp", "draft_vocab_size": 32}, "qwen3", "vocabulary compression"),
