@@ -51,22 +51,31 @@ def draft_layer_config(parts: BackboneParts) -> LlamaConfig:
     """The Llama config of the draft layer: the backbone's width, heads, MLP width and norm epsilon (what vLLM's and
     speculators' EAGLE-3 drafters read from ``transformer_layer_config``), whatever family the backbone is."""
     c, H = parts.config, parts.hidden_size
-    heads = getattr(c, "num_attention_heads", None) or max(1, H // 64)
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    inter = getattr(c, "intermediate_size", None)
-    rope = getattr(c, "rope_parameters", None)
+    heads = _read(c, "num_attention_heads") or max(1, H // 64)
+    kv = _read(c, "num_key_value_heads") or heads
+    inter = _read(c, "intermediate_size")
+    rope = _read(c, "rope_parameters")
     if not (isinstance(rope, dict) and rope.get("rope_type", "default") == "default" and "rope_theta" in rope):
         rope = {"rope_type": "default", "rope_theta": 10000.0}  # a plain RoPE: the drafter's positions are its own
     return LlamaConfig(
         vocab_size=parts.vocab_size, hidden_size=H, num_hidden_layers=1,
         intermediate_size=inter if isinstance(inter, int) else 4 * H,
         num_attention_heads=heads, num_key_value_heads=kv if heads % kv == 0 else heads,
-        head_dim=getattr(c, "head_dim", None) or H // heads,
-        rms_norm_eps=float(getattr(c, "rms_norm_eps", None) or 1e-6),
-        max_position_embeddings=getattr(c, "max_position_embeddings", None) or 4096,
+        head_dim=_read(c, "head_dim") or H // heads,
+        rms_norm_eps=float(_read(c, "rms_norm_eps") or 1e-6),
+        max_position_embeddings=_read(c, "max_position_embeddings") or 4096,
         rope_parameters=dict(rope), attention_bias=False, mlp_bias=False, hidden_act="silu",
         tie_word_embeddings=False, attn_implementation="sdpa",
     )
+
+
+def _read(config, name: str):
+    """A config value, or None where the config has none or only per-layer ones (it raises on a global read)."""
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - e.g. transformers' AmbiguousGlobalPerLayerAttributeError
+        return None
+    return value if isinstance(value, int | float | dict) and not isinstance(value, bool) else None
 
 
 @register_method("eagle3")
