@@ -40,7 +40,7 @@ def test_training_time_test_sees_what_a_drafting_step_sees():
     method, parts = module.method, module.parts
     torch.nn.init.normal_(method.layers[0].hidden_norm.weight, 1.0, 0.3)  # nothing may cancel by symmetry
     ids = torch.tensor([list(range(4, 20))])  # (1, T)
-    T, i = ids.shape[1], 9
+    i = 9  # the last committed position
     with torch.no_grad(), LayerOutputs(parts, method.hidden_layers) as grab:
         features = grab.get(model(ids))  # (1, T, 2H)
         seen = {}
