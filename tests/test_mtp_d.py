@@ -10,6 +10,7 @@ from conftest import ARCHS, VOCAB, greedy_batch, make_backbone, train_method, tr
 from helpers import save_tiny_math_shaped_model
 
 from lightning_mtp import MTPD, MTPModule, extend_heads
+from lightning_mtp.decoding.tree import TreeShape
 from lightning_mtp.methods.mtp_d import distillation_kl
 
 PROMPTS = [[5], [8, 60, 48], [4, 32, 56, 9], list(range(20, 31))]
@@ -135,21 +136,27 @@ def test_joint_training_trains_the_backbone_and_tracks_the_main_head():
 # ---------------------------------------------------------------- drafting
 
 
-def reference_drafts(module, seq: torch.Tensor, nxt: int) -> list[int]:
-    """Drafts from heads run teacher-forced over the whole sequence, fed their own drafts as they come: what
-    a head computes in training. The cached drafter must reproduce it exactly."""
+def head_logits_after(module, seq: torch.Tensor, after: list[int]) -> torch.Tensor:
+    """Head ``len(after) - 1``'s logits (V,) at the last position of ``seq`` when the tokens after it are ``after``
+    (the next token, then drafts), from heads run teacher-forced over the whole sequence: what a head computes in
+    training. The cached drafter must reproduce it exactly."""
     parts, method = module.parts, module.method
     T = seq.shape[1]
+    ext = seq[0].tolist() + after + [0] * VOCAB
     with torch.no_grad():
         h = module.backbone(seq, output_hidden_states=True).hidden_states[-1]  # (1, T, H)
-        ext = seq[0].tolist() + [nxt]
-        drafts = []
-        for j, head in enumerate(method.heads):
-            ids = torch.tensor([(ext + [0] * VOCAB)[j + 1 : j + 1 + T]])  # token i + j + 1 at each position i
+        for j, head in enumerate(method.heads[: len(after)]):
+            ids = torch.tensor([ext[j + 1 : j + 1 + T]])  # token i + j + 1 at each position i
             h = head(parts, h, ids, torch.arange(T)[None])
-            drafts.append(int(method.logits(parts, head, h)[0, -1].argmax()))
-            ext.append(drafts[-1])
-    return drafts
+    return method.logits(parts, head, h)[0, -1]
+
+
+def reference_drafts(module, seq: torch.Tensor, nxt: int) -> list[int]:
+    """The heads' greedy chain after ``seq`` and its next token ``nxt``, each head fed the drafts before it."""
+    after = [nxt]
+    for _ in module.method.heads:
+        after.append(int(head_logits_after(module, seq, after).argmax()))
+    return after[1:]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
@@ -203,6 +210,40 @@ def test_heads_past_a_short_chain_wait_and_catch_up_exactly(arch):
         new = torch.cat([torch.tensor([[nxt]]), torch.randint(4, VOCAB, (1, n - 1), generator=g)], dim=1)
         hidden_from = seq.shape[1]
         seq = torch.cat([seq, new], dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_tree_node_proposes_what_the_heads_give_over_its_own_path(arch):
+    """Every node's children (best first) are the top tokens of head d run over that node's own path, as teacher
+    forcing gives them, step after step, with chain steps in between sharing the heads' caches."""
+    model = make_backbone(arch)
+    module = MTPModule(model, method={"name": "mtp_d", "num_heads": 4}).eval()
+    g = torch.Generator().manual_seed(2)
+    for prompt_len in (1, 6):  # a 1-token prompt: the later heads have nothing committed at first
+        seq = torch.randint(4, VOCAB, (1, prompt_len), generator=g)
+        drafter = module.method.drafter(module.parts)
+        new, hidden_from = seq, 0
+        for step in range(4):
+            nxt = int(torch.randint(4, VOCAB, (1,), generator=g))
+            with torch.no_grad():
+                hidden = model(seq, output_hidden_states=True).hidden_states[-1][:, hidden_from:]
+                next_ids = torch.cat([new[:, 1:], torch.tensor([[nxt]])], dim=1)
+                if step == 2:  # a chain step between tree steps
+                    assert drafter.draft(hidden, next_ids, 2)[0][0].tolist() == reference_drafts(module, seq, nxt)[:2]
+                else:
+                    tree = drafter.draft_tree(hidden, next_ids, 4, TreeShape("static"))
+                    assert tree.depth == 4
+                    for node, children in tree.children().items():
+                        path, parent = [], node
+                        while parent >= 0:
+                            path.insert(0, int(tree.tokens[parent]))
+                            parent = tree.parents[parent]
+                        best = head_logits_after(module, seq, [nxt, *path]).topk(len(children)).indices.tolist()
+                        assert tree.tokens[children].tolist() == best, (node, path)
+            n = int(torch.randint(1, 4, (1,), generator=g))
+            new = torch.cat([torch.tensor([[nxt]]), torch.randint(4, VOCAB, (1, n - 1), generator=g)], dim=1)
+            hidden_from = seq.shape[1]
+            seq = torch.cat([seq, new], dim=1)
 
 
 def test_batched_drafter_matches_each_row_alone():
@@ -263,6 +304,19 @@ def test_greedy_equals_hf_with_random_and_trained_heads(arch, trained_mtpd):
             assert module.generate(ids, max_new_tokens=MAX_NEW).sequences.tolist() == hf_greedy(module.backbone, ids).tolist()
     taus = [trained.generate(p, max_new_tokens=MAX_NEW).stats.tokens_per_forward for p in training_prompts()[:6]]
     assert sum(taus) / len(taus) > 1.5, taus  # the trained heads' drafts are accepted
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_trained_heads_decode_trees_losslessly_and_accept_more_than_chains(arch, trained_mtpd):
+    module = trained_mtpd(arch)
+    tree = {"kind": "dynamic", "depth": 4, "top_k": 3, "total_tokens": 12}
+    chain_tau, tree_tau = [], []
+    for ids in [torch.tensor([p]) for p in PROMPTS] + training_prompts()[:4]:
+        out = module.generate(ids, max_new_tokens=MAX_NEW, tree=tree)
+        assert out.sequences.tolist() == hf_greedy(module.backbone, ids).tolist()
+        tree_tau.append(out.stats.tokens_per_forward)
+        chain_tau.append(module.generate(ids, max_new_tokens=MAX_NEW).stats.tokens_per_forward)
+    assert sum(tree_tau) > sum(chain_tau), (tree_tau, chain_tau)
 
 
 def test_batched_greedy_equals_each_row_alone(trained_mtpd):

@@ -19,7 +19,8 @@ from lightning_mtp.errors import UserInputError
 
 TREE_ARCHS = ["llama", "qwen3", "mistral", "gpt2"]  # mistral: a sliding window (8) the decodes pass
 SHAPES = [{"kind": "static"}, {"kind": "dynamic", "depth": 4, "top_k": 3, "total_tokens": 12}]
-METHODS = [{"name": "fast_mtp"}, {"name": "mask_token", "mask_token_id": 3}, {"name": "medusa"}]
+METHODS = [{"name": "fast_mtp"}, {"name": "mtp_d"}, {"name": "mask_token", "mask_token_id": 3}, {"name": "medusa"},
+           {"name": "eagle3"}]
 MAX_NEW = 20
 
 
@@ -139,10 +140,15 @@ def test_a_recurrent_backbone_is_refused_by_what_the_probe_found():
         module.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, tree={"kind": "static"})
 
 
+class ChainOnly(Drafter):
+    def draft(self, hidden, next_ids, k, probs_fn=None, generator=None, valid=None, appended=None):
+        return next_ids[:, -1:].expand(-1, k), None
+
+
 def test_a_chain_only_drafter_is_refused_by_name():
-    module = MTPModule(make_backbone("llama"), method="mtp_d")
-    with pytest.raises(UserInputError, match="MTPDDrafter drafts chains only"):
-        module.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, tree={"kind": "static"})
+    with pytest.raises(UserInputError, match="ChainOnly drafts chains only"):
+        speculative_generate(make_backbone("llama"), torch.tensor([[5, 6, 7]]), ChainOnly(), num_draft_tokens=2,
+                             max_new_tokens=4, tree=TreeShape("static"))
 
 
 # ---------------------------------------------------------------- acceptance and losslessness

@@ -33,7 +33,8 @@ and in the same call runs its k-1 speculative chain rows (positions L-k+2..L, fe
 whose last row proposes draft k. The speculative entries are dropped at the next step. One head call per
 head per step, as FastMTP's one call per application. Heads past the chain a step asks for (an adaptive schedule's
 short chains) do not run at all: their new inputs wait (``pending``) and are caught up in one call, in order,
-at the first step that needs their drafts again.
+at the first step that needs their drafts again. Trees (``generate(tree=...)``): head d proposes the children of every
+node at depth d, run over that node's own path (:meth:`MTPDDrafter.draft_tree`), one call per head per step still.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_mtp.backbone import BackboneParts, slot_mask
+from lightning_mtp.decoding.tree import DraftTree, TreeShape, grow_tree
 from lightning_mtp.errors import UserInputError
 from lightning_mtp.io import read_safetensors
 from lightning_mtp.methods.base import (
@@ -359,9 +361,7 @@ class MTPDDrafter(CachedChainDrafter):
         valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         method = self.method
-        K = len(method.heads)
-        if k > K:
-            raise UserInputError(f"mtp_d has {K} heads, so it drafts at most {K} tokens per step; got num_draft_tokens={k}")
+        self._check_k(k)
         B, m = next_ids.shape
         device = next_ids.device
         self.begin(B, device, holes=B > 1)  # from the first batched call on, every head tracks slots
@@ -372,16 +372,14 @@ class MTPDDrafter(CachedChainDrafter):
         new: _HeadInputs | None = _HeadInputs(hidden, next_ids, cols, cols)  # head 0's: the committed positions
         chain_out = hidden[:, :0]  # (B, rows, H) head j-1's chain outputs, positions L-j+2 .. L
         for j, head in enumerate(method.heads):
-            if j and new is not None:  # head j sees head j-1's outputs one position later: its old carry, then those
-                new = new._replace(**dict(zip(("h", "v"), self._shift(new.h, new.v, new.cols, old_carry[j - 1],
-                                                                     old_valid[j - 1]), strict=True)))
-            inputs = _HeadInputs.join(self.pending[j], new)
+            inputs = self._inputs(j, new, old_carry, old_valid)
             if j >= wanted:  # no draft wanted from head j: it and the heads after it catch up when one is
                 self.pending[j], new = inputs, None
                 continue
             self.pending[j] = None
             rows = self._chain_length(j, wanted, B > 1)
-            out, n_in, start = self._run_head(j, inputs.h, inputs.v, inputs.ids, chain, chain_out, rows, hidden.dtype)
+            out, n_in, start = self._run_head(j, inputs.h, inputs.v, inputs.ids, chain.tokens, chain_out, rows,
+                                              hidden.dtype)
             new = inputs._replace(h=self._commit_outputs(j, out, n_in, start, inputs.v))
             chain_out = out[:, n_in:]
             # draft token j + 1: head j's output at position L (its last chain row; head 0: its carry)
@@ -390,6 +388,83 @@ class MTPDDrafter(CachedChainDrafter):
             if not chain.add(tok, p):
                 wanted = len(chain)
         return chain.result()  # (B, k') with k' <= k, -1 after a row's chain ended; (B, k', V) when sampling
+
+    drafts_trees = True
+
+    def draft_tree(self, hidden: torch.Tensor, next_ids: torch.Tensor, k: int, shape: TreeShape,
+                   probs_fn=None, generator=None, valid=None, appended=None) -> DraftTree:
+        """A tree whose node at depth d proposes its children through head d, run over that node's own path: the d
+        chain rows the chain would run (positions L-d+1 .. L, fed the path's tokens and head d-1's rows for the
+        node's parent), every node of a level in one call of its head, each seeing the head's committed entries and
+        its own rows (a block-causal mask over the head's cache). Each head serves one level, so a tree costs one
+        call per head as a chain does, its rows the level's width times as many."""
+        depth = min(k, shape.depth, len(self.method.heads))  # a deeper shape is cut to the heads there are
+        self.begin(1, next_ids.device, holes=False)
+        self._commit_only(hidden, next_ids, valid, depth)
+        rows_of: dict[int, torch.Tensor] = {-1: hidden[:, :0]}  # node -> (1, d, H) head d's chain rows for its path
+
+        def expand(tree: DraftTree, nodes: list[int]) -> torch.Tensor:  # (w, V) the logits after each node
+            return self._expand(tree, nodes, rows_of, hidden.dtype)
+
+        root = self.method.logits(self.parts, self.method.heads[0], self.carry[0])[0, -1]  # (V,)
+        return grow_tree(root, expand, shape.within(depth), self.stop_ids)
+
+    def _check_k(self, k: int) -> None:
+        K = len(self.method.heads)
+        if k > K:
+            raise UserInputError(f"mtp_d has {K} heads, so it drafts at most {K} tokens per step; got num_draft_tokens={k}")
+
+    def _inputs(self, j: int, new: _HeadInputs | None, old_carry: list, old_valid: list) -> _HeadInputs | None:
+        """Head j's committed inputs this call: those it waited on, then the new ones (head j sees head j-1's
+        outputs one position later: head j-1's carry before this call, then those outputs)."""
+        if j and new is not None:
+            new = new._replace(**dict(zip(("h", "v"), self._shift(new.h, new.v, new.cols, old_carry[j - 1],
+                                                                 old_valid[j - 1]), strict=True)))
+        return _HeadInputs.join(self.pending[j], new)
+
+    def _commit_only(self, hidden: torch.Tensor, next_ids: torch.Tensor, valid: torch.Tensor | None, heads: int) -> None:
+        """Feed the committed positions (batch size 1) to heads 0 .. heads-1, no chain rows; later heads wait."""
+        m = next_ids.shape[1]
+        cols = valid if valid is not None else torch.ones(1, m, dtype=torch.bool, device=next_ids.device)
+        old_carry, old_valid = list(self.carry), list(self.carry_valid)
+        new: _HeadInputs | None = _HeadInputs(hidden, next_ids, cols, cols)
+        for j in range(len(self.method.heads)):
+            inputs = self._inputs(j, new, old_carry, old_valid)
+            if j >= heads:
+                self.pending[j], new = inputs, None
+                continue
+            self.pending[j] = None
+            out, n_in, start = self._run_head(j, inputs.h, inputs.v, inputs.ids, [], hidden[:, :0], 0, hidden.dtype)
+            new = inputs._replace(h=self._commit_outputs(j, out, n_in, start, inputs.v))
+
+    def _expand(self, tree: DraftTree, nodes: list[int], rows_of: dict[int, torch.Tensor],
+                dtype: torch.dtype) -> torch.Tensor:
+        """Run head d over the chain rows of ``nodes`` (w, all at depth d): their children's logits (w, V)."""
+        d = tree.depths[nodes[0]]
+        head, hc = self.method.heads[d], self.head_caches[d]
+        device = tree.tokens.device
+        rows = min(d, self.head_caches[0].committed)  # positions L-d+1 .. L that exist (L + 1 committed)
+        carry = self.carry[d - 1] if self.carry[d - 1] is not None else rows_of[-1].new_zeros(1, 1, rows_of[-1].shape[-1])
+        h, ids = [], []
+        for node in nodes:
+            path, parent = [node], tree.parents[node]
+            while parent >= 0:
+                path.insert(0, parent)
+                parent = tree.parents[parent]
+            h.append(torch.cat([carry, rows_of[tree.parents[node]]], dim=1)[:, -rows:])  # (1, rows, H)
+            ids.append(tree.tokens[path][-rows:])  # (rows,) drafts L-d+2 .. L+1 (the token each row reads)
+        w, past = len(nodes), hc.committed + hc.speculative
+        own = torch.block_diag(*[torch.ones(rows, rows, dtype=torch.bool, device=device).tril()] * w)  # (w*rows, w*rows)
+        allowed = torch.cat([torch.zeros(w * rows, past, dtype=torch.bool, device=device), own], dim=1)
+        allowed[:, :hc.committed] = True  # every row sees the committed entries, not another level's speculative ones
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        pos = (hc.committed + torch.arange(rows, device=device)).repeat(w)[None]  # (1, w*rows)
+        out = head(self.parts, torch.cat(h, dim=1), torch.stack(ids).flatten()[None], pos, hc.cache,
+                   attention_mask=mask[None, None])  # (1, w*rows, H)
+        hc.speculative += w * rows
+        for a, node in enumerate(nodes):
+            rows_of[node] = out[:, a * rows:(a + 1) * rows]
+        return self.method.logits(self.parts, head, out[:, rows - 1::rows])[0]  # (w, V) each node's last row
 
     @staticmethod
     def _shift(h_full: torch.Tensor, v_full: torch.Tensor, cols: torch.Tensor, carry: torch.Tensor | None,
@@ -409,7 +484,7 @@ class MTPDDrafter(CachedChainDrafter):
         return rows if batched else min(rows, self.head_caches[0].committed)
 
     def _run_head(self, j: int, h_full: torch.Tensor, v_full: torch.Tensor, next_ids: torch.Tensor,
-                  chain: DraftChain, chain_out: torch.Tensor, rows: int, dtype: torch.dtype
+                  drafts: list[torch.Tensor], chain_out: torch.Tensor, rows: int, dtype: torch.dtype
                   ) -> tuple[torch.Tensor, int, int]:
         """Head j over its committed columns and its chain rows: ``(out (B, n_in + rows, H), n_in, start)``."""
         B, m = next_ids.shape
@@ -421,7 +496,7 @@ class MTPDDrafter(CachedChainDrafter):
         if rows:  # fed head j-1's new carry and chain outputs, and drafts 1..j
             carry = self.carry[j - 1] if self.carry[j - 1] is not None else h_full.new_zeros(B, 1, h_full.shape[-1])
             chain_h = torch.cat([carry, chain_out], dim=1)[:, -rows:]  # (B, rows, H)
-            chain_ids = torch.stack(chain.tokens[-rows:], dim=1).clamp(min=0)  # (B, rows); an ended chain's -1 is unread
+            chain_ids = torch.stack(drafts[-rows:], dim=1).clamp(min=0)  # (B, rows); an ended chain's -1 is unread
         else:
             chain_h, chain_ids = h_in[:, :0], ids_in[:, :0]
         pos, mask = self._positions(j, v_in, rows, dtype)
