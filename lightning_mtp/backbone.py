@@ -119,12 +119,15 @@ def _decoder(model: PreTrainedModel) -> nn.Module:
 
 def _decoder_layers(base: nn.Module, config) -> nn.ModuleList | None:
     """The decoder layers: ``layers`` / ``h`` / ``blocks``, else the first ModuleList of ``num_hidden_layers``
-    entries (e.g. ``encoder.layer`` of a BERT-style model used as a decoder)."""
+    entries (e.g. ``encoder.layer`` of a BERT-style model used as a decoder), outside an image or audio encoder (GIT
+    holds its vision tower's layers before its text layers)."""
     for name in ("layers", "h", "blocks"):
         if isinstance(getattr(base, name, None), nn.ModuleList):
             return getattr(base, name)
     n = getattr(config, "num_hidden_layers", None)
-    return next((m for m in base.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
+    found = [(name, m) for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    text = [m for name, m in found if not any(w in name for w in ("vision", "image", "visual", "audio"))]
+    return next(iter(text or [m for _, m in found]), None)
 
 
 def backbone_parts(model: PreTrainedModel) -> BackboneParts:
@@ -484,6 +487,7 @@ class LayerOutputs:
             raise UserInputError(f"hidden-state layer ids {bad} are out of range: the backbone has {len(parts.layers)} "
                                  f"decoder layers, so ids run from 1 to {len(parts.layers)}")
         self.modules = [parts.layers[k - 1] for k in layers]
+        self.hidden_size = parts.hidden_size
         self.values: list[torch.Tensor | None] = [None] * len(layers)
         self.handles: list = []
 
@@ -507,6 +511,13 @@ class LayerOutputs:
 
     def get(self, outputs) -> torch.Tensor:
         values, self.values = self.values, [None] * len(self.modules)
+        for module, value in zip(self.modules, values, strict=True):
+            if not (isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[-1] == self.hidden_size):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise UserInputError(  # a capability this backbone lacks, found where the features are read
+                    f"{type(module).__name__} returns {got} from its forward, not the (batch, tokens, hidden_size="
+                    f"{self.hidden_size}) hidden state a layer-feature drafter (eagle3) reads; use a method that reads "
+                    "the final hidden state, e.g. fast_mtp or medusa")
         return torch.cat(values, dim=-1)  # (B, T, n * H)
 
 

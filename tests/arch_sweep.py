@@ -105,14 +105,7 @@ OVERRIDES: dict[str, dict] = {
 """Per-architecture fields where the generic shrink cannot build the model (kept as short as possible)."""
 
 
-_E3_STREAMS = "eagle3: its decoder layers return several residual streams (B, n, T, H), not the (B, T, H) features the draft layer fuses"
-KNOWN_FAILURES: dict[str, str] = {
-    "gemma3n_text": _E3_STREAMS,
-    "hy_v4": _E3_STREAMS,
-    "git": "eagle3: its decoder layers return no hidden state a forward hook can read (None)",
-    "qwen4_exp": "eagle3: its decoder layers' outputs are wider than hidden_size (several streams joined)",
-    "qwen4_exp_text": "eagle3: its decoder layers' outputs are wider than hidden_size (several streams joined)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 """Architectures that build but fail a check for a reason not yet fixed: their test is a strict xfail (it fails as
 soon as they pass, so the entry is removed) and the page shows the reason. Kept short; each is an open defect."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from arch_sweep import build
 from conftest import ARCHS, greedy_batch, make_backbone, train_method, training_prompts
 
 from lightning_mtp import Eagle3, MTPModule
@@ -116,3 +117,11 @@ def test_bad_settings_are_one_clear_error(options, message):
 def test_feature_layers_past_the_backbone_are_refused_by_name():
     with pytest.raises(UserInputError, match=r"eagle3 aux_layers \[3\] are out of range: the backbone has 2 layers"):
         MTPModule(make_backbone("llama"), method={"name": "eagle3", "aux_layers": [1, 3]})
+
+
+def test_a_backbone_whose_layers_return_several_streams_is_refused_by_name():
+    """Layer outputs that are not (B, T, H) (HY-V4's several residual streams) are refused where they are read."""
+    module = MTPModule(build("hy_v4"), method="eagle3")
+    with pytest.raises(UserInputError, match=r"HYV4DecoderLayer returns \(1, 3, \d+, 32\) from its forward, not the "
+                                             r"\(batch, tokens, hidden_size=32\) hidden state .* e.g. fast_mtp or medusa"):
+        module.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4)
