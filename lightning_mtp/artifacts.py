@@ -129,7 +129,9 @@ def save_artifact(
         if tensors:
             save_file(_cast(tensors, dtype), str(tmp / METHOD_WEIGHTS), metadata={"format": "pt"})
         if module.lora is not None:
-            module.backbone.save_pretrained(tmp / ADAPTER_DIR)
+            # Not the embedding matrices: LoRA leaves them frozen, and a row a method adds (the mask token) is rebuilt
+            # on load the same way; PEFT's "auto" would write both whole matrices (an 8k-row vocabulary: 8 MB).
+            module.backbone.save_pretrained(tmp / ADAPTER_DIR, save_embedding_layers=False)
             (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # PEFT's blank card: ours is the top-level one
             if dtype is not None:  # PEFT writes the adapter in its training dtype
                 adapter = tmp / ADAPTER_DIR / "adapter_model.safetensors"

@@ -86,7 +86,8 @@ class Drafter:
         raise NotImplementedError(f"{type(self).__name__} drafts chains only")
 
     def appended_tokens(self, k: int) -> torch.Tensor | None:
-        """Token ids (a,) to append after the ``k`` drafts of every forward, or None (the default) for none."""
+        """Token ids (a,) to append after the ``k`` drafts of every forward, or None (the default) for none. Where
+        the next chain will be shorter, a forward carries only the first few of them (enough for that chain)."""
         return None
 
     def draft(

@@ -36,7 +36,7 @@ Chain length: ``draft_schedule`` (:mod:`~lightning_mtp.decoding.schedule`) sets 
 at most ``num_draft_tokens``: ``constant`` always that many, ``adaptive`` fewer, down to none, while drafts miss.
 A step without drafts is a plain step; the positions it commits reach the drafter with the next positions it is
 asked to draft after, so a drafter's own cache still sees every committed position once. Its forward carries the
-ride-along tokens only when the drafter drafts after it.
+ride-along tokens only when the drafter drafts after it, and (adaptive) only as many as the next chain can use.
 """
 
 from __future__ import annotations
@@ -653,6 +653,17 @@ class _Decoder:
             return self.schedule.length if left else 0
         return min(self.schedule.length, max(left, default=0) - 1)
 
+    def ride_along(self, k: int) -> int:
+        """Ride-along tokens a chain step verifying ``k`` drafts carries: none unless a draft follows it, and no more
+        than the next chain can use. Each costs a token of the forward, and under an adaptive schedule the next chain
+        is at most twice this one (a step that keeps every draft doubles it) or one draft (the probe after a pause):
+        a drafter whose drafts keep missing then rides along one token, not K."""
+        if not self.A or not (k > 0 or self.schedule.feeds_drafter_next):
+            return 0
+        if self.schedule.kind == "constant":
+            return self.A
+        return min(self.A, max(1, 2 * self.schedule.length))
+
     def pick(self, logits: torch.Tensor) -> torch.Tensor:  # (b, V) -> (b,)
         if self.probs_fn is None:
             return logits.argmax(-1)
@@ -763,7 +774,7 @@ class _Decoder:
         remaining = [self.max_new_tokens - len(self.generated[r]) for r in self.rows.tolist()]
         budget, seen_drafts = self._budgets(remaining)
         k = max(budget)  # drafts past a row's budget would be wasted; a shorter row ignores its extra ones
-        A = self.A if k > 0 or self.schedule.feeds_drafter_next else 0  # ride-along tokens only before a draft
+        A = self.ride_along(k)
         t0 = time.perf_counter()
         step_ids, logits, hidden, appended = self._verify(k, A, seen_drafts)
         accepted, nxt = self._accept(logits, k, budget)
@@ -869,7 +880,7 @@ class _Decoder:
         b = len(self.token)
         step_ids = self.token[:, None] if k == 0 else torch.cat([self.token[:, None], self.drafts[:, :k]], dim=1)
         if A:
-            step_ids = torch.cat([step_ids, self.append.expand(b, A)], dim=1)  # (b, 1 + k + A)
+            step_ids = torch.cat([step_ids, self.append[:A].expand(b, A)], dim=1)  # (b, 1 + k + A)
         seen = None  # (b, 1 + k + A) bool: the step's slots each row sees; None when every row sees all
         if seen_drafts is not None:
             seen = torch.ones(b, 1 + k + A, dtype=torch.bool, device=device)

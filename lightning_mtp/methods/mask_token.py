@@ -206,14 +206,23 @@ class MaskToken(MethodConfig):
                              f"(valid ids 0..{rows - 1}, or {rows} to add a {self.mask_token!r} row; None chooses)")
 
     def _add_row(self, model, tokenizer, rows: int) -> int:
-        """Add the mask token as a new embedding row ``rows`` (mean-initialised), and to the tokenizer if any."""
+        """Add the mask token as a new embedding row ``rows``, and to the tokenizer if any.
+
+        The new input (and untied output) row is the mean of the old rows, set exactly: ``mean_resizing`` would
+        sample around the mean, and a LoRA artefact does not carry the resized matrices (only the trained input
+        row), so loading must rebuild the same row.
+        """
         if tokenizer is not None:
             tokenizer.add_tokens([self.mask_token], special_tokens=True)
             new_id = tokenizer.convert_tokens_to_ids(self.mask_token)
             if new_id != rows:
                 raise UserInputError(f"adding {self.mask_token!r} to the tokenizer gave id {new_id}, but the new embedding "
                                      f"row is {rows}; the tokenizer ({len(tokenizer)} tokens) and the embeddings disagree")
-        model.resize_token_embeddings(rows + 1, mean_resizing=True)
+        model.resize_token_embeddings(rows + 1, mean_resizing=False)
+        with torch.no_grad():
+            for layer in {id(m.weight): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                          if m is not None}.values():  # a tied output layer is the input matrix: set once
+                layer.weight[rows] = layer.weight[:rows].float().mean(0).to(layer.weight.dtype)
         return rows
 
     def build(self, parts: BackboneParts) -> MaskTokenMTP:
