@@ -119,3 +119,23 @@ def test_a_method_sees_a_narrow_context_not_the_module(name, monkeypatch):
     assert context.backbone is module.backbone and context.parts is module.parts
     module.eval()
     assert context.training is False  # live: it follows the module's mode
+
+
+def test_fast_mtp_draft_vocabulary_rows_follow_the_output_layer():
+    """Decoding keeps the gathered draft rows (gathering costs a whole output-layer matmul); they must be those of
+    the output layer as it is now, and the gradient path must gather afresh."""
+    module = MTPModule(make_backbone("llama"), method={"name": "fast_mtp", "draft_vocab_size": 16})
+    head, parts = module.method, module.parts
+    head.draft_ids.copy_(torch.randperm(parts.vocab_size)[:16])
+    h = torch.randn(2, 3, parts.lm_head.weight.shape[1])
+    with torch.no_grad():
+        cached = head.logits(parts, h)
+        assert torch.equal(cached, head.logits(parts, h))
+        parts.lm_head.weight.mul_(2)  # a merged adapter or an optimizer step changes the weights in place
+        changed = head.logits(parts, h)
+        head.draft_ids.copy_(torch.arange(16))  # prepare() picks the subset in place too
+        reordered = head.logits(parts, h)
+    fresh = head.logits(parts, h)  # with gradients: gathered now
+    assert not torch.allclose(changed, cached) and torch.allclose(reordered, fresh.detach())
+    expected = torch.nn.functional.linear(head.block.final_norm(h), parts.lm_head.weight[:16])
+    assert torch.allclose(fresh, expected)

@@ -103,6 +103,7 @@ class FastMTPHead(MTPMethod):
             self.register_buffer("draft_ids", torch.arange(config.draft_vocab_size), persistent=True)
         else:
             self.draft_ids = None
+        self._gathered = None  # (key, rows, bias) of the draft vocabulary, while no gradient flows (_draft_rows)
 
     def prepare(self, token_counts: torch.Tensor | None) -> None:
         if self.draft_ids is None or token_counts is None:
@@ -114,9 +115,20 @@ class FastMTPHead(MTPMethod):
         hn = self.block.final_norm(h)
         weight, bias = parts.lm_head.weight, parts.lm_head.bias
         if self.draft_ids is not None:
-            weight = weight[self.draft_ids]  # (V', H)
-            bias = None if bias is None else bias[self.draft_ids]
+            weight, bias = self._draft_rows(weight, bias)  # (V', H), (V',) or None
         return F.linear(hn, weight, bias)
+
+    def _draft_rows(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The output layer's rows of the draft vocabulary. Gathering them costs what the whole output layer's
+        matmul does at batch 1 (8k x 256 on a CPU: 0.36 ms against 0.33), so without gradients (decoding,
+        validation) the gathered copy is kept until the weights, the ids or their device change."""
+        if torch.is_grad_enabled():
+            return weight[self.draft_ids], None if bias is None else bias[self.draft_ids]
+        key = (weight.data_ptr(), weight._version, self.draft_ids.data_ptr(), self.draft_ids._version,
+               None if bias is None else (bias.data_ptr(), bias._version))
+        if self._gathered is None or self._gathered[0] != key:
+            self._gathered = (key, weight[self.draft_ids], None if bias is None else bias[self.draft_ids])
+        return self._gathered[1:]
 
     def recur(self, out: torch.Tensor) -> torch.Tensor:
         """The state one application hands to the next: its output, final-normed if ``recurse_on_normed``."""
