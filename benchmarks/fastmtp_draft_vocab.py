@@ -43,8 +43,8 @@ def main(sizes: list[int]) -> None:
     for size in sizes:
         method = {**shipped.method_config.to_dict(), "draft_vocab_size": size}
         module = MTPModule(shipped.backbone_ref, method=method)
-        missing = module.method.load_state_dict(shipped.method.state_dict(), strict=False).missing_keys
-        assert missing == ["draft_ids"], missing  # everything but the subset is the shipped head
+        keys = module.method.load_state_dict(shipped.method.state_dict(), strict=False)
+        assert keys.missing_keys == ["draft_ids"] and not keys.unexpected_keys, keys  # all but the subset: shipped
         module.method.prepare(counts)
         out = module.save_pretrained(REPO / "runs" / f"fastmtp-vocab{size}")
         print(f"{out}: draft vocabulary {size} of {shipped.parts.vocab_size}, "

@@ -657,11 +657,10 @@ class _Decoder:
         """Ride-along tokens a chain step verifying ``k`` drafts carries: none unless a draft follows it, and no more
         than the next chain can use. Each costs a token of the forward, and under an adaptive schedule the next chain
         is at most twice this one (a step that keeps every draft doubles it) or one draft (the probe after a pause):
-        a drafter whose drafts keep missing then rides along one token, not K."""
+        a drafter whose drafts keep missing then rides along one token, not K. (A constant schedule's length is K:
+        every forward carries all A <= K.)"""
         if not self.A or not (k > 0 or self.schedule.feeds_drafter_next):
             return 0
-        if self.schedule.kind == "constant":
-            return self.A
         return min(self.A, max(1, 2 * self.schedule.length))
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:  # (b, V) -> (b,)
